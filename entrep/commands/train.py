@@ -1,0 +1,154 @@
+"""k-fold training: every fold (or `train.folds`) in one process, OOF report at the end.
+
+    accelerate launch train.py --config C.yaml [--data DIR] [--name NAME] [key=value ...]
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+import numpy as np
+
+from entrep.cli import console, parser, setup_logging
+from entrep.config import load_config, save_config
+from entrep.io import atomic_write_csv, atomic_write_json
+
+log = logging.getLogger("entrep.train")
+
+
+def parse(argv):
+    ap = parser("train.py", "Fit the model with k-fold cross-validation.")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--data", help="training release folder (overrides data.root)")
+    ap.add_argument("--name", help="run name: the run directory is output_dir/NAME")
+    args = ap.parse_args(argv)
+    extra = ([f"data.root={args.data}"] if args.data else []) + ([f"name={args.name}"] if args.name else [])
+    return load_config(args.config, list(args.overrides) + extra)
+
+
+def finished(fold_dir) -> bool:
+    return (fold_dir / "metrics.json").is_file()
+
+
+def main(argv=None) -> int:
+    cfg = parse(argv)
+    from entrep.model.backbone import set_offline
+
+    set_offline(cfg.model.offline)  # before anything imports huggingface_hub
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    from entrep.data.folds import load_or_make_folds
+    from entrep.data.images import decode_all
+    from entrep.data.release import DataError, load_release
+    from entrep.engine import FoldTrainer, embed_images, embed_texts, resolve_mixed_precision
+    from entrep.labels import LabelSet
+    from entrep.model.backbone import image_stats
+    from entrep.model.checkpoint import save_weights
+    from entrep.model.entrep_clip import build_model
+    from entrep.report import OOF_FILE, load_fold_oof, save_fold_oof, write_report
+
+    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+                      gradient_accumulation_steps=cfg.train.grad_accum,
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    setup_logging(acc.is_main_process)
+    labels = LabelSet.from_config(cfg.labels)
+    run_dir = cfg.run_dir
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    table, report = load_release(cfg.data.root, labels.names, cfg.data.check_images)
+    if report.bad_images:
+        listing = "; ".join(f"{p} ({e})" for p, e in report.bad_images[:5])
+        if cfg.data.bad_images == "error":
+            raise DataError(f"{len(report.bad_images)} unreadable images: {listing}. "
+                            f"Fix or remove them, or set data.bad_images=skip")
+        log.warning("skipped %d unreadable images: %s", len(report.bad_images), listing)
+    for what, items in (("unknown labels (ignored)", report.unknown_labels), ("annotations naming missing files",
+                        report.missing), ("case-fixed file names", report.case_fixes)):
+        if items:
+            log.info("%d %s, e.g. %s", len(items), what, items[0])
+    if (table["y"] < 0).all():
+        raise DataError(f"{cfg.data.root}: no labelled images; training needs class labels")
+    with acc.main_process_first():
+        folds = load_or_make_folds(run_dir / "folds.csv", table, cfg.cv.n_splits, cfg.cv.seed)
+    fold_of, groups = folds["fold"].to_numpy(), folds["group"].to_numpy()
+    log.info("%d images (%d labelled) from %s; %d folds", len(table), int((table["y"] >= 0).sum()),
+             cfg.data.root, cfg.cv.n_splits)
+
+    fold_ids = cfg.train.folds or list(range(cfg.cv.n_splits))
+    pixels = stats = None
+    trainer = FoldTrainer(cfg, acc, labels, console)
+    for k in fold_ids:
+        fold_dir = run_dir / ("full" if k == -1 else f"fold{k}")
+        if cfg.train.resume and finished(fold_dir):
+            log.info("fold %s: finished earlier, skipped (train.resume=true)", k)
+            continue
+        set_seed(cfg.train.seed + max(k, 0), deterministic=False)
+        model = build_model(cfg, labels)
+        if pixels is None:
+            stats = image_stats(model.base)
+            size = cfg.data.working_size or int(round(stats[2] * 1.15))
+            pixels = decode_all(table["path"].tolist(), size)
+        t0 = time.time()
+        train_rows = np.flatnonzero(fold_of != k) if k >= 0 else np.arange(len(table))
+        val_rows = np.flatnonzero(fold_of == k) if k >= 0 else np.array([], dtype=int)
+        best, history = trainer.fit(model, pixels, table, train_rows, val_rows, groups, stats)
+        m = acc.unwrap_model(model)
+        if len(val_rows):
+            e = embed_images(model, pixels[val_rows], acc, cfg.train.eval_batch_size, True, labels, stats[2],
+                             stats[0], stats[1])
+            captions = sorted({c for caps in table["captions"].iloc[val_rows] for c in caps})
+            cap_emb = embed_texts(model, captions, acc)
+        if acc.is_main_process:
+            meta = {"fold": k, "model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
+                    "labels": list(labels.names), "n_train": int(len(train_rows)), "n_val": int(len(val_rows))}
+            save_weights(m, fold_dir, meta)
+            atomic_write_csv(fold_dir / "history.csv", __import__("pandas").DataFrame(history))
+            if len(val_rows):
+                save_fold_oof(fold_dir / OOF_FILE, table["image"].iloc[val_rows].tolist(), e, captions, cap_emb)
+            # metrics.json last: its presence marks the fold finished (resume relies on it)
+            atomic_write_json(fold_dir / "metrics.json", {**best, "epochs": history, "seconds": time.time() - t0,
+                                                          "trainable_params": int(sum(
+                                                              p.numel() for p in m.parameters() if p.requires_grad))})
+        log.info("fold %s done in %.0fs: %s", k, time.time() - t0, best)
+        del model, m
+        acc.free_memory()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    acc.wait_for_everyone()
+
+    if not acc.is_main_process:
+        return 0
+    done = {k: run_dir / f"fold{k}" for k in range(cfg.cv.n_splits) if finished(run_dir / f"fold{k}")}
+    if len(done) < cfg.cv.n_splits:
+        log.info("OOF report waits for every fold: %d of %d finished", len(done), cfg.cv.n_splits)
+        return 0
+    oof = {k: load_fold_oof(d / OOF_FILE) for k, d in done.items()}
+    rep = write_report(run_dir, oof, table, list(labels.names), cfg)
+    print_report(rep, run_dir)
+    return 0
+
+
+def print_report(rep: dict, run_dir) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"out-of-fold scores: {run_dir}")
+    for col in ("task", "metric", "value"):
+        t.add_column(col, justify="right" if col == "value" else "left")
+    for m in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted"):
+        if m in rep["classification"]:
+            t.add_row("classification", m, f"{rep['classification'][m]:.4f}")
+    for track in ("i2i", "t2i"):
+        r = rep[track]
+        for m in ("recall@1", "recall@5", "recall@10", "mrr"):
+            if m in r:
+                t.add_row(track, m, f"{r[m]:.4f}")
+        t.add_row(track, "queries", str(r.get("n_queries", 0)))
+    tuned = rep.get("tuned", {})
+    t.caption = f"tuned on OOF: head_weight={tuned.get('head_weight')} slerp alpha={tuned.get('alpha')}"
+    console.print(t)

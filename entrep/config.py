@@ -1,0 +1,288 @@
+"""Dataclass config: YAML file + dotted `key=value` overrides, validated, dumped to the run dir."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from entrep.io import atomic_write_text
+from entrep.labels import ENTREP_CLASSES, ENTREP_PROMPTS, ENTREP_SWAP
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class LabelsConfig:
+    names: list[str] = field(default_factory=lambda: list(ENTREP_CLASSES))  # index = position
+    prompts: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in ENTREP_PROMPTS.items()})
+    swap: list[list[str]] = field(default_factory=lambda: [list(p) for p in ENTREP_SWAP])
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/entrep"          # training release folder (--data overrides)
+    working_size: int = 0              # decoded-cache side in px; 0 = 1.15 x model image size
+    num_workers: int = 0
+    bad_images: str = "skip"           # skip (counted, logged) | error
+    check_images: bool = True          # decode-check every image while building the table
+
+
+@dataclass
+class CVConfig:
+    n_splits: int = 5
+    seed: int = 42
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    text: bool = True                  # also adapt the text tower
+    targets: list[str] = field(default_factory=lambda: ["attn", "mlp.c_fc", "mlp.c_proj"])
+    train_last_blocks: int = 0         # without LoRA: unfreeze the last N vision blocks (ablation baseline)
+
+
+@dataclass
+class FusionConfig:
+    enabled: bool = True
+    mode: str = "softmax"              # softmax | concat
+    layers: list[int] = field(default_factory=lambda: [-4, -3, -2, -1])
+    final_logit: float = 8.0           # initial softmax logit of the last layer (others 0)
+
+
+@dataclass
+class SlerpConfig:
+    train: bool = True                 # extra view toward the own class prompt
+    t_max: float = 0.3
+    infer: bool = True                 # prompt-guided retrieval embedding
+    alpha: float = 0.2                 # default; re-tuned on OOF at the end of training
+    alpha_grid: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ViT-B-16-quickgelu"
+    pretrained: str = "openai"         # open_clip tag | /path/file.safetensors|.bin|.pt | local-dir:/folder | "" (random)
+    offline: bool = False              # HF_HUB_OFFLINE=1: fail fast instead of reaching a hub
+    prompts: bool = True               # class-prompt logits + prompt-guided retrieval
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    slerp: SlerpConfig = field(default_factory=SlerpConfig)
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0
+    prompt: float = 1.0                # lambda_p
+    text: float = 1.0                  # lambda_t
+    image: float = 0.5                 # lambda_i
+    label_smoothing: float = 0.1
+    class_weights: bool = False        # inverse-frequency CE weights
+
+
+@dataclass
+class TrainConfig:
+    folds: list[int] = field(default_factory=list)  # [] = every fold; [-1] = one model on all data
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr_lora: float = 1e-4
+    lr_head: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"      # auto | no | fp16 | bf16
+    hflip: bool = True                 # laterality-aware flip (swaps labels and left/right words)
+    resume: bool = False
+    select_metric: str = "f1_macro"    # OOF metric that picks each fold's best epoch
+    seed: int = 42
+    log_every: int = 10
+
+
+@dataclass
+class InferConfig:
+    tta_flip: bool = True
+    topk: int = 10
+    gallery: str = ""                  # optional file listing the gallery images (one per line)
+    partial: str = "refuse"            # refuse | use: a run with unfinished folds
+    head_weight: float = -1.0          # -1 = the OOF-tuned value stored in the run
+    max_sim_bytes: int = 256 * 2**20   # bound on one similarity block during ranking
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+CHOICES = {
+    "data.bad_images": {"skip", "error"},
+    "model.fusion.mode": {"softmax", "concat"},
+    "train.mixed_precision": {"auto", "no", "fp16", "bf16"},
+    "train.select_metric": {"f1_macro", "accuracy", "f1_weighted"},
+    "infer.partial": {"refuse", "use"},
+}
+
+
+def _keys(cls, prefix="") -> list[str]:
+    out = []
+    for name, tp in _hints(cls).items():
+        out.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            out += _keys(tp, prefix + name + ".")
+    return out
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _cast(value, tp, key: str):
+    """Cast a YAML-parsed value to a field's annotated type; errors name the key."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+                return value.lower() in {"true", "1", "yes"}
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return "" if value is None else str(value)
+        if origin is list:
+            (item,) = typing.get_args(tp)
+            if not isinstance(value, list):
+                value = [value]
+            return [_cast(v, item, key) for v in value]
+        if origin is dict:
+            kt, vt = typing.get_args(tp)
+            if not isinstance(value, dict):
+                raise TypeError
+            return {_cast(k, kt, key): _cast(v, vt, key) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}': expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _keys(Config), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in hints:
+            raise _unknown(key)
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{key}' is a section; give its fields, e.g. {key}.<field>=...")
+            _apply(getattr(obj, k), v, key + ".")
+        else:
+            setattr(obj, k, _cast(v, tp, key))
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value) -> dict:
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of config sections")
+        _apply(cfg, data)
+    for item in overrides:
+        key, value = parse_override(item)
+        _apply(cfg, _nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' = {value!r}; choose one of {sorted(allowed)}")
+    if cfg.cv.n_splits < 2:
+        raise ConfigError(f"cv.n_splits = {cfg.cv.n_splits}; need at least 2 folds")
+    bad = [f for f in cfg.train.folds if f != -1 and not 0 <= f < cfg.cv.n_splits]
+    if bad:
+        raise ConfigError(f"train.folds {bad} outside 0..{cfg.cv.n_splits - 1} (or -1 for all data)")
+    if not 0 <= cfg.model.slerp.t_max <= 1 or not 0 <= cfg.model.slerp.alpha <= 1:
+        raise ConfigError("model.slerp.t_max and model.slerp.alpha must lie in [0, 1]")
+    for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
+        if getattr(cfg.train, name) < 1:
+            raise ConfigError(f"config key 'train.{name}' must be >= 1")
+    if not cfg.model.fusion.layers:
+        raise ConfigError("model.fusion.layers is empty")
+    from entrep.labels import LabelSet
+
+    try:
+        LabelSet.from_config(cfg.labels)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))

@@ -1,0 +1,92 @@
+"""Torch datasets over decoded images, with endoscopy augmentations and the laterality-aware flip."""
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
+
+from entrep.labels import LabelSet
+
+_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_sides(text: str) -> str:
+    """'left' <-> 'right' in a caption, keeping case: a flipped image's caption must still be true."""
+    def repl(m):
+        w = m.group(0)
+        new = "right" if w.lower() == "left" else "left"
+        return new.capitalize() if w[0].isupper() else new
+    return _SIDE.sub(repl, text)
+
+
+def train_transform(size: int, mean, std) -> T.Compose:
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15), antialias=True),
+        T.RandomRotation(10),
+        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.15, hue=0.02),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean, std),
+    ])
+
+
+def eval_transform(size: int, mean, std) -> T.Compose:
+    return T.Compose([T.Resize(size, antialias=True), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+
+class TrainDataset(Dataset):
+    """One item per record: an augmented view, its (possibly swapped) label, one sampled caption.
+
+    The flip swaps the label (nose-left <-> nose-right) and the words left/right in the caption,
+    so image, label and text stay consistent. A flipped view drops its i2i group, because its
+    partner is not flipped and no longer shows the same side.
+    """
+
+    def __init__(self, pixels: np.ndarray, y: np.ndarray, captions: list[list[str]], groups: np.ndarray,
+                 index: np.ndarray, labels: LabelSet, transform, hflip: bool):
+        self.pixels, self.y, self.captions, self.groups, self.index = pixels, y, captions, groups, index
+        self.transform, self.hflip = transform, hflip
+        self.perm = labels.swap_perm
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        img = torch.from_numpy(self.pixels[i]).permute(2, 0, 1)
+        y, group, caps = int(self.y[i]), int(self.groups[i]), list(self.captions[i])
+        if self.hflip and random.random() < 0.5:
+            img = img.flip(-1)
+            y = int(self.perm[y]) if y >= 0 else y
+            caps = [swap_sides(c) for c in caps]
+            group = -1
+        caption = random.choice(caps) if caps else ""
+        return {"image": self.transform(img), "y": y, "caption": caption, "all_captions": caps,
+                "group": group, "index": int(self.index[i])}
+
+
+class EvalDataset(Dataset):
+    def __init__(self, pixels: np.ndarray, index: np.ndarray, transform, flip: bool = False):
+        self.pixels, self.index, self.transform, self.flip = pixels, index, transform, flip
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        img = torch.from_numpy(self.pixels[i]).permute(2, 0, 1)
+        if self.flip:
+            img = img.flip(-1)
+        return {"image": self.transform(img), "index": int(self.index[i])}
+
+
+def collate(items: list[dict]) -> dict:
+    out = {"image": torch.stack([it["image"] for it in items]),
+           "index": torch.tensor([it["index"] for it in items])}
+    if "y" in items[0]:
+        out["y"] = torch.tensor([it["y"] for it in items])
+        out["group"] = torch.tensor([it["group"] for it in items])
+        out["caption"] = [it["caption"] for it in items]
+        out["all_captions"] = [it["all_captions"] for it in items]
+    return out

@@ -1,0 +1,365 @@
+"""Read an ENTRep release folder, in any of its layouts, into one table of records.
+
+Layouts (ENTREP.md): the public sample `data.json` + `images/`; the training set
+`train/{cls,i2i,t2i}.json` + `train/imgs/`; test folders of images + header-less query CSVs.
+Every problem found is recorded in a `DataReport`, so `check` can show it and training can decide.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+log = logging.getLogger("entrep.data")
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """A release file that training cannot go on with; the message names the file and record."""
+
+
+@dataclass
+class DataReport:
+    sources: list[str] = field(default_factory=list)
+    case_fixes: list[tuple[str, str, str]] = field(default_factory=list)      # (annotation file, listed, on disk)
+    missing: list[tuple[str, str]] = field(default_factory=list)              # (annotation file, listed name)
+    unlabelled: list[str] = field(default_factory=list)                       # images with no class label
+    unannotated: list[str] = field(default_factory=list)                      # files on disk named by nothing
+    duplicate_keys: list[tuple[str, str]] = field(default_factory=list)       # (file, key)
+    unknown_labels: list[tuple[str, str, str]] = field(default_factory=list)  # (file, image, label)
+    bad_images: list[tuple[str, str]] = field(default_factory=list)           # (path, error)
+    bad_captions: list[tuple[str, str, str]] = field(default_factory=list)    # (file, image, why)
+    content_duplicates: list[tuple[str, str]] = field(default_factory=list)   # (kept, merged)
+    label_conflicts: list[tuple[str, str, str]] = field(default_factory=list)  # (image, label, other)
+
+
+# ---------------------------------------------------------------- readers
+
+def _pairs_hook(pairs):
+    return _Pairs(pairs)
+
+
+class _Pairs(list):
+    """A JSON object kept as its (key, value) pairs, so duplicate keys are seen, not overwritten."""
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_pairs_hook)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def read_json_object(path: Path, report: DataReport | None = None) -> list[tuple[str, str]]:
+    """`{"key": "value", ...}` as pairs, in file order. Duplicate keys are reported and all kept."""
+    data = _load_json(path)
+    if not isinstance(data, _Pairs):
+        raise DataError(f"{path}: expected a JSON object {{key: value}}, found a {type(data).__name__}")
+    seen = set()
+    for i, (k, v) in enumerate(data):
+        if not isinstance(v, str):
+            raise DataError(f"{path}: entry {i} ({k!r}): value must be a string, found {type(v).__name__}")
+        if k in seen and report is not None:
+            report.duplicate_keys.append((str(path), k))
+        seen.add(k)
+    return list(data)
+
+
+def read_json_records(path: Path) -> list[dict]:
+    """The public sample's `data.json`: an array of objects with at least Path and Classification."""
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, found an object")
+    out = []
+    for i, rec in enumerate(data):
+        if not isinstance(rec, _Pairs):
+            raise DataError(f"{path}: record {i} is not an object")
+        rec = dict(rec)
+        if not isinstance(rec.get("Path"), str) or not rec["Path"]:
+            raise DataError(f"{path}: record {i} has no 'Path'")
+        out.append(rec)
+    return out
+
+
+def read_query_lines(path: Path) -> list[str]:
+    """A header-less one-column CSV: each whole line is one item (captions may hold commas)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if len(line) >= 2 and line[0] == line[-1] == '"':  # a CSV writer quoted a caption with commas
+            line = line[1:-1].replace('""', '"').strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def split_lines(text) -> list[str]:
+    if not isinstance(text, str):
+        return []
+    return [s.strip() for s in text.replace("\r\n", "\n").split("\n") if s.strip()]
+
+
+# ---------------------------------------------------------------- file resolution
+
+class ImageFolder:
+    """The image files of one folder, found by exact name or, failing that, case-insensitively."""
+
+    def __init__(self, folder: Path, recursive: bool = False):
+        self.folder = folder
+        files = folder.rglob("*") if recursive else folder.glob("*")
+        self.files: dict[str, Path] = {}
+        for p in sorted(files):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+                if p.name in self.files:
+                    raise DataError(f"two images named {p.name}: {self.files[p.name]} and {p}")
+                self.files[p.name] = p
+        self.lower: dict[str, list[str]] = defaultdict(list)
+        for name in self.files:
+            self.lower[name.lower()].append(name)
+
+    def resolve(self, name: str) -> tuple[str | None, bool]:
+        """(name on disk, whether the case was fixed); (None, False) when not found."""
+        name = Path(name).name
+        if name in self.files:
+            return name, False
+        hits = self.lower.get(name.lower(), [])
+        return (hits[0], True) if len(hits) == 1 else (None, False)
+
+    def path(self, name: str) -> Path:
+        return self.files[name]
+
+
+def check_image(path: Path) -> str | None:
+    """None if PIL can read the file, else why not (zero bytes, not an image, truncated)."""
+    try:
+        if path.stat().st_size == 0:
+            return "zero-byte file"
+        with Image.open(path) as im:
+            im.verify()  # checks PNG chunk CRCs without a full decode
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:  # PIL raises many types for bad files
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- training table
+
+@dataclass
+class _Rec:
+    image: str
+    path: Path
+    label: str | None = None
+    captions: list[str] = field(default_factory=list)
+    captions_vi: list[str] = field(default_factory=list)
+    partners: set = field(default_factory=set)
+    sources: set = field(default_factory=set)
+    listed_as: str = ""
+
+
+def find_train_sources(root: Path) -> tuple[list[Path], list[Path]]:
+    """Folders holding cls.json (training layout) and data.json files (public-sample layout)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    train_dirs = sorted({p.parent for p in root.rglob("cls.json")})
+    public = sorted(root.rglob("data.json"))
+    if not train_dirs and not public:
+        raise DataError(f"{root}: no cls.json (training layout) or data.json (public sample) found under it")
+    return train_dirs, public
+
+
+def _image_dir(base: Path, candidates: tuple[str, ...]) -> Path:
+    for c in candidates:
+        if (base / c).is_dir():
+            return base / c
+    return base
+
+
+def load_release(root: str | Path, label_names, check_images: bool = True) -> tuple[pd.DataFrame, DataReport]:
+    """Every training record under `root`, merged, as a DataFrame, plus what was wrong."""
+    root = Path(root)
+    report = DataReport()
+    label_set = set(label_names)
+    recs: dict[Path, _Rec] = {}
+    train_dirs, public_files = find_train_sources(root)
+
+    def get(folder: ImageFolder, listed: str, ann: Path, source: str) -> _Rec | None:
+        name, fixed = folder.resolve(listed)
+        if name is None:
+            report.missing.append((str(ann), listed))
+            return None
+        if fixed:
+            report.case_fixes.append((str(ann), listed, name))
+        path = folder.path(name)
+        rec = recs.get(path)
+        if rec is None:
+            rec = recs[path] = _Rec(name, path, listed_as=listed if fixed else "")
+        rec.sources.add(source)
+        return rec
+
+    def set_label(rec: _Rec, label, ann: Path):
+        label = label.strip() if isinstance(label, str) else label
+        if label not in label_set:
+            report.unknown_labels.append((str(ann), rec.image, str(label)))
+            return
+        if rec.label is not None and rec.label != label:
+            report.label_conflicts.append((rec.image, rec.label, label))
+            return
+        rec.label = label
+
+    def add_caption(rec: _Rec, caption: str, ann: Path):
+        text = caption.strip()
+        if not text:
+            report.bad_captions.append((str(ann), rec.image, "empty caption"))
+        elif text not in rec.captions:
+            rec.captions.append(text)
+
+    folders = []
+    for d in train_dirs:
+        folder = ImageFolder(_image_dir(d, ("imgs", "images")))
+        folders.append(folder)
+        report.sources.append(str(d))
+        for name, label in read_json_object(d / "cls.json", report):
+            if (rec := get(folder, name, d / "cls.json", "train")) is not None:
+                set_label(rec, label, d / "cls.json")
+        if (d / "i2i.json").is_file():
+            for q, t in read_json_object(d / "i2i.json", report):
+                a, b = get(folder, q, d / "i2i.json", "train"), get(folder, t, d / "i2i.json", "train")
+                if a is not None and b is not None and a is not b:
+                    a.partners.add(b.path)
+                    b.partners.add(a.path)
+        if (d / "t2i.json").is_file():
+            for caption, target in read_json_object(d / "t2i.json", report):
+                if (rec := get(folder, target, d / "t2i.json", "train")) is not None:
+                    add_caption(rec, caption, d / "t2i.json")
+    for f in public_files:
+        folder = ImageFolder(_image_dir(f.parent, ("images", "imgs")))
+        folders.append(folder)
+        report.sources.append(str(f))
+        for i, r in enumerate(read_json_records(f)):
+            if (rec := get(folder, r["Path"], f, "public")) is None:
+                continue
+            set_label(rec, r.get("Classification"), f)
+            for line in split_lines(r.get("DescriptionEN")):
+                add_caption(rec, line, f)
+            rec.captions_vi += [s for s in split_lines(r.get("Description")) if s not in rec.captions_vi]
+
+    named = set(recs)
+    for folder in folders:
+        report.unannotated += [str(p) for p in folder.files.values() if p not in named]
+
+    if check_images:
+        for path, rec in list(recs.items()):
+            if (err := check_image(path)) is not None:
+                report.bad_images.append((str(path), err))
+                del recs[path]
+
+    # The same picture filed twice (by content) becomes one record.
+    by_hash: dict[str, _Rec] = {}
+    for path, rec in list(recs.items()):
+        h = file_hash(path)
+        if h in by_hash:
+            keep = by_hash[h]
+            report.content_duplicates.append((keep.image, rec.image))
+            if rec.label is not None:
+                set_label(keep, rec.label, path)
+            keep.captions += [c for c in rec.captions if c not in keep.captions]
+            keep.partners |= rec.partners
+            keep.sources |= rec.sources
+            del recs[path]
+            for other in recs.values():
+                if path in other.partners:
+                    other.partners.discard(path)
+                    other.partners.add(keep.path)
+        else:
+            by_hash[h] = rec
+
+    names = {r.path: r.image for r in recs.values()}
+    rows = []
+    for rec in recs.values():
+        if rec.label is None:
+            report.unlabelled.append(rec.image)
+        rows.append(dict(
+            image=rec.image, path=str(rec.path), label=rec.label,
+            y=list(label_names).index(rec.label) if rec.label is not None else -1,
+            captions=list(rec.captions), captions_vi=list(rec.captions_vi),
+            partners=sorted(names[p] for p in rec.partners if p in names),
+            source="+".join(sorted(rec.sources)), listed_as=rec.listed_as,
+        ))
+    df = pd.DataFrame(rows, columns=["image", "path", "label", "y", "captions", "captions_vi",
+                                     "partners", "source", "listed_as"])
+    if df["image"].duplicated().any():
+        dup = df.loc[df["image"].duplicated(), "image"].tolist()[:5]
+        raise DataError(f"different images share a file name across sources: {dup}; rename one copy")
+    return df.reset_index(drop=True), report
+
+
+# ---------------------------------------------------------------- test folders
+
+QUERY_FILES = ("cls.csv", "i2i.csv", "t2i.csv")
+
+
+@dataclass
+class TestSet:
+    root: Path
+    images: dict[str, Path]              # gallery: name on disk -> path
+    cls: list[str] | None = None         # image names as listed (submission keys)
+    i2i: list[str] | None = None         # image names as listed (submission keys)
+    t2i: list[str] | None = None         # captions as written
+    on_disk: dict[str, str] = field(default_factory=dict)  # listed query name -> name on disk
+    case_fixes: list[tuple[str, str, str]] = field(default_factory=list)
+    duplicate_queries: list[tuple[str, str]] = field(default_factory=list)
+
+
+def load_test(root: str | Path) -> TestSet:
+    """Images anywhere under `root` plus whichever of cls/i2i/t2i.csv it holds."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"test folder not found: {root}")
+    folder = ImageFolder(root, recursive=True)
+    if not folder.files:
+        raise DataError(f"{root}: no image files under it")
+    ts = TestSet(root=root, images=dict(folder.files))
+    for fname in QUERY_FILES:
+        hits = sorted(root.rglob(fname))
+        if len(hits) > 1:
+            raise DataError(f"{root}: several {fname} files ({', '.join(map(str, hits))}); point --data at one test set")
+        if not hits:
+            continue
+        lines = read_query_lines(hits[0])
+        seen = set()
+        for line in lines:
+            if line in seen:
+                ts.duplicate_queries.append((str(hits[0]), line))
+            seen.add(line)
+        lines = list(dict.fromkeys(lines))
+        if fname == "t2i.csv":
+            ts.t2i = lines
+            continue
+        for n, line in enumerate(lines, 1):
+            name, fixed = folder.resolve(line)
+            if name is None:
+                raise DataError(f"{hits[0]} line {n}: query image {line!r} is not in the test folder {root}")
+            if fixed:
+                ts.case_fixes.append((str(hits[0]), line, name))
+            ts.on_disk[line] = name
+        setattr(ts, fname[:3], lines)
+    return ts

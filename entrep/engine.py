@@ -1,0 +1,250 @@
+"""One fold's training and evaluation under Accelerate, and batched embedding for inference."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from entrep.data.dataset import EvalDataset, TrainDataset, collate, eval_transform, train_transform
+from entrep.labels import LabelSet
+from entrep.losses import caption_targets, joint_loss
+from entrep.metrics import classification_metrics
+from entrep.model.slerp import slerp
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """bf16 only where the GPU really has it (compute capability >= 8.0), fp16 on older GPUs, fp32 on CPU."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+    return "no"
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_frac: float):
+    warmup = int(total_steps * warmup_frac)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def param_groups(model, cfg) -> list[dict]:
+    """Adapters (and unfrozen base blocks) at lr_lora; the kit's fusion, head and logit_scale at lr_head."""
+    backbone, kit = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if n.startswith("clip.") else kit).append(p)
+    groups = [{"params": kit, "lr": cfg.train.lr_head}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.train.lr_lora})
+    return groups
+
+
+def combine_probs(head: np.ndarray, prompt: np.ndarray | None, head_weight: float) -> np.ndarray:
+    return head if prompt is None else head_weight * head + (1 - head_weight) * prompt
+
+
+@dataclass
+class Embedded:
+    """Per-image outputs in the order of the input rows. Probabilities are kept per view
+    ([plain] or [plain, flipped-with-columns-swapped]); the embedding is the plain view only,
+    since a flip changes what laterality the image shows."""
+    head: list[np.ndarray]
+    prompt: list[np.ndarray] | None
+    emb: np.ndarray
+    class_emb: np.ndarray | None
+
+    def probs(self, head_weight: float, tta: bool) -> np.ndarray:
+        n = len(self.head) if tta else 1
+        head = sum(self.head[:n]) / n
+        prompt = None if self.prompt is None else sum(self.prompt[:n]) / n
+        return combine_probs(head, prompt, head_weight)
+
+
+@torch.inference_mode()
+def embed_images(model, pixels: np.ndarray, accelerator, batch_size: int, tta_flip: bool, labels: LabelSet,
+                 size: int, mean, std) -> Embedded:
+    """Embed every row of `pixels`; with tta_flip, add a flipped view whose probabilities have the
+    left/right columns swapped before averaging."""
+    m = accelerator.unwrap_model(model)
+    m.eval()
+    tf = eval_transform(size, mean, std)
+    views = [False, True] if tta_flip else [False]
+    results = []
+    for flip in views:
+        ds = EvalDataset(pixels, np.arange(len(pixels)), tf, flip=flip)
+        loader = accelerator.prepare(DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate))
+        idx, head, prompt, emb = [], [], [], []
+        for batch in loader:
+            with accelerator.autocast():
+                out = model(batch["image"])
+            g = accelerator.gather_for_metrics({"index": batch["index"], "head": out["head_logits"].float(),
+                                                "prompt": out.get("prompt_logits", out["head_logits"]).float(),
+                                                "emb": out["emb"].float()})
+            idx.append(g["index"].cpu()); head.append(g["head"].cpu())
+            prompt.append(g["prompt"].cpu()); emb.append(g["emb"].cpu())
+        order = torch.cat(idx).argsort()
+        results.append({"head": torch.cat(head)[order].softmax(-1).numpy(),
+                        "prompt": torch.cat(prompt)[order].softmax(-1).numpy(),
+                        "emb": torch.cat(emb)[order].numpy()})
+    flip = [lambda p: p, labels.flip_probs]
+    has_prompts = m.cfg.prompts
+    class_emb = m.class_embeddings().float().cpu().numpy() if has_prompts else None
+    return Embedded([f(r["head"]) for f, r in zip(flip, results)],
+                    [f(r["prompt"]) for f, r in zip(flip, results)] if has_prompts else None,
+                    results[0]["emb"], class_emb)
+
+
+@torch.inference_mode()
+def embed_texts(model, texts: list[str], accelerator, batch_size: int = 256) -> np.ndarray:
+    m = accelerator.unwrap_model(model)
+    m.eval()
+    out = []
+    for s in range(0, len(texts), batch_size):
+        tokens = m.tokenize(texts[s:s + batch_size]).to(accelerator.device)
+        with accelerator.autocast():
+            out.append(m.encode_text(tokens).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, m.embed_dim), dtype=np.float32)
+
+
+def retrieval_embedding(emb: np.ndarray, probs: np.ndarray, class_emb: np.ndarray | None, alpha: float) -> np.ndarray:
+    """slerp(image emb, normalised probability-weighted class prompt, alpha); emb when off."""
+    if class_emb is None or alpha <= 0:
+        return emb
+    target = F.normalize(torch.from_numpy(probs @ class_emb), dim=-1)
+    return slerp(torch.from_numpy(emb), target, alpha).numpy()
+
+
+class FoldTrainer:
+    """Fits one fold: joint loss, AdamW + warmup/cosine, best epoch by the configured OOF metric."""
+
+    def __init__(self, cfg, accelerator, labels: LabelSet, console=None):
+        self.cfg, self.acc, self.labels, self.console = cfg, accelerator, labels, console
+
+    def _loader(self, ds, shuffle: bool) -> DataLoader:
+        bs = self.cfg.train.batch_size
+        return DataLoader(ds, batch_size=bs, shuffle=shuffle, drop_last=shuffle and len(ds) > bs,
+                          collate_fn=collate, num_workers=self.cfg.data.num_workers,
+                          persistent_workers=self.cfg.data.num_workers > 0)
+
+    def fit(self, model, pixels: np.ndarray, table, train_rows: np.ndarray, val_rows: np.ndarray,
+            groups: np.ndarray, image_stats) -> tuple[dict, list[dict]]:
+        """Train on `train_rows`, select on `val_rows`; returns (best metrics, per-epoch log rows).
+        The model ends holding its best epoch's weights."""
+        cfg, acc = self.cfg, self.acc
+        mean, std, size = image_stats
+        ds = TrainDataset(pixels[train_rows], table["y"].to_numpy()[train_rows],
+                          [table["captions"].iloc[i] for i in train_rows], groups[train_rows], train_rows,
+                          self.labels, train_transform(size, mean, std), cfg.train.hflip)
+        loader = self._loader(ds, shuffle=True)
+        steps = math.ceil(len(loader) / cfg.train.grad_accum) * cfg.train.epochs  # from the unprepared loader
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.train.weight_decay)
+        scheduler = cosine_schedule(optimizer, steps, cfg.train.warmup_frac)
+        class_weights = None
+        if cfg.loss.class_weights:
+            y = table["y"].to_numpy()[train_rows]
+            counts = np.bincount(y[y >= 0], minlength=len(self.labels)).astype(np.float32)
+            w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(self.labels), 0.0)
+            class_weights = torch.tensor(w, dtype=torch.float32, device=acc.device)
+        model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        m = acc.unwrap_model(model)
+        use_slerp = cfg.model.slerp.train and cfg.model.prompts and cfg.model.slerp.t_max > 0
+
+        best, best_state, history = None, None, []
+        progress = self._progress()
+        epoch_task = progress.add_task("epochs", total=cfg.train.epochs) if progress else None
+        with progress or _null():
+            for epoch in range(cfg.train.epochs):
+                model.train()
+                step_task = progress.add_task(f"epoch {epoch + 1}", total=len(loader)) if progress else None
+                t0, seen, sums = time.perf_counter(), 0, {}
+                for batch in loader:
+                    with acc.accumulate(model):
+                        captions, text_pos = caption_targets(batch["all_captions"])
+                        tokens = m.tokenize(captions).to(acc.device) if captions and cfg.loss.text else None
+                        with acc.autocast():
+                            out = model(batch["image"], tokens)
+                        views = None
+                        if use_slerp:
+                            y = batch["y"].clamp(min=0)
+                            t = torch.rand(len(y), device=acc.device) * cfg.model.slerp.t_max
+                            views = slerp(out["emb"].float(), out["class_emb"][y].float(), t)
+                        loss, parts = joint_loss(
+                            {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()},
+                            batch["y"], batch["group"], out.get("text_emb"), text_pos, m.scale(), cfg.loss,
+                            class_weights, views)
+                        acc.backward(loss)
+                        if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+                            acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                    seen += len(batch["y"]) * acc.num_processes
+                    for key, v in {"loss": float(loss.detach()), **parts}.items():
+                        sums[key] = sums.get(key, 0.0) + v
+                    if progress:
+                        rate = seen / max(time.perf_counter() - t0, 1e-9)
+                        progress.update(step_task, advance=1, description=f"epoch {epoch + 1} {rate:,.0f} img/s "
+                                        f"loss {float(loss.detach()):.3f}")
+                if progress:
+                    progress.remove_task(step_task)
+                    progress.advance(epoch_task)
+                row = {"epoch": epoch + 1, **{k: v / max(1, len(loader)) for k, v in sums.items()},
+                       "img_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+                       "lr_head": scheduler.get_last_lr()[0]}
+                if len(val_rows):
+                    emb = embed_images(model, pixels[val_rows], acc, cfg.train.eval_batch_size, False,
+                                       self.labels, size, mean, std)
+                    score = self._select_score(emb, table["y"].to_numpy()[val_rows])
+                    row["val_" + cfg.train.select_metric] = score
+                    if best is None or score > best:
+                        best, best_state = score, {k: v.clone() for k, v in _trainable_state(m).items()}
+                        row["best"] = True
+                history.append(row)
+        if best_state is not None:
+            with torch.no_grad():
+                params = dict(m.named_parameters())
+                for k, v in best_state.items():
+                    params[k].copy_(v)
+            m.invalidate_cache()
+        acc.wait_for_everyone()
+        return {"best_" + cfg.train.select_metric: best}, history
+
+    def _select_score(self, emb: Embedded, y: np.ndarray) -> float:
+        """Epoch selection on held-out images: classification picks by F1/accuracy on labelled rows."""
+        metric = self.cfg.train.select_metric
+        lab = y >= 0
+        if not lab.any():
+            return 0.0
+        probs = emb.probs(0.5, tta=False)
+        return classification_metrics(y[lab], probs[lab].argmax(1), self.labels.names)[metric]
+
+    def _progress(self):
+        if not self.acc.is_main_process:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=self.console, transient=True)
+
+
+def _trainable_state(m) -> dict:
+    return {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

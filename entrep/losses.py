@@ -1,0 +1,103 @@
+"""The joint objective: CE(head) + λp·CE(prompt logits) + λt·multi-positive InfoNCE + λi·SupCon."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a target distribution per row."""
+    return -(targets * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def multi_positive_infonce(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor, scale) -> torch.Tensor:
+    """Symmetric image<->text InfoNCE where pos[i, u] marks every caption u that image i carries.
+
+    Identical caption strings are one column, so an image that shares a caption with another is a
+    positive for it, never a negative. With one unique caption per image this is the CLIP loss.
+    Only images that carry a caption take part: an uncaptioned image may well show the finding.
+    """
+    keep = pos.any(1)
+    img, pos = img[keep], pos[keep].float()
+    if img.shape[0] == 0:
+        return img.sum() * 0
+    logits = scale * img @ txt.t()
+    i2t = soft_ce(logits, pos / pos.sum(1, keepdim=True))
+    cols = pos.sum(0) > 0
+    t2i = soft_ce(logits.t()[cols], (pos.t() / pos.sum(0, keepdim=True).t().clamp(min=1))[cols])
+    return (i2t + t2i) / 2
+
+
+def supcon(emb: torch.Tensor, pos: torch.Tensor, scale) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al.) over unit embeddings; pos is (N, N) bool."""
+    n = emb.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=emb.device)
+    pos = pos & ~eye
+    anchors = pos.any(1)
+    if not anchors.any():
+        return emb.sum() * 0
+    logits = (scale * emb @ emb.t()).masked_fill(eye, float("-inf"))
+    log_prob = logits.log_softmax(1).masked_fill(eye, 0.0)
+    per_anchor = -(log_prob * pos).sum(1)[anchors] / pos.sum(1)[anchors]
+    return per_anchor.mean()
+
+
+def positive_mask(y: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Same class (both labelled) or same i2i component (group >= 0)."""
+    same_y = (y[:, None] == y[None, :]) & (y[:, None] >= 0)
+    same_g = (group[:, None] == group[None, :]) & (group[:, None] >= 0)
+    return same_y | same_g
+
+
+def caption_targets(all_captions: list[list[str]]) -> tuple[list[str], torch.Tensor]:
+    """Unique caption strings of a batch and the (B, U) mask of which image carries which."""
+    unique = list(dict.fromkeys(c for caps in all_captions for c in caps))
+    col = {c: j for j, c in enumerate(unique)}
+    pos = torch.zeros(len(all_captions), len(unique), dtype=torch.bool)
+    for i, caps in enumerate(all_captions):
+        for c in caps:
+            pos[i, col[c]] = True
+    return unique, pos
+
+
+def joint_loss(out: dict, y: torch.Tensor, group: torch.Tensor, text_emb: torch.Tensor | None,
+               text_pos: torch.Tensor | None, scale: torch.Tensor, cfg, class_weights: torch.Tensor | None,
+               slerp_views: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The total loss and its parts (floats, for logging). Every λ may be zero.
+
+    `slerp_views`: (B, D) extra unit embeddings (image slerped toward its class prompt), or None;
+    rows of unlabelled images are ignored. They join both contrastive losses with their image's targets.
+    """
+    parts = {}
+    total = out["emb"].new_zeros(())
+    labelled = y >= 0
+    if labelled.any():
+        if cfg.ce:
+            parts["ce"] = F.cross_entropy(out["head_logits"][labelled], y[labelled], weight=class_weights,
+                                          label_smoothing=cfg.label_smoothing)
+            total = total + cfg.ce * parts["ce"]
+        if cfg.prompt and "prompt_logits" in out:
+            parts["prompt"] = F.cross_entropy(out["prompt_logits"][labelled], y[labelled], weight=class_weights,
+                                              label_smoothing=cfg.label_smoothing)
+            total = total + cfg.prompt * parts["prompt"]
+    emb, y_all, g_all = out["emb"], y, group
+    tpos = text_pos
+    if slerp_views is not None:
+        v = labelled
+        emb = torch.cat([emb, slerp_views[v]])
+        y_all, g_all = torch.cat([y, y[v]]), torch.cat([group, group[v]])
+        if tpos is not None:
+            tpos = torch.cat([tpos, tpos[v]])
+    if cfg.text and text_emb is not None and text_emb.shape[0] > 0:
+        parts["text"] = multi_positive_infonce(emb, text_emb, tpos.to(emb.device), scale)
+        total = total + cfg.text * parts["text"]
+    if cfg.image:
+        pos = positive_mask(y_all, g_all)
+        if slerp_views is not None:  # a view and its own image are positives even when unlabelled
+            b, m = y.shape[0], int(labelled.sum())
+            src = labelled.nonzero().squeeze(1)
+            pos[src, b + torch.arange(m, device=pos.device)] = True
+            pos[b + torch.arange(m, device=pos.device), src] = True
+        parts["image"] = supcon(emb, pos, scale)
+        total = total + cfg.image * parts["image"]
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,47 @@
+"""Classification metrics via scikit-learn; Recall@k and MRR for rankings with relevant *sets*."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+KS = (1, 5, 10)
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: Sequence[str]) -> dict:
+    labels = list(range(len(names)))
+    out = {"accuracy": float(accuracy_score(y_true, y_pred)), "n": int(len(y_true))}
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        out |= {f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)}
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    out["per_class"] = {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                        for i, n in enumerate(names)}
+    out["confusion"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    return out
+
+
+def first_hit_rank(ranking: Sequence[str], relevant: set) -> int | None:
+    """1-based rank of the first relevant item, None when the list holds none."""
+    for r, item in enumerate(ranking, 1):
+        if item in relevant:
+            return r
+    return None
+
+
+def retrieval_metrics(rankings: Sequence[Sequence[str]], relevant: Sequence[set], ks=KS) -> dict:
+    """Recall@k: share of queries with a relevant item in the top k. MRR: mean 1/rank of the first
+    relevant item (0 when the ranking holds none). Queries with an empty relevant set are an error."""
+    if len(rankings) != len(relevant):
+        raise ValueError(f"{len(rankings)} rankings but {len(relevant)} relevant sets")
+    if any(not r for r in relevant):
+        raise ValueError("a query has no relevant item; drop it before scoring")
+    ranks = [first_hit_rank(rk, rel) for rk, rel in zip(rankings, relevant)]
+    n = len(ranks)
+    if n == 0:
+        return {**{f"recall@{k}": float("nan") for k in ks}, "mrr": float("nan"), "n_queries": 0}
+    out = {f"recall@{k}": sum(r is not None and r <= k for r in ranks) / n for k in ks}
+    out["mrr"] = float(np.mean([1.0 / r if r else 0.0 for r in ranks]))
+    out["n_queries"] = n
+    return out

@@ -1,0 +1,68 @@
+"""What a fold saves: peft's adapter folder + the kit's modules as safetensors + metadata.
+
+Nothing is pickled: adapters and kit weights are safetensors, metadata is JSON.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from entrep.io import atomic_path, atomic_write_json
+
+KIT_FILE = "kit.safetensors"
+ADAPTER_DIR = "adapter"
+META_FILE = "meta.json"
+
+
+def save_weights(model, fold_dir: Path, meta: dict) -> None:
+    """Write the adapter + kit weights into `fold_dir`, replacing any earlier ones atomically."""
+    import peft
+
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model.clip, "save_pretrained"):
+        tmp = fold_dir / f".{ADAPTER_DIR}-{uuid.uuid4().hex[:8]}"
+        model.clip.save_pretrained(tmp)
+        old = fold_dir / f".{ADAPTER_DIR}-old-{uuid.uuid4().hex[:8]}"
+        if (fold_dir / ADAPTER_DIR).exists():
+            (fold_dir / ADAPTER_DIR).rename(old)
+        tmp.rename(fold_dir / ADAPTER_DIR)
+        shutil.rmtree(old, ignore_errors=True)
+    with atomic_path(fold_dir / KIT_FILE) as tmp:
+        save_file(model.kit_state_dict(), str(tmp))
+    meta = dict(meta, peft_version=peft.__version__, lora=hasattr(model.clip, "save_pretrained"),
+                levels=model.levels, embed_dim=model.embed_dim)
+    atomic_write_json(fold_dir / META_FILE, meta)
+
+
+def read_meta(fold_dir: Path) -> dict:
+    return json.loads((fold_dir / META_FILE).read_text())
+
+
+def check_compatible(meta: dict, cfg, fold_dir: Path) -> None:
+    if meta.get("model_name") != cfg.model.name:
+        raise ValueError(f"{fold_dir}: adapters were trained on base '{meta.get('model_name')}', "
+                         f"but the run config names '{cfg.model.name}'")
+    if meta.get("labels") != list(cfg.labels.names):
+        raise ValueError(f"{fold_dir}: trained with labels {meta.get('labels')}, config has {list(cfg.labels.names)}")
+
+
+def load_fold_weights(model, fold_dir: Path, adapter_name: str) -> None:
+    """Load one fold onto `model` (one base for all folds): its adapter via peft, then its kit weights."""
+    import peft
+
+    adapter = fold_dir / ADAPTER_DIR
+    if adapter.is_dir():
+        if not isinstance(model.clip, peft.PeftModel):
+            raise ValueError(f"{fold_dir} holds a LoRA adapter but the model has no LoRA (model.lora.enabled=false?)")
+        if adapter_name not in model.clip.peft_config:
+            model.clip.load_adapter(str(adapter), adapter_name=adapter_name)
+        model.clip.set_adapter(adapter_name)
+    try:
+        model.load_kit_state_dict(load_file(str(fold_dir / KIT_FILE)))
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{fold_dir / KIT_FILE}: does not match the base model of the run config: {e}") from e
+    model.eval()

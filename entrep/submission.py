@@ -1,0 +1,62 @@
+"""Track writers and validators: one JSON per track, checked against the query list, zipped alone."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from entrep.io import atomic_path, atomic_write_json
+
+TRACKS = {"cls": "Track 1 classification", "i2i": "Track 2 image-to-image", "t2i": "Track 3 text-to-image"}
+
+
+class SubmissionError(ValueError):
+    pass
+
+
+def validate(track: str, sub: dict, queries: list[str], gallery: set[str] | None = None,
+             n_classes: int | None = None) -> None:
+    """Every query present, no extra key, values of the track's type, retrieved images in the gallery."""
+    if track not in TRACKS:
+        raise SubmissionError(f"unknown track {track!r}; choose one of {list(TRACKS)}")
+    problems = []
+    missing = [q for q in queries if q not in sub]
+    extra = [k for k in sub if k not in set(queries)]
+    if missing:
+        problems.append(f"{len(missing)} queries missing, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{len(extra)} keys not in the query list, e.g. {extra[:3]}")
+    for q, v in sub.items():
+        if track == "cls":
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < (n_classes or 1 << 30):
+                problems.append(f"{q!r}: class must be an int in 0..{(n_classes or 0) - 1}, got {v!r}")
+            continue
+        items = v if isinstance(v, list) else [v]
+        if not items or not all(isinstance(x, str) and x for x in items):
+            problems.append(f"{q!r}: expected an image name or a ranked list of names, got {v!r}")
+        elif len(set(items)) != len(items):
+            problems.append(f"{q!r}: the ranked list repeats an image")
+        elif gallery is not None and (bad := [x for x in items if x not in gallery]):
+            problems.append(f"{q!r}: retrieved {bad[:2]} not in the gallery")
+        elif track == "i2i" and q in items:
+            problems.append(f"{q!r}: an i2i query retrieved itself")
+    if problems:
+        raise SubmissionError(f"{TRACKS[track]} submission is invalid:\n  - " + "\n  - ".join(problems[:20]))
+
+
+def write_track(track: str, sub: dict, out_dir: Path) -> tuple[Path, Path]:
+    """`<track>.json` and `<track>.zip` (that JSON alone, at the zip's root), both atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js = out_dir / f"{track}.json"
+    atomic_write_json(js, sub)
+    zp = out_dir / f"{track}.zip"
+    with atomic_path(zp) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(js.name, json.dumps(sub, indent=2, ensure_ascii=False) + "\n")
+    return js, zp
+
+
+def rankings_to_submission(rankings: dict[str, list[dict]], topk: int) -> dict:
+    """{query: [{"image", "score"}, ...]} -> {query: top-1 name} or {query: [top-k names]}."""
+    if topk < 1:
+        raise SubmissionError("--topk must be >= 1")
+    return {q: (r[0]["image"] if topk == 1 else [x["image"] for x in r[:topk]]) for q, r in rankings.items()}

@@ -1,0 +1,7 @@
+"""accelerate launch train.py --config configs/entrep_vitb16.yaml [--data DIR] [--name NAME] [key=value ...]"""
+import sys
+
+from entrep.commands.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())
