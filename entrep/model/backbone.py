@@ -7,6 +7,9 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).parent / "configs"  # tiny randomly initialised configs for tests and the demo
 
 
+RANDOM_INIT_SEED = 0
+
+
 class WeightsError(RuntimeError):
     pass
 
@@ -61,7 +64,15 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False):
         if pretrained and not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             raise WeightsError(f"model.pretrained={pretrained!r} is neither a file nor an open_clip tag of "
                                f"'{name}' (tags: {open_clip.list_pretrained_tags_by_model(name)})")
-        model = open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
+        if pretrained:
+            model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
+        else:
+            import torch
+
+            # Random weights must be the same at train and infer time, or saved adapters sit on another base.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = open_clip.create_model(name, **kwargs)
     except WeightsError:
         raise
     except Exception as e:

@@ -1,0 +1,144 @@
+"""Ensemble the folds of a run on a test folder: class probabilities and ranked retrieval lists.
+
+    python infer.py --run runs/NAME --data TEST_DIR [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from entrep.cli import console, setup_logging
+from entrep.config import ConfigError, load_config
+
+log = logging.getLogger("entrep.infer")
+
+
+class RunError(ValueError):
+    pass
+
+
+def fold_dirs(run: Path, cfg, partial: str) -> list[Path]:
+    """Finished fold dirs to ensemble; unfinished folds are refused or skipped as infer.partial says."""
+    expected = [run / ("full" if k == -1 else f"fold{k}") for k in (cfg.train.folds or range(cfg.cv.n_splits))]
+    done = [d for d in expected if (d / "metrics.json").is_file()]
+    missing = [d.name for d in expected if d not in done]
+    if not done:
+        raise RunError(f"{run}: no finished fold (no fold*/metrics.json); train first or resume with train.resume=true")
+    if missing and partial == "refuse":
+        raise RunError(f"{run}: folds {missing} are unfinished; finish them (train.resume=true) or pass "
+                       f"infer.partial=use to ensemble only {[d.name for d in done]}")
+    if missing:
+        log.warning("ensembling %d finished folds only; unfinished: %s", len(done), missing)
+    return done
+
+
+def read_gallery(path: str, images: dict) -> list[str]:
+    names = [s.strip() for s in Path(path).read_text(encoding="utf-8-sig").splitlines() if s.strip()]
+    bad = [n for n in names if n not in images]
+    if bad:
+        raise RunError(f"{path}: gallery names not in the test folder: {bad[:5]}")
+    return list(dict.fromkeys(names))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="infer.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="run directory written by train.py")
+    ap.add_argument("--data", required=True, help="test folder: images + cls.csv / i2i.csv / t2i.csv")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args(argv)
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run}: not a run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml", args.overrides)
+    from entrep.model.backbone import set_offline
+
+    set_offline(cfg.model.offline)
+    setup_logging()
+    import torch
+    from accelerate import Accelerator
+
+    from entrep.data.images import decode_all
+    from entrep.data.release import load_test
+    from entrep.engine import embed_images, embed_texts, resolve_mixed_precision, retrieval_embedding
+    from entrep.io import atomic_write_csv, atomic_write_json
+    from entrep.labels import LabelSet
+    from entrep.model.backbone import image_stats
+    from entrep.model.checkpoint import check_compatible, load_fold_weights, read_meta
+    from entrep.model.entrep_clip import build_model
+    from entrep.report import read_json
+    from entrep.retrieval import average_embeddings, topk_cosine
+
+    labels = LabelSet.from_config(cfg.labels)
+    dirs = fold_dirs(run, cfg, cfg.infer.partial)
+    for d in dirs:
+        check_compatible(read_meta(d), cfg, d)
+    tuned = read_json(run / "tuned.json") if (run / "tuned.json").is_file() else {}
+    head_weight = cfg.infer.head_weight if cfg.infer.head_weight >= 0 else tuned.get("head_weight", 0.5)
+    alpha = tuned.get("alpha", cfg.model.slerp.alpha if cfg.model.slerp.infer else 0.0)
+    if not tuned:
+        log.warning("%s has no tuned.json (no complete OOF run): head_weight=%s alpha=%s from config",
+                    run, head_weight, alpha)
+
+    test = load_test(args.data)
+    for f, listed, disk in test.case_fixes:
+        log.info("%s: query %r resolved to %r", f, listed, disk)
+    names = sorted(test.images)
+    gallery = read_gallery(cfg.infer.gallery, test.images) if cfg.infer.gallery else names
+    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
+    model = acc.prepare(build_model(cfg, labels))
+    stats = image_stats(acc.unwrap_model(model).base)
+    size = cfg.data.working_size or int(round(stats[2] * 1.15))
+    pixels = decode_all([str(test.images[n]) for n in names], size)
+
+    probs_sum, rets, texts = 0.0, [], []
+    captions = test.t2i or []
+    for d in dirs:
+        load_fold_weights(acc.unwrap_model(model), d, adapter_name=d.name)
+        e = embed_images(model, pixels, acc, cfg.train.eval_batch_size, cfg.infer.tta_flip, labels, stats[2],
+                         stats[0], stats[1])
+        probs = e.probs(head_weight, cfg.infer.tta_flip)
+        probs_sum = probs_sum + probs
+        rets.append(torch.from_numpy(retrieval_embedding(e.emb, probs, e.class_emb, alpha)))
+        if captions:
+            texts.append(torch.from_numpy(embed_texts(model, captions, acc)))
+        log.info("embedded %d images with %s", len(names), d.name)
+    probs = probs_sum / len(dirs)
+    ret = average_embeddings(rets)
+
+    out = run / "predictions"
+    pos = {n: i for i, n in enumerate(names)}
+    import pandas as pd
+
+    cls_df = pd.DataFrame({"image": names, "pred": [labels.names[i] for i in probs.argmax(1)],
+                           "pred_idx": probs.argmax(1), **{f"p_{c}": probs[:, j] for j, c in enumerate(labels.names)}})
+    atomic_write_csv(out / "classes.csv", cls_df)
+    g_idx = [pos[n] for n in gallery]
+    g_pos = {n: i for i, n in enumerate(gallery)}
+    k = cfg.infer.topk
+
+    def ranked(scores, idx):
+        return [[{"image": gallery[j], "score": round(float(s), 6)} for s, j in zip(sr, ir)]
+                for sr, ir in zip(scores.tolist(), idx.tolist())]
+
+    i2i = {}
+    if test.i2i:
+        q = [pos[test.on_disk[x]] for x in test.i2i]
+        exclude = torch.tensor([g_pos.get(test.on_disk[x], -1) for x in test.i2i])
+        s, i = topk_cosine(ret[q], ret[g_idx], k, exclude, cfg.infer.max_sim_bytes)
+        i2i = dict(zip(test.i2i, ranked(s, i)))
+    t2i = {}
+    if captions:
+        s, i = topk_cosine(average_embeddings(texts), ret[g_idx], k, None, cfg.infer.max_sim_bytes)
+        t2i = dict(zip(captions, ranked(s, i)))
+    atomic_write_json(out / "i2i.json", i2i)
+    atomic_write_json(out / "t2i.json", t2i)
+    atomic_write_json(out / "meta.json", {
+        "test_dir": str(Path(args.data).resolve()), "folds": [d.name for d in dirs], "head_weight": head_weight,
+        "alpha": alpha, "tta_flip": cfg.infer.tta_flip, "topk": k, "gallery": gallery, "labels": list(labels.names),
+        "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": test.t2i}, "on_disk": test.on_disk})
+    console.print(f"predictions for {len(names)} images, {len(i2i)} i2i and {len(t2i)} t2i queries "
+                  f"from {len(dirs)} folds -> {out}")
+    return 0

@@ -1,0 +1,52 @@
+"""Write the challenge files from a run's predictions: one validated JSON and one zip per track.
+
+    python submit.py --run runs/NAME [--topk 1] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from entrep.cli import console
+from entrep.submission import TRACKS, SubmissionError, rankings_to_submission, validate, write_track
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="submit.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--topk", type=int, default=1, help="1: one image per query (the challenge form); >1: ranked lists")
+    ap.add_argument("--out", help="output folder (default: RUN/submission)")
+    args = ap.parse_args(argv)
+    pred = Path(args.run) / "predictions"
+    if not (pred / "meta.json").is_file():
+        raise SubmissionError(f"{pred}: no predictions; run infer.py --run {args.run} --data TEST_DIR first")
+    meta = json.loads((pred / "meta.json").read_text())
+    out = Path(args.out) if args.out else Path(args.run) / "submission"
+    gallery = set(meta["gallery"])
+    written = []
+    queries = meta["queries"]
+    if queries.get("cls"):
+        df = pd.read_csv(pred / "classes.csv", keep_default_na=False).set_index("image")
+        sub = {q: int(df.loc[meta["on_disk"][q], "pred_idx"]) for q in queries["cls"]}
+        validate("cls", sub, queries["cls"], n_classes=len(meta["labels"]))
+        written.append(("cls", len(sub), *write_track("cls", sub, out)))
+    for track in ("i2i", "t2i"):
+        if queries.get(track):
+            rankings = json.loads((pred / f"{track}.json").read_text(encoding="utf-8"))
+            sub = rankings_to_submission(rankings, args.topk)
+            validate(track, sub, queries[track], gallery)
+            written.append((track, len(sub), *write_track(track, sub, out)))
+    if not written:
+        raise SubmissionError(f"{meta['test_dir']} had no query lists (cls.csv, i2i.csv, t2i.csv)")
+    from rich.table import Table
+
+    t = Table(title=f"submission files (top-{args.topk})")
+    for col in ("track", "queries", "json", "zip"):
+        t.add_column(col)
+    for track, n, js, zp in written:
+        t.add_row(TRACKS[track], str(n), str(js), str(zp))
+    console.print(t)
+    return 0

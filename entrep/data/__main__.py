@@ -1,0 +1,102 @@
+"""python -m entrep.data check DIR [--config C.yaml] [--test TEST_DIR]
+
+Reports what a release folder holds and what is wrong with it, as tables. Exits 1 only where
+training could not proceed (no labelled image, or a file the readers reject); 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from entrep.config import load_config
+from entrep.data.release import DataError, file_hash, load_release, load_test
+
+
+def _examples(items, n=3) -> str:
+    return "; ".join(" | ".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in items[:n])
+
+
+def check(root: str, names, test_dir: str | None, console: Console) -> int:
+    try:
+        table, rep = load_release(root, names, check_images=True)
+    except DataError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 1
+    counts = Table(title=f"{root}: labelled images per class and source")
+    sources = sorted(set(table["source"]))
+    counts.add_column("class")
+    for s in sources:
+        counts.add_column(s, justify="right")
+    counts.add_column("total", justify="right")
+    for label in list(names) + [None]:
+        sel = table[table["label"].isna()] if label is None else table[table["label"] == label]
+        by = Counter(sel["source"])
+        counts.add_row(label or "(unlabelled)", *[str(by.get(s, 0)) for s in sources], str(len(sel)))
+    console.print(counts)
+
+    issues = Table(title="findings")
+    for col in ("finding", "count", "examples"):
+        issues.add_column(col, overflow="fold")
+    n_captioned = int(table["captions"].map(bool).sum())
+    n_pairs = int(table["partners"].map(len).sum()) // 2
+    rows = [
+        ("images (after merging)", len(table), ""),
+        ("captioned images / i2i links", f"{n_captioned} / {n_pairs}", ""),
+        ("unlabelled images (contrastive losses only)", len(rep.unlabelled), _examples(rep.unlabelled)),
+        ("image files named by no annotation", len(rep.unannotated), _examples(rep.unannotated)),
+        ("labels or links naming missing files", len(rep.missing), _examples(rep.missing)),
+        ("file names fixed by case", len(rep.case_fixes), _examples(rep.case_fixes)),
+        ("duplicate keys in a JSON object", len(rep.duplicate_keys), _examples(rep.duplicate_keys)),
+        ("unknown labels", len(rep.unknown_labels), _examples(rep.unknown_labels)),
+        ("conflicting labels", len(rep.label_conflicts), _examples(rep.label_conflicts)),
+        ("unreadable or corrupt images (skipped)", len(rep.bad_images), _examples(rep.bad_images)),
+        ("empty captions", len(rep.bad_captions), _examples(rep.bad_captions)),
+        ("same picture under two names (merged)", len(rep.content_duplicates), _examples(rep.content_duplicates)),
+    ]
+    if test_dir:
+        try:
+            ts = load_test(test_dir)
+        except DataError as e:
+            console.print(f"[red]error:[/red] {e}")
+            return 1
+        train_names = set(table["image"])
+        by_name = sorted(set(ts.images) & train_names)
+        train_hashes = {file_hash(__import__("pathlib").Path(p)) for p in table["path"]}
+        by_content = sorted(n for n, p in ts.images.items() if file_hash(p) in train_hashes)
+        captions = {c for caps in table["captions"] for c in caps}
+        rows += [
+            ("test images", len(ts.images), ""),
+            ("test queries cls / i2i / t2i", " / ".join(str(len(q or [])) for q in (ts.cls, ts.i2i, ts.t2i)), ""),
+            ("test images also in training (by name)", len(by_name), _examples(by_name)),
+            ("test images also in training (by content)", len(by_content), _examples(by_content)),
+            ("test captions that are training captions", len([c for c in ts.t2i or [] if c in captions]), ""),
+            ("duplicate query lines", len(ts.duplicate_queries), _examples(ts.duplicate_queries)),
+        ]
+    for r in rows:
+        issues.add_row(r[0], str(r[1]), r[2])
+    console.print(issues)
+    if (table["y"] < 0).all():
+        console.print("[red]error:[/red] no labelled image: training cannot proceed")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m entrep.data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="check a release folder")
+    c.add_argument("dir")
+    c.add_argument("--config", help="config whose label set to use (default: ENTRep's seven classes)")
+    c.add_argument("--test", help="a test folder to check too, and to compare with training for overlap")
+    args = ap.parse_args(argv)
+    names = load_config(args.config).labels.names
+    return check(args.dir, names, args.test, Console(width=160))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

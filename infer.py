@@ -1,0 +1,7 @@
+"""python infer.py --run runs/NAME --data TEST_DIR [key=value ...]"""
+import sys
+
+from entrep.commands.infer import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+import pytest
+import yaml
+
+from entrep.config import ConfigError, load_config, save_config
+from entrep.labels import LabelSet
+
+
+def test_dotted_overrides_cast_to_field_types():
+    cfg = load_config(None, ["train.epochs=3", "model.lora.rank=8", "train.folds=[0,2]", "train.hflip=false",
+                             "loss.image=1", "model.name=entrep-tiny"])
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.model.lora.rank == 8
+    assert cfg.train.folds == [0, 2]
+    assert cfg.train.hflip is False
+    assert cfg.loss.image == 1.0 and isinstance(cfg.loss.image, float)
+
+
+def test_unknown_key_names_it_and_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch'.*did you mean 'train\.epochs'"):
+        load_config(None, ["train.epoch=3"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  lora:\n    rnak: 4\n")
+    with pytest.raises(ConfigError, match=r"'model\.lora\.rnak'.*'model\.lora\.rank'"):
+        load_config(p)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"'train\.epochs': expected int, got 'abc'"):
+        load_config(None, ["train.epochs=abc"])
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(None, ["train.batch_size=2.5"])
+
+
+def test_impossible_values_rejected():
+    with pytest.raises(ConfigError, match=r"train\.folds \[7\]"):
+        load_config(None, ["train.folds=[7]"])
+    with pytest.raises(ConfigError, match="model.fusion.mode"):
+        load_config(None, ["model.fusion.mode=mean"])
+    with pytest.raises(ConfigError, match="labels.swap"):
+        load_config(None, ["labels.swap=[[nose-right, elbow]]"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=2", "name=x"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_another_label_set_needs_no_code(tmp_path):
+    p = tmp_path / "digits.yaml"
+    names = [str(i) for i in range(10)]
+    p.write_text(yaml.safe_dump({"labels": {"names": names, "prompts": {"3": ["a handwritten three"]},
+                                            "swap": []}}))
+    labels = LabelSet.from_config(load_config(p).labels)
+    assert len(labels) == 10 and labels.index("7") == 7
+    assert labels.prompts["3"] == ("a handwritten three",) and labels.prompts["0"] == ("an image of 0",)
+    assert list(labels.swap_perm) == list(range(10))
+
+
+def test_entrep_swap_permutation():
+    labels = LabelSet.from_config(load_config(None).labels)
+    assert [labels.names[i] for i in labels.swap_perm] == [
+        "nose-left", "nose-right", "ear-left", "ear-right", "vc-open", "vc-closed", "throat"]

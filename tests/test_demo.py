@@ -1,0 +1,49 @@
+import hashlib
+import json
+
+import numpy as np
+
+from entrep.data.release import load_release, load_test, read_query_lines
+from entrep.demo import _case, make_demo, render
+from entrep.labels import ENTREP_CLASSES
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a = make_demo(tmp_path / "a", seed=5, size=48, cases=12, test_cases=6, public_cases=4)
+    b = make_demo(tmp_path / "b", seed=5, size=48, cases=12, test_cases=6, public_cases=4)
+    c = make_demo(tmp_path / "c", seed=6, size=48, cases=12, test_cases=6, public_cases=4)
+    assert _digest(a) == _digest(b) != _digest(c)
+
+
+def test_left_is_the_exact_mirror_of_right():
+    rng = np.random.default_rng(0)
+    for side in ("nose", "ear"):
+        p = _case(rng, f"{side}-right")
+        right, left = render(f"{side}-right", p, 64), render(f"{side}-left", p, 64)
+        assert np.array_equal(left, right[:, ::-1])
+        assert not np.array_equal(left, right)
+    p = _case(rng, "vc-open")
+    assert not np.array_equal(render("vc-open", p, 64), render("vc-closed", p, 64))
+
+
+def test_demo_is_in_the_release_layouts(demo):
+    df, rep = load_release(demo, ENTREP_CLASSES)
+    assert set(df["source"]) == {"train", "public"}
+    assert rep.case_fixes and not rep.missing and not rep.bad_images
+    assert (df["y"] < 0).any() and df["partners"].map(len).sum() > 0 and df["captions"].map(len).sum() > 0
+    ts = load_test(demo / "test")
+    truth = {t: json.loads((demo / f"truth/{f}.json").read_text())
+             for t, f in (("cls", "track1_cls"), ("i2i", "track2_i2i"), ("t2i", "track3_t2i"))}
+    assert ts.cls == list(truth["cls"]) and ts.i2i == list(truth["i2i"]) and ts.t2i == list(truth["t2i"])
+    assert read_query_lines(demo / "test/t2i.csv") == ts.t2i
+    # findings carry a side: a caption of a left image names the left
+    left = df[df["label"] == "nose-left"]
+    assert all("left" in c for caps in left["captions"] for c in caps)

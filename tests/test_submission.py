@@ -1,0 +1,58 @@
+import json
+import zipfile
+
+import pytest
+
+from entrep.score import main as score_main
+from entrep.submission import SubmissionError, rankings_to_submission, validate, write_track
+
+
+def test_validators_accept_good_and_reject_each_fault():
+    q = ["a.png", "b.png"]
+    validate("cls", {"a.png": 0, "b.png": 6}, q, n_classes=7)
+    validate("i2i", {"a.png": "b.png", "b.png": ["a.png", "c.png"]}, q, {"a.png", "b.png", "c.png"})
+    cases = [
+        ("cls", {"a.png": 0}, "1 queries missing"),
+        ("cls", {"a.png": 0, "b.png": 1, "c.png": 1}, "not in the query list"),
+        ("cls", {"a.png": 0, "b.png": 7}, "int in 0..6"),
+        ("cls", {"a.png": 0, "b.png": "1"}, "int in 0..6"),
+        ("i2i", {"a.png": "b.png", "b.png": 3}, "expected an image name"),
+        ("i2i", {"a.png": "zz.png", "b.png": "a.png"}, "not in the gallery"),
+        ("i2i", {"a.png": "a.png", "b.png": "a.png"}, "retrieved itself"),
+        ("t2i", {"a.png": ["b.png", "b.png"], "b.png": "a.png"}, "repeats"),
+    ]
+    for track, sub, msg in cases:
+        with pytest.raises(SubmissionError, match=msg):
+            validate(track, sub, q, {"a.png", "b.png"}, n_classes=7)
+
+
+def test_zip_holds_one_json_at_root(tmp_path):
+    js, zp = write_track("t2i", {"cap, with comma": "a.png"}, tmp_path / "out")
+    with zipfile.ZipFile(zp) as z:
+        assert z.namelist() == ["t2i.json"]
+        assert json.loads(z.read("t2i.json")) == {"cap, with comma": "a.png"}
+    assert json.loads(js.read_text()) == {"cap, with comma": "a.png"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t2i.json", "t2i.zip"]
+
+
+def test_rankings_to_submission_top1_and_topk():
+    r = {"q": [{"image": "a", "score": 0.9}, {"image": "b", "score": 0.5}]}
+    assert rankings_to_submission(r, 1) == {"q": "a"}
+    assert rankings_to_submission(r, 5) == {"q": ["a", "b"]}
+
+
+def test_score_cli_top1_and_ranked_lists(tmp_path, capsys):
+    truth = {"q1": "a", "q2": ["b", "c"], "q3": "d"}
+    sub = {"q1": "a", "q2": ["x", "c"], "q3": ["y", "z"]}
+    (tmp_path / "t.json").write_text(json.dumps(truth))
+    (tmp_path / "s.json").write_text(json.dumps(sub))
+    assert score_main(["--track", "t2i", "--submission", str(tmp_path / "s.json"),
+                       "--truth", str(tmp_path / "t.json"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["recall@1"] == pytest.approx(1 / 3) and r["mrr"] == pytest.approx((1 + 0.5 + 0) / 3)
+    (tmp_path / "t.json").write_text(json.dumps({"a.png": 1, "b.png": 2}))
+    (tmp_path / "s.json").write_text(json.dumps({"a.png": 1}))
+    score_main(["--track", "cls", "--submission", str(tmp_path / "s.json"), "--truth", str(tmp_path / "t.json"),
+                "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["accuracy"] == 0.5 and r["missing"] == 1
