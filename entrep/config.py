@@ -46,7 +46,7 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.1
     text: bool = True                  # also adapt the text tower
-    targets: list[str] = field(default_factory=lambda: ["attn", "mlp.c_fc", "mlp.c_proj"])
+    targets: list[str] = field(default_factory=lambda: ["attn.in_proj_weight", "mlp.c_fc", "mlp.c_proj"])
     train_last_blocks: int = 0         # without LoRA: unfreeze the last N vision blocks (ablation baseline)
 
 

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against a target distribution per row."""
-    return -(targets * logits.log_softmax(-1)).sum(-1).mean()
+def multi_positive_ce(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """-log of the softmax mass on each row's positives: 0 once every positive outranks every
+    negative, however many positives share a row (a soft-target CE would keep a log|P| floor)."""
+    return (logits.logsumexp(-1) - logits.masked_fill(~pos, float("-inf")).logsumexp(-1)).mean()
 
 
 def multi_positive_infonce(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor, scale) -> torch.Tensor:
@@ -18,14 +19,12 @@ def multi_positive_infonce(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tens
     Only images that carry a caption take part: an uncaptioned image may well show the finding.
     """
     keep = pos.any(1)
-    img, pos = img[keep], pos[keep].float()
+    img, pos = img[keep], pos[keep]
     if img.shape[0] == 0:
         return img.sum() * 0
     logits = scale * img @ txt.t()
-    i2t = soft_ce(logits, pos / pos.sum(1, keepdim=True))
-    cols = pos.sum(0) > 0
-    t2i = soft_ce(logits.t()[cols], (pos.t() / pos.sum(0, keepdim=True).t().clamp(min=1))[cols])
-    return (i2t + t2i) / 2
+    cols = pos.any(0)
+    return (multi_positive_ce(logits, pos) + multi_positive_ce(logits.t()[cols], pos.t()[cols])) / 2
 
 
 def supcon(emb: torch.Tensor, pos: torch.Tensor, scale) -> torch.Tensor:

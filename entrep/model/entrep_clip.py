@@ -94,7 +94,7 @@ class EntrepCLIP(nn.Module):
         sums = sums.index_add(0, self.prompt_owner, emb)
         class_emb = F.normalize(sums, dim=-1)
         if not live:
-            self._class_emb = class_emb.detach()
+            self._class_emb = class_emb = class_emb.detach()
         return class_emb
 
     def invalidate_cache(self) -> None:

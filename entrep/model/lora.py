@@ -1,9 +1,13 @@
 """peft LoRA on open_clip's towers.
 
-Targets are regexes over open_clip module names: vision blocks live under
-`visual.transformer.resblocks.N`, text blocks under `transformer.resblocks.N`. `attn` is an
-nn.MultiheadAttention, which peft adapts as a whole (in_proj and out_proj). `out_proj` alone
-would be a dead adapter: open_clip's attention calls the fused MHA kernel, never out_proj.forward.
+Vision blocks live under `visual.transformer.resblocks.N`, text blocks under `transformer.resblocks.N`.
+Attention is an nn.MultiheadAttention. Two ways to adapt it, both peft's own:
+- `attn.in_proj_weight` (default): peft's `target_parameters` adds the low-rank delta to the q/k/v
+  projection through a parametrization, so the frozen base tensor is never written to;
+- `attn`: peft's MultiheadAttention layer (in_proj and out_proj), which merges and unmerges the
+  delta into the base weight on every forward and so lets it drift by float rounding.
+`out_proj` alone would be a dead adapter: open_clip's attention calls the fused MHA kernel, never
+out_proj.forward. Names ending in `_weight`/`.weight` are parameters; the rest are modules.
 """
 from __future__ import annotations
 
@@ -22,13 +26,26 @@ def lora_target_regex(targets: list[str], text: bool) -> str:
     return rf"^{towers}\.resblocks\.\d+\.({mods})$"
 
 
+def is_param_target(t: str) -> bool:
+    return t.endswith(("_weight", ".weight"))
+
+
 def apply_lora(clip: nn.Module, cfg):
     """Wrap `clip` in a peft model with the configured adapters; the base stays frozen."""
     import peft
 
+    param_targets = [t for t in cfg.targets if is_param_target(t)]
+    module_targets = [t for t in cfg.targets if not is_param_target(t)]
+    tower = re.compile(r"^(visual\.transformer|transformer)\." if cfg.text else r"^visual\.transformer\.")
+    # peft matches target_parameters by name suffix; full names keep the text tower out when asked
+    params = [n for n, _ in clip.named_parameters()
+              if tower.match(n) and any(n.endswith("." + t) for t in param_targets)]
+    if param_targets and not params:
+        raise ValueError(f"model.lora.targets {param_targets} match no parameter of the model")
     config = peft.LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=lora_target_regex(cfg.targets, cfg.text), bias="none",
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+        target_modules=lora_target_regex(module_targets, cfg.text) if module_targets else None,
+        target_parameters=params or None,
     )
     return peft.get_peft_model(clip, config)
 
