@@ -66,7 +66,7 @@ def test_duplicate_captions_are_positives_not_negatives():
     img = torch.stack([t[0], t[0], t[1]])  # both images sit exactly on their shared caption
     ours = multi_positive_infonce(img, t, pos, 50.0)
     naive = _clip_loss(img, torch.stack([t[0], t[0], t[1]]), 50.0)  # duplicate as its own negative
-    assert ours < 0.01 and naive > math.log(2) - 0.01
+    assert ours < 0.01 and naive > 0.4  # a naive CLIP loss keeps a log(2) floor on the shared rows
 
 
 def test_images_without_captions_sit_out():
