@@ -18,7 +18,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def setup_logging(main_process: bool = True) -> None:
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s",
+    """The kit's loggers at INFO on the main process; libraries (open_clip logs on the root) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
-    for noisy in ("root", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)  # open_clip logs "no pretrained weights" at WARNING
+    logging.getLogger("entrep").setLevel(logging.INFO if main_process else logging.WARNING)

@@ -126,7 +126,9 @@ def oof_table(oof, table, names, head_weight: float, tta: bool) -> pd.DataFrame:
     for k, (images, e, _, _) in sorted(oof.items()):
         probs = e.probs(head_weight, tta)
         for n, p in zip(images, probs):
-            rows.append({"image": n, "fold": k, "label": label_of[n] or "", "pred": names[int(p.argmax())],
+            if pd.isna(label_of[n]):
+                continue  # unlabelled images have embeddings in the fold's oof.npz, no class to score
+            rows.append({"image": n, "fold": k, "label": label_of[n], "pred": names[int(p.argmax())],
                          **{f"p_{c}": float(x) for c, x in zip(names, p)}})
     return pd.DataFrame(rows)
 

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
 def print_report(rep: dict, run_dir) -> None:
     from rich.table import Table
 
-    t = Table(title=f"out-of-fold scores: {run_dir}")
+    t = Table(title="out-of-fold scores")
     for col in ("task", "metric", "value"):
         t.add_column(col, justify="right" if col == "value" else "left")
     for m in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted"):
@@ -150,5 +150,6 @@ def print_report(rep: dict, run_dir) -> None:
                 t.add_row(track, m, f"{r[m]:.4f}")
         t.add_row(track, "queries", str(r.get("n_queries", 0)))
     tuned = rep.get("tuned", {})
-    t.caption = f"tuned on OOF: head_weight={tuned.get('head_weight')} slerp alpha={tuned.get('alpha')}"
+    t.caption = (f"{run_dir}; tuned on OOF: head_weight={tuned.get('head_weight')} "
+                 f"slerp alpha={tuned.get('alpha')}")
     console.print(t)
