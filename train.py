@@ -1,7 +1,8 @@
 """accelerate launch train.py --config configs/entrep_vitb16.yaml [--data DIR] [--name NAME] [key=value ...]"""
 import sys
 
+from entrep.cli import run_main
 from entrep.commands.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

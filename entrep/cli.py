@@ -22,3 +22,16 @@ def setup_logging(main_process: bool = True) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     logging.getLogger("entrep").setLevel(logging.INFO if main_process else logging.WARNING)
+
+
+def run_main(main) -> int:
+    """Run an entry point; a known user error prints one clear line (no traceback) and exits 2."""
+    from rich.markup import escape
+
+    from entrep.errors import EntrepError
+
+    try:
+        return main()
+    except EntrepError as e:
+        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 2

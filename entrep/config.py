@@ -10,10 +10,11 @@ from pathlib import Path
 import yaml
 
 from entrep.io import atomic_write_text
+from entrep.errors import EntrepError
 from entrep.labels import ENTREP_CLASSES, ENTREP_PROMPTS, ENTREP_SWAP
 
 
-class ConfigError(ValueError):
+class ConfigError(EntrepError):
     pass
 
 
@@ -270,6 +271,9 @@ def validate(cfg: Config) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"config key 'train.{name}' must be >= 1")
+    if any(t.endswith("out_proj") for t in cfg.model.lora.targets):
+        raise ConfigError("model.lora.targets: 'out_proj' alone never runs in open_clip's attention (a dead "
+                          "adapter); use 'attn.in_proj_weight' or 'attn'")
     if not cfg.model.fusion.layers:
         raise ConfigError("model.fusion.layers is empty")
     from entrep.labels import LabelSet

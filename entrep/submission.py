@@ -6,11 +6,12 @@ import zipfile
 from pathlib import Path
 
 from entrep.io import atomic_path, atomic_write_json
+from entrep.errors import EntrepError
 
 TRACKS = {"cls": "Track 1 classification", "i2i": "Track 2 image-to-image", "t2i": "Track 3 text-to-image"}
 
 
-class SubmissionError(ValueError):
+class SubmissionError(EntrepError):
     pass
 
 

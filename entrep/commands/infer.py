@@ -12,11 +12,12 @@ import numpy as np
 
 from entrep.cli import console, setup_logging
 from entrep.config import ConfigError, load_config
+from entrep.errors import EntrepError
 
 log = logging.getLogger("entrep.infer")
 
 
-class RunError(ValueError):
+class RunError(EntrepError):
     pass
 
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run", required=True, help="run directory written by train.py")
     ap.add_argument("--data", required=True, help="test folder: images + cls.csv / i2i.csv / t2i.csv")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run}: not a run directory (no config.yaml)")

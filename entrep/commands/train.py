@@ -22,7 +22,7 @@ def parse(argv):
     ap.add_argument("--config", required=True)
     ap.add_argument("--data", help="training release folder (overrides data.root)")
     ap.add_argument("--name", help="run name: the run directory is output_dir/NAME")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     extra = ([f"data.root={args.data}"] if args.data else []) + ([f"name={args.name}"] if args.name else [])
     return load_config(args.config, list(args.overrides) + extra)
 

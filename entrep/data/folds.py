@@ -10,9 +10,10 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from entrep.io import atomic_write_csv
+from entrep.errors import EntrepError
 
 
-class FoldError(ValueError):
+class FoldError(EntrepError):
     pass
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from entrep.errors import EntrepError
 
 log = logging.getLogger("entrep.data")
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(EntrepError):
     pass
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
+from entrep.errors import EntrepError
 
 log = logging.getLogger("entrep.data")
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-class DataError(ValueError):
+class DataError(EntrepError):
     """A release file that training cannot go on with; the message names the file and record."""
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from entrep.errors import EntrepError
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # tiny randomly initialised configs for tests and the demo
 
@@ -10,7 +11,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"  # tiny randomly initialised conf
 RANDOM_INIT_SEED = 0
 
 
-class WeightsError(RuntimeError):
+class WeightsError(EntrepError):
     pass
 
 

@@ -11,11 +11,16 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from entrep.errors import EntrepError
 from entrep.io import atomic_path, atomic_write_json
 
 KIT_FILE = "kit.safetensors"
 ADAPTER_DIR = "adapter"
 META_FILE = "meta.json"
+
+
+class CheckpointError(EntrepError):
+    pass
 
 
 def save_weights(model, fold_dir: Path, meta: dict) -> None:
@@ -44,10 +49,10 @@ def read_meta(fold_dir: Path) -> dict:
 
 def check_compatible(meta: dict, cfg, fold_dir: Path) -> None:
     if meta.get("model_name") != cfg.model.name:
-        raise ValueError(f"{fold_dir}: adapters were trained on base '{meta.get('model_name')}', "
+        raise CheckpointError(f"{fold_dir}: adapters were trained on base '{meta.get('model_name')}', "
                          f"but the run config names '{cfg.model.name}'")
     if meta.get("labels") != list(cfg.labels.names):
-        raise ValueError(f"{fold_dir}: trained with labels {meta.get('labels')}, config has {list(cfg.labels.names)}")
+        raise CheckpointError(f"{fold_dir}: trained with labels {meta.get('labels')}, config has {list(cfg.labels.names)}")
 
 
 def load_fold_weights(model, fold_dir: Path, adapter_name: str) -> None:
@@ -57,12 +62,12 @@ def load_fold_weights(model, fold_dir: Path, adapter_name: str) -> None:
     adapter = fold_dir / ADAPTER_DIR
     if adapter.is_dir():
         if not isinstance(model.clip, peft.PeftModel):
-            raise ValueError(f"{fold_dir} holds a LoRA adapter but the model has no LoRA (model.lora.enabled=false?)")
+            raise CheckpointError(f"{fold_dir} holds a LoRA adapter but the model has no LoRA (model.lora.enabled=false?)")
         if adapter_name not in model.clip.peft_config:
             model.clip.load_adapter(str(adapter), adapter_name=adapter_name)
         model.clip.set_adapter(adapter_name)
     try:
         model.load_kit_state_dict(load_file(str(fold_dir / KIT_FILE)))
     except (ValueError, RuntimeError) as e:
-        raise ValueError(f"{fold_dir / KIT_FILE}: does not match the base model of the run config: {e}") from e
+        raise CheckpointError(f"{fold_dir / KIT_FILE}: does not match the base model of the run config: {e}") from e
     model.eval()

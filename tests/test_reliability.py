@@ -1,0 +1,198 @@
+"""Bad input through the real entry points, interrupted runs and writes, determinism, safe loading."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from entrep.data.images import ImageDecodeError, decode_image
+from entrep.io import atomic_write_json
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.slow
+TRAIN = ["--config", "configs/demo.yaml", "cv.n_splits=2", "train.epochs=1"]
+
+
+def py(*args, timeout=600, check=True):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    if check:
+        assert r.returncode == 0, f"{args}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _sha(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    """One uninterrupted 2-fold run on the demo data."""
+    runs = tmp_path_factory.mktemp("runs")
+    py("train.py", *TRAIN, "--data", demo, "--name", "a", f"output_dir={runs}")
+    return runs / "a"
+
+
+def test_killed_run_resumes_to_the_same_result(demo, trained, tmp_path):
+    """SIGKILL in the middle of fold 1; resume finishes it, fold 0 stays byte-identical, and the
+    final report equals the uninterrupted run's (same config and seed: deterministic on CPU)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    args = [sys.executable, "train.py", *TRAIN, "--data", str(demo), "--name", "b", f"output_dir={tmp_path}",
+            "train.epochs=1"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "b"
+    deadline = time.time() + 300
+    while not (run / "fold0/metrics.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before fold 0 finished"
+        time.sleep(0.2)
+    time.sleep(1.0)  # into fold 1
+    assert proc.poll() is None, "fold 1 finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "fold1/metrics.json").exists() and not (run / "report.json").exists()
+    fold0 = _sha(run / "fold0")
+    out = py("train.py", *TRAIN, "--data", demo, "--name", "b", f"output_dir={tmp_path}", "train.resume=true")
+    assert "fold 0: finished earlier, skipped" in out.stdout
+    assert _sha(run / "fold0") == fold0
+    assert (run / "folds.csv").read_bytes() == (trained / "folds.csv").read_bytes()
+    a, b = (json.loads((r / "report.json").read_text()) for r in (trained, run))
+    for key in ("classification", "i2i", "t2i", "folds"):
+        assert a[key] == b[key], key
+
+
+def test_a_different_seed_gives_different_folds(demo, trained, tmp_path):
+    from entrep.data.folds import make_folds
+    from entrep.data.release import load_release
+    from entrep.labels import ENTREP_CLASSES
+
+    df, _ = load_release(demo, ENTREP_CLASSES)
+    import pandas as pd
+
+    saved = pd.read_csv(trained / "folds.csv")
+    assert saved["fold"].tolist() == make_folds(df, 2, 42)["fold"].tolist()
+    assert saved["fold"].tolist() != make_folds(df, 2, 7)["fold"].tolist()
+
+
+def test_infer_refuses_or_uses_unfinished_folds(demo, trained, tmp_path):
+    run = tmp_path / "partial"
+    shutil.copytree(trained, run)
+    (run / "fold1/metrics.json").unlink()
+    r = py("infer.py", "--run", run, "--data", demo / "test", check=False)
+    assert r.returncode == 2
+    assert "folds ['fold1'] are unfinished" in r.stdout and "infer.partial=use" in r.stdout
+    r = py("infer.py", "--run", run, "--data", demo / "test", "infer.partial=use")
+    assert "ensembling 1 finished folds only" in r.stdout
+    assert json.loads((run / "predictions/meta.json").read_text())["folds"] == ["fold0"]
+
+
+def test_adapters_on_another_base_are_refused(trained, demo):
+    r = py("infer.py", "--run", trained, "--data", demo / "test", "model.name=ViT-B-32", check=False)
+    assert r.returncode == 2 and "trained on base 'entrep-tiny'" in r.stdout
+
+
+def test_query_image_missing_from_test_folder(trained, demo, tmp_path):
+    test = tmp_path / "test"
+    shutil.copytree(demo / "test", test)
+    with open(test / "i2i.csv", "a") as f:
+        f.write("not-there.png\n")
+    r = py("infer.py", "--run", trained, "--data", test, check=False)
+    assert r.returncode == 2 and "query image 'not-there.png' is not in the test folder" in r.stdout
+
+
+def test_corrupt_training_images_are_counted_skips_or_an_error(demo, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo, data)
+    imgs = sorted((data / "train/imgs").iterdir())
+    imgs[0].write_bytes(b"")
+    imgs[1].write_bytes(imgs[1].read_bytes()[:200])
+    r = py("train.py", *TRAIN, "--data", data, "--name", "c", f"output_dir={tmp_path}", "train.folds=[0]")
+    assert "skipped 2 unreadable images" in r.stdout and imgs[0].name in r.stdout
+    r = py("train.py", *TRAIN, "--data", data, "--name", "d", f"output_dir={tmp_path}", "data.bad_images=error",
+           check=False)
+    assert r.returncode == 2 and "2 unreadable images" in r.stdout and "data.bad_images=skip" in r.stdout
+
+
+def test_config_errors_through_the_entry_point(demo, tmp_path):
+    r = py("train.py", *TRAIN, "--data", demo, "train.epoch=2", check=False)
+    assert r.returncode == 2 and "unknown config key 'train.epoch'; did you mean 'train.epochs'?" in r.stdout
+    r = py("train.py", *TRAIN, "--data", demo, "train.epochs=two", check=False)
+    assert r.returncode == 2 and "'train.epochs': expected int" in r.stdout
+    r = py("train.py", *TRAIN, "--data", demo, f"output_dir={tmp_path}", "cv.n_splits=40", check=False)
+    assert r.returncode == 2 and "cv.n_splits=40" in r.stdout and "lower cv.n_splits" in r.stdout
+
+
+def test_submit_without_predictions_says_what_to_run(tmp_path):
+    r = py("submit.py", "--run", tmp_path, check=False)
+    assert r.returncode == 2 and "run infer.py" in r.stdout
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    atomic_write_json(path, {"old": 1})
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(path, {"new": 2})
+    assert json.loads(path.read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left behind
+
+
+def test_unserialisable_payload_never_truncates(tmp_path):
+    path = tmp_path / "x.json"
+    atomic_write_json(path, {"ok": True})
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"ok": True}
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P"])
+def test_valid_odd_images_are_converted(tmp_path, mode):
+    arr = np.random.default_rng(0).integers(0, 255, (20, 30), dtype=np.uint8)
+    if mode == "I;16":
+        im = Image.fromarray(arr.astype(np.uint16) * 257)
+    elif mode == "RGBA":
+        im = Image.fromarray(np.dstack([arr] * 4))
+    else:
+        im = Image.fromarray(arr).convert(mode)
+    im.save(tmp_path / "x.png")
+    out = decode_image(tmp_path / "x.png", 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8 and out.max() > 100
+
+
+def test_bad_image_error_names_the_file(tmp_path):
+    (tmp_path / "x.png").write_text("not an image")
+    with pytest.raises(ImageDecodeError, match=r"x\.png: cannot decode image"):
+        decode_image(tmp_path / "x.png", 16)
+
+
+def test_run_dir_arrays_and_weights_are_never_unpickled(tmp_path):
+    from safetensors import SafetensorError
+
+    from entrep.model.checkpoint import load_fold_weights
+    from entrep.report import load_fold_oof
+
+    with open(tmp_path / "oof.npz", "wb") as f:
+        np.savez(f, head=np.array([object()], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        load_fold_oof(tmp_path / "oof.npz")
+    import pickle
+
+    (tmp_path / "kit.safetensors").write_bytes(pickle.dumps({"head.weight": [1.0]}))
+    loaded = []
+    model = __import__("types").SimpleNamespace(load_kit_state_dict=loaded.append, eval=lambda: None)
+    with pytest.raises(SafetensorError):
+        load_fold_weights(model, tmp_path, "fold0")  # a pickle is not safetensors: refused while reading
+    assert loaded == []
