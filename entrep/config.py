@@ -120,6 +120,20 @@ class InferConfig:
 
 
 @dataclass
+class RerankConfig:
+    methods: list[str] = field(default_factory=lambda: ["dba", "qe", "class_bonus", "kreciprocal"])
+    tune: bool = True                  # keep a method only where it raises mean OOF MRR by min_gain
+    min_gain: float = 0.002
+    dba_k: int = 2
+    qe_k: int = 2
+    qe_alpha: float = 3.0
+    class_beta: float = 0.1
+    k1: int = 20
+    k2: int = 6
+    lam: float = 0.3
+
+
+@dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs"
@@ -130,6 +144,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -274,6 +289,10 @@ def validate(cfg: Config) -> None:
     if any(t.endswith("out_proj") for t in cfg.model.lora.targets):
         raise ConfigError("model.lora.targets: 'out_proj' alone never runs in open_clip's attention (a dead "
                           "adapter); use 'attn.in_proj_weight' or 'attn'")
+    from entrep.retrieval import RERANK_METHODS
+
+    if bad := [m for m in cfg.rerank.methods if m not in RERANK_METHODS]:
+        raise ConfigError(f"rerank.methods {bad}: choose from {list(RERANK_METHODS)}")
     if not cfg.model.fusion.layers:
         raise ConfigError("model.fusion.layers is empty")
     from entrep.labels import LabelSet

@@ -15,7 +15,7 @@ import torch
 from entrep.engine import Embedded, retrieval_embedding
 from entrep.io import atomic_path, atomic_write_csv, atomic_write_json
 from entrep.metrics import classification_metrics, retrieval_metrics
-from entrep.retrieval import topk_cosine
+from entrep.retrieval import method_params, rerank_scores, text_class_probs, topk_cosine
 
 OOF_FILE = "oof.npz"
 RELEVANCE = {
@@ -45,33 +45,46 @@ def load_fold_oof(path: Path) -> tuple[list[str], Embedded, list[str], np.ndarra
         return list(z["images"]), e, list(z["captions"]), z["caption_emb"]
 
 
-def _rank(q: np.ndarray, g: np.ndarray, names: list[str], exclude=None) -> list[list[str]]:
-    _, idx = topk_cosine(torch.from_numpy(q), torch.from_numpy(g), TOPK,
-                         None if exclude is None else torch.as_tensor(exclude))
+def _rank(q: np.ndarray, g: np.ndarray, names: list[str], rerank: dict, exclude=None, pq=None, pg=None,
+          q_in_gallery=None) -> list[list[str]]:
+    q, g = torch.from_numpy(q), torch.from_numpy(g)
+    exclude = None if exclude is None else torch.as_tensor(exclude)
+    if rerank:
+        scores = rerank_scores(q, g, rerank, exclude, pq, pg,
+                               None if q_in_gallery is None else torch.as_tensor(q_in_gallery))
+        idx = scores.topk(min(TOPK, g.shape[0] - (exclude is not None)), dim=1).indices
+    else:
+        idx = topk_cosine(q, g, TOPK, exclude)[1]
     return [[names[j] for j in row] for row in idx.tolist()]
 
 
 def fold_retrieval(images, e: Embedded, captions, caption_emb, table: pd.DataFrame, head_weight: float,
-                   alpha: float, tta: bool) -> dict:
+                   alpha: float, tta: bool, rerank: dict | None = None) -> dict:
     """(rankings, relevant) for the fold's i2i and t2i queries."""
+    rerank = rerank or {}
     info = table.set_index("image").loc[images]
-    ret = retrieval_embedding(e.emb, e.probs(head_weight, tta), e.class_emb, alpha)
+    probs = e.probs(head_weight, tta)
+    ret = retrieval_embedding(e.emb, probs, e.class_emb, alpha)
+    pg = torch.from_numpy(probs)
     pos = {n: i for i, n in enumerate(images)}
     out = {}
     q = [i for i, p in enumerate(info["partners"]) if any(x in pos for x in p)]
     rel = [{x for x in info["partners"].iloc[i] if x in pos} for i in q]
-    out["i2i"] = (_rank(ret[q], ret, images, exclude=q) if q else [], rel)
+    out["i2i"] = (_rank(ret[q], ret, images, rerank, exclude=q, pq=pg[q], pg=pg, q_in_gallery=q) if q else [], rel)
     carriers = {}
     for n, caps in zip(images, info["captions"]):
         for c in caps:
             carriers.setdefault(c, set()).add(n)
     keep = [i for i, c in enumerate(captions) if c in carriers]
-    out["t2i"] = (_rank(caption_emb[keep], ret, images) if keep else [], [carriers[captions[i]] for i in keep])
+    pt = (text_class_probs(torch.from_numpy(caption_emb[keep]), torch.from_numpy(e.class_emb))
+          if e.class_emb is not None and keep else None)
+    out["t2i"] = (_rank(caption_emb[keep], ret, images, rerank, pq=pt, pg=pg) if keep else [],
+                  [carriers[captions[i]] for i in keep])
     return out
 
 
 def score_run(oof: dict[int, tuple], table: pd.DataFrame, names, head_weight: float, alpha: float,
-              tta: bool) -> dict:
+              tta: bool, rerank: dict | None = None) -> dict:
     """Per-fold and pooled OOF figures for classification, i2i and t2i."""
     y_of = dict(zip(table["image"], table["y"]))
     folds, pooled = [], {"y": [], "pred": [], "i2i": ([], []), "t2i": ([], [])}
@@ -86,7 +99,7 @@ def score_run(oof: dict[int, tuple], table: pd.DataFrame, names, head_weight: fl
         pooled["y"] += list(y[lab])
         pooled["pred"] += list(pred[lab])
         for track, (rk, rel) in fold_retrieval(images, e, captions, caption_emb, table, head_weight, alpha,
-                                               tta).items():
+                                               tta, rerank).items():
             if rk:
                 row[track] = retrieval_metrics(rk, rel)
             pooled[track][0].extend(rk)
@@ -100,21 +113,43 @@ def score_run(oof: dict[int, tuple], table: pd.DataFrame, names, head_weight: fl
     return report
 
 
+def mean_mrr(report: dict) -> float:
+    mrrs = [report[t]["mrr"] for t in ("i2i", "t2i") if report[t].get("n_queries")]
+    return float(np.mean(mrrs)) if mrrs else 0.0
+
+
+def tune_rerank(oof, table, names, cfg, head_weight: float, alpha: float) -> dict:
+    """Greedy, in config order: add each re-ranking method and keep it only where mean OOF MRR
+    rises by rerank.min_gain (or keep every listed one when rerank.tune=false)."""
+    tta = cfg.infer.tta_flip
+    kept: dict = {}
+    current = mean_mrr(score_run(oof, table, names, head_weight, alpha, tta, kept))
+    steps = []
+    for m in cfg.rerank.methods:
+        trial = kept | {m: method_params(m, cfg.rerank)}
+        after = mean_mrr(score_run(oof, table, names, head_weight, alpha, tta, trial))
+        keep = not cfg.rerank.tune or after >= current + cfg.rerank.min_gain
+        steps.append({"method": m, "params": trial[m], "mean_mrr_before": current, "mean_mrr_after": after,
+                      "kept": keep, "why": ("listed (rerank.tune=false)" if not cfg.rerank.tune else
+                                            f"OOF mean MRR {'+' if after >= current else ''}{after - current:.4f}"
+                                            f" vs required +{cfg.rerank.min_gain}")})
+        if keep:
+            kept, current = trial, after
+    return {"kept": kept, "steps": steps}
+
+
 def tune(oof, table, names, cfg) -> dict:
-    """Head-vs-prompt weight (OOF macro F1), then slerp alpha (mean OOF MRR of i2i and t2i)."""
+    """Head-vs-prompt weight (OOF macro F1), then slerp alpha (mean OOF MRR of i2i and t2i), then
+    which re-ranking methods to keep."""
     tta = cfg.infer.tta_flip
     has_prompt = all(e.prompt is not None for _, e, _, _ in oof.values())
     grid_w = [0.0, 0.25, 0.5, 0.75, 1.0] if has_prompt else [1.0]
     scores_w = {w: score_run(oof, table, names, w, 0.0, tta)["classification"].get("f1_macro", 0.0) for w in grid_w}
     w = max(grid_w, key=lambda v: (scores_w[v], v))
     grid_a = cfg.model.slerp.alpha_grid if has_prompt and cfg.model.slerp.infer else [0.0]
-    scores_a = {}
-    for a in grid_a:
-        r = score_run(oof, table, names, w, a, tta)
-        mrrs = [r[t]["mrr"] for t in ("i2i", "t2i") if r[t].get("n_queries")]
-        scores_a[a] = float(np.mean(mrrs)) if mrrs else 0.0
+    scores_a = {a: mean_mrr(score_run(oof, table, names, w, a, tta)) for a in grid_a}
     a = max(grid_a, key=lambda v: (scores_a[v], -abs(v - cfg.model.slerp.alpha)))
-    return {"head_weight": w, "alpha": a, "tta_flip": tta,
+    return {"head_weight": w, "alpha": a, "tta_flip": tta, "rerank": tune_rerank(oof, table, names, cfg, w, a),
             "grid": {"head_weight_f1_macro": {str(k): v for k, v in scores_w.items()},
                      "alpha_mean_mrr": {str(k): v for k, v in scores_a.items()}},
             "note": "chosen on the same out-of-fold predictions the report scores; never on test data"}
@@ -170,7 +205,8 @@ def _save_fig(fig, path: Path) -> None:
 
 def write_report(run_dir: Path, oof, table, names, cfg) -> dict:
     tuned = tune(oof, table, names, cfg)
-    report = score_run(oof, table, names, tuned["head_weight"], tuned["alpha"], tuned["tta_flip"])
+    report = score_run(oof, table, names, tuned["head_weight"], tuned["alpha"], tuned["tta_flip"],
+                       tuned["rerank"]["kept"])
     report["tuned"] = tuned
     atomic_write_json(run_dir / "tuned.json", tuned)
     atomic_write_csv(run_dir / "oof.csv", oof_table(oof, table, names, tuned["head_weight"], tuned["tta_flip"]))

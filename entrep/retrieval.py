@@ -34,3 +34,93 @@ def topk_cosine(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: t
         scores.append(v)
         index.append(i)
     return torch.cat(scores), torch.cat(index)
+
+
+# ---------------------------------------------------------------- re-ranking
+# Hand-written: open_clip, faiss and scikit-learn ship no query expansion or k-reciprocal re-ranking.
+
+RERANK_METHODS = ("dba", "qe", "class_bonus", "kreciprocal")
+
+
+def neighbour_average(x: torch.Tensor, pool: torch.Tensor, k: int, alpha: float, self_weight: float = 1.0,
+                      exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """normalise(self_weight·x + Σ_{top-k of pool} max(sim, 0)^alpha · pool_j).
+
+    alpha-QE (Radenović et al.) on queries; with alpha=0 and x from the pool, database-side augmentation.
+    """
+    sim = x @ pool.t()
+    if exclude is not None:
+        hit = exclude >= 0
+        sim[hit.nonzero().squeeze(1), exclude[hit]] = float("-inf")
+    s, i = sim.topk(min(k, pool.shape[0]), dim=1)
+    w = s.clamp(min=0) ** alpha
+    return F.normalize(self_weight * x + (w.unsqueeze(-1) * pool[i]).sum(1), dim=-1)
+
+
+def k_reciprocal_distance(q: torch.Tensor, g: torch.Tensor, k1: int = 20, k2: int = 6, lam: float = 0.3) -> torch.Tensor:
+    """Zhong et al. (CVPR 2017) re-ranking: (Q, N) distances mixing Jaccard distance of the
+    k-reciprocal neighbour sets with the original distance (weight lam). Dense: O((Q+N)^2) memory."""
+    allf = torch.cat([q, g])
+    n_q, n = q.shape[0], allf.shape[0]
+    dist = (2 - 2 * allf @ allf.t()).clamp(min=0)
+    k1 = min(k1, n - 1)
+    rank = dist.argsort(dim=1)
+    V = torch.zeros(n, n, dtype=dist.dtype)
+    for i in range(n):
+        fwd = rank[i, :k1 + 1]
+        recip = fwd[(rank[fwd, :k1 + 1] == i).any(1)]
+        expanded = recip
+        for c in recip.tolist():
+            half = rank[c, :int(round(k1 / 2)) + 1]
+            cand = half[(rank[half, :int(round(k1 / 2)) + 1] == c).any(1)]
+            if len(set(cand.tolist()) & set(recip.tolist())) > 2 / 3 * len(cand):
+                expanded = torch.cat([expanded, cand])
+        expanded = expanded.unique()
+        w = torch.exp(-dist[i, expanded])
+        V[i, expanded] = w / w.sum()
+    if k2 > 1:
+        V = V[rank[:, :k2]].mean(1)
+    inter = torch.minimum(V[:n_q, None, :], V[None, n_q:, :]).sum(-1)
+    union = torch.maximum(V[:n_q, None, :], V[None, n_q:, :]).sum(-1)
+    jaccard = 1 - inter / union.clamp(min=1e-12)
+    return (1 - lam) * jaccard + lam * dist[:n_q, n_q:]
+
+
+def method_params(name: str, cfg) -> dict:
+    """The configured parameters of one re-ranking method (cfg: RerankConfig)."""
+    return {"dba": {"k": cfg.dba_k}, "qe": {"k": cfg.qe_k, "alpha": cfg.qe_alpha},
+            "class_bonus": {"beta": cfg.class_beta},
+            "kreciprocal": {"k1": cfg.k1, "k2": cfg.k2, "lam": cfg.lam}}[name]
+
+
+def text_class_probs(text_emb: torch.Tensor, class_emb: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+    """A caption's class distribution: softmax over its similarity to the class prompts (CLIP's scale)."""
+    return (scale * F.normalize(text_emb.float(), dim=-1) @ class_emb.float().t()).softmax(-1)
+
+
+def rerank_scores(q: torch.Tensor, g: torch.Tensor, methods: dict, exclude: torch.Tensor | None = None,
+                  pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
+                  q_in_gallery: torch.Tensor | None = None) -> torch.Tensor:
+    """(Q, N) scores after the enabled re-ranking steps, higher is better; excluded pairs get -inf.
+
+    methods: {"dba": {"k"}, "qe": {"k", "alpha"}, "class_bonus": {"beta"}, "kreciprocal": {"k1", "k2", "lam"}}.
+    q_in_gallery[i] = gallery index of query i (i2i) so DBA moves the query with its gallery copy.
+    """
+    q, g = F.normalize(q.float(), dim=-1), F.normalize(g.float(), dim=-1)
+    if "dba" in methods:
+        g = neighbour_average(g, g, methods["dba"]["k"], 0.0, self_weight=0.0)  # top-k includes itself
+        if q_in_gallery is not None:
+            q = torch.where((q_in_gallery >= 0)[:, None], g[q_in_gallery.clamp(min=0)], q)
+    if "qe" in methods:
+        q = neighbour_average(q, g, methods["qe"]["k"], methods["qe"]["alpha"], exclude=exclude)
+    if "kreciprocal" in methods:
+        p = methods["kreciprocal"]
+        scores = -k_reciprocal_distance(q, g, p["k1"], p["k2"], p["lam"])
+    else:
+        scores = q @ g.t()
+    if "class_bonus" in methods and pq is not None and pg is not None:
+        scores = scores + methods["class_bonus"]["beta"] * (pq.float() @ pg.float().t())
+    if exclude is not None:
+        hit = exclude >= 0
+        scores[hit.nonzero().squeeze(1), exclude[hit]] = float("-inf")
+    return scores

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from entrep.model.checkpoint import check_compatible, load_fold_weights, read_meta
     from entrep.model.entrep_clip import build_model
     from entrep.report import read_json
-    from entrep.retrieval import average_embeddings, topk_cosine
+    from entrep.retrieval import average_embeddings, rerank_scores, text_class_probs, topk_cosine
 
     labels = LabelSet.from_config(cfg.labels)
     dirs = fold_dirs(run, cfg, cfg.infer.partial)
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     size = cfg.data.working_size or int(round(stats[2] * 1.15))
     pixels = decode_all([str(test.images[n]) for n in names], size)
 
-    probs_sum, rets, texts = 0.0, [], []
+    probs_sum, rets, texts, text_probs = 0.0, [], [], []
     captions = test.t2i or []
     for d in dirs:
         load_fold_weights(acc.unwrap_model(model), d, adapter_name=d.name)
@@ -105,6 +105,8 @@ def main(argv=None) -> int:
         rets.append(torch.from_numpy(retrieval_embedding(e.emb, probs, e.class_emb, alpha)))
         if captions:
             texts.append(torch.from_numpy(embed_texts(model, captions, acc)))
+            if e.class_emb is not None:
+                text_probs.append(text_class_probs(texts[-1], torch.from_numpy(e.class_emb)))
         log.info("embedded %d images with %s", len(names), d.name)
     probs = probs_sum / len(dirs)
     ret = average_embeddings(rets)
@@ -124,21 +126,34 @@ def main(argv=None) -> int:
         return [[{"image": gallery[j], "score": round(float(s), 6)} for s, j in zip(sr, ir)]
                 for sr, ir in zip(scores.tolist(), idx.tolist())]
 
+    rerank = tuned.get("rerank", {}).get("kept", {})
+    probs_t = torch.from_numpy(probs).float()
+
+    def rank(queries, exclude=None, pq=None):
+        n_q, n_g = len(queries), len(g_idx)
+        need = 4 * ((n_q + n_g) ** 2 if "kreciprocal" in rerank else n_q * n_g)
+        if rerank and need > cfg.infer.max_sim_bytes:
+            log.warning("re-ranking %s skipped: it needs %.0f MiB, over infer.max_sim_bytes", list(rerank), need / 2**20)
+        if not rerank or need > cfg.infer.max_sim_bytes:
+            return topk_cosine(queries, ret[g_idx], k, exclude, cfg.infer.max_sim_bytes)
+        scores = rerank_scores(queries, ret[g_idx], rerank, exclude, pq, probs_t[g_idx], exclude)
+        return scores.topk(min(k, n_g - (exclude is not None and bool((exclude >= 0).any()))), dim=1)
+
     i2i = {}
     if test.i2i:
         q = [pos[test.on_disk[x]] for x in test.i2i]
         exclude = torch.tensor([g_pos.get(test.on_disk[x], -1) for x in test.i2i])
-        s, i = topk_cosine(ret[q], ret[g_idx], k, exclude, cfg.infer.max_sim_bytes)
+        s, i = rank(ret[q], exclude, probs_t[q])
         i2i = dict(zip(test.i2i, ranked(s, i)))
     t2i = {}
     if captions:
-        s, i = topk_cosine(average_embeddings(texts), ret[g_idx], k, None, cfg.infer.max_sim_bytes)
+        s, i = rank(average_embeddings(texts), None, sum(text_probs) / len(text_probs) if text_probs else None)
         t2i = dict(zip(captions, ranked(s, i)))
     atomic_write_json(out / "i2i.json", i2i)
     atomic_write_json(out / "t2i.json", t2i)
     atomic_write_json(out / "meta.json", {
         "test_dir": str(Path(args.data).resolve()), "folds": [d.name for d in dirs], "head_weight": head_weight,
-        "alpha": alpha, "tta_flip": cfg.infer.tta_flip, "topk": k, "gallery": gallery, "labels": list(labels.names),
+        "alpha": alpha, "tta_flip": cfg.infer.tta_flip, "topk": k, "rerank": rerank, "gallery": gallery, "labels": list(labels.names),
         "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": test.t2i}, "on_disk": test.on_disk})
     console.print(f"predictions for {len(names)} images, {len(i2i)} i2i and {len(t2i)} t2i queries "
                   f"from {len(dirs)} folds -> {out}")

@@ -150,6 +150,7 @@ def print_report(rep: dict, run_dir) -> None:
                 t.add_row(track, m, f"{r[m]:.4f}")
         t.add_row(track, "queries", str(r.get("n_queries", 0)))
     tuned = rep.get("tuned", {})
+    kept = list(tuned.get("rerank", {}).get("kept", {})) or "none"
     t.caption = (f"{run_dir}; tuned on OOF: head_weight={tuned.get('head_weight')} "
-                 f"slerp alpha={tuned.get('alpha')}")
+                 f"slerp alpha={tuned.get('alpha')} re-ranking kept: {kept}")
     console.print(t)
