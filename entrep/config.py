@@ -134,6 +134,14 @@ class RerankConfig:
 
 
 @dataclass
+class AblationConfig:
+    # rung name -> overrides switched on at that rung (cumulative, applied on top of `base`).
+    # Empty: the method's ladder (entrep/ablate.py), built from this config's own values.
+    base: list[str] = field(default_factory=list)
+    rungs: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs"
@@ -145,6 +153,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     @property
     def run_dir(self) -> Path:
