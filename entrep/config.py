@@ -29,6 +29,7 @@ class LabelsConfig:
 class DataConfig:
     root: str = "data/entrep"          # training release folder (--data overrides)
     working_size: int = 0              # decoded-cache side in px; 0 = 1.15 x model image size
+    cache_dir: str = ""                # decoded-image cache; "" = <output_dir>/.image_cache
     num_workers: int = 0
     bad_images: str = "skip"           # skip (counted, logged) | error
     check_images: bool = True          # decode-check every image while building the table
@@ -56,7 +57,7 @@ class FusionConfig:
     enabled: bool = True
     mode: str = "softmax"              # softmax | concat
     layers: list[int] = field(default_factory=lambda: [-4, -3, -2, -1])
-    final_logit: float = 8.0           # initial softmax logit of the last layer (others 0)
+    final_logit: float = 4.0           # initial logit of the last level (others 0): weight 0.95 of 4; 8 saturates the softmax so the weights barely move
 
 
 @dataclass

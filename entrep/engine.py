@@ -125,6 +125,23 @@ def retrieval_embedding(emb: np.ndarray, probs: np.ndarray, class_emb: np.ndarra
     return slerp(torch.from_numpy(emb), target, alpha).numpy()
 
 
+def train_loss(model, m, batch: dict, cfg, acc, class_weights=None, use_slerp: bool = True):
+    """The joint loss of one batch: one forward for images and the batch's unique captions, plus
+    (optionally) a slerp view of each labelled image toward its own class prompt."""
+    captions, text_pos = caption_targets(batch["all_captions"])
+    tokens = m.tokenize(captions).to(acc.device) if captions and cfg.loss.text else None
+    with acc.autocast():
+        out = model(batch["image"], tokens)
+    views = None
+    if use_slerp:
+        y = batch["y"].clamp(min=0)
+        t = torch.rand(len(y), device=acc.device) * cfg.model.slerp.t_max
+        views = slerp(out["emb"].float(), out["class_emb"][y].float(), t)
+    return joint_loss({k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()},
+                      batch["y"], batch["group"], out.get("text_emb"), text_pos, m.scale(), cfg.loss,
+                      class_weights, views)
+
+
 class FoldTrainer:
     """Fits one fold: joint loss, AdamW + warmup/cosine, best epoch by the configured OOF metric."""
 
@@ -170,19 +187,7 @@ class FoldTrainer:
                 t0, seen, sums = time.perf_counter(), 0, {}
                 for batch in loader:
                     with acc.accumulate(model):
-                        captions, text_pos = caption_targets(batch["all_captions"])
-                        tokens = m.tokenize(captions).to(acc.device) if captions and cfg.loss.text else None
-                        with acc.autocast():
-                            out = model(batch["image"], tokens)
-                        views = None
-                        if use_slerp:
-                            y = batch["y"].clamp(min=0)
-                            t = torch.rand(len(y), device=acc.device) * cfg.model.slerp.t_max
-                            views = slerp(out["emb"].float(), out["class_emb"][y].float(), t)
-                        loss, parts = joint_loss(
-                            {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()},
-                            batch["y"], batch["group"], out.get("text_emb"), text_pos, m.scale(), cfg.loss,
-                            class_weights, views)
+                        loss, parts = train_loss(model, m, batch, cfg, acc, class_weights, use_slerp)
                         acc.backward(loss)
                         if acc.sync_gradients and cfg.train.max_grad_norm > 0:
                             acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)

@@ -41,7 +41,7 @@ def test_fusion_starts_at_clips_own_image_embedding():
     ref = m.base.encode_image(X)
     fused = m.image_features(X)
     assert F.cosine_similarity(fused, ref).min() > 0.999
-    assert m.fusion.weights[-1] > 0.99
+    assert m.fusion.weights[-1] > 0.9
     concat = _model("model.fusion.mode=concat").eval()
     assert torch.allclose(concat.image_features(X), concat.base.encode_image(X), atol=1e-5)
 

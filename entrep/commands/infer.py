@@ -61,8 +61,9 @@ def main(argv=None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from entrep.data.images import decode_all
-    from entrep.data.release import load_test
+    from entrep.commands.train import cache_dir
+    from entrep.data.images import ImageCache
+    from entrep.data.release import file_hash, load_test
     from entrep.engine import embed_images, embed_texts, resolve_mixed_precision, retrieval_embedding
     from entrep.io import atomic_write_csv, atomic_write_json
     from entrep.labels import LabelSet
@@ -91,8 +92,8 @@ def main(argv=None) -> int:
     acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
     model = acc.prepare(build_model(cfg, labels))
     stats = image_stats(acc.unwrap_model(model).base)
-    size = cfg.data.working_size or int(round(stats[2] * 1.15))
-    pixels = decode_all([str(test.images[n]) for n in names], size)
+    cache = ImageCache(cache_dir(cfg), cfg.data.working_size or int(round(stats[2] * 1.15)))
+    pixels = cache.pixels([str(test.images[n]) for n in names], [file_hash(test.images[n]) for n in names])
 
     probs_sum, rets, texts, text_probs = 0.0, [], [], []
     captions = test.t2i or []

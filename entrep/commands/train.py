@@ -27,6 +27,12 @@ def parse(argv):
     return load_config(args.config, list(args.overrides) + extra)
 
 
+def cache_dir(cfg):
+    from pathlib import Path
+
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output_dir) / ".image_cache"
+
+
 def finished(fold_dir) -> bool:
     return (fold_dir / "metrics.json").is_file()
 
@@ -41,7 +47,7 @@ def main(argv=None) -> int:
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from entrep.data.folds import load_or_make_folds
-    from entrep.data.images import decode_all
+    from entrep.data.images import ImageCache
     from entrep.data.release import DataError, load_release
     from entrep.engine import FoldTrainer, embed_images, embed_texts, resolve_mixed_precision
     from entrep.labels import LabelSet
@@ -91,8 +97,9 @@ def main(argv=None) -> int:
         model = build_model(cfg, labels)
         if pixels is None:
             stats = image_stats(model.base)
-            size = cfg.data.working_size or int(round(stats[2] * 1.15))
-            pixels = decode_all(table["path"].tolist(), size)
+            cache = ImageCache(cache_dir(cfg), cfg.data.working_size or int(round(stats[2] * 1.15)))
+            with acc.main_process_first():
+                pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
         t0 = time.time()
         train_rows = np.flatnonzero(fold_of != k) if k >= 0 else np.arange(len(table))
         val_rows = np.flatnonzero(fold_of == k) if k >= 0 else np.array([], dtype=int)

@@ -173,6 +173,7 @@ class _Rec:
     partners: set = field(default_factory=set)
     sources: set = field(default_factory=set)
     listed_as: str = ""
+    sha1: str = ""
 
 
 def find_train_sources(root: Path) -> tuple[list[Path], list[Path]]:
@@ -276,7 +277,7 @@ def load_release(root: str | Path, label_names, check_images: bool = True) -> tu
     # The same picture filed twice (by content) becomes one record.
     by_hash: dict[str, _Rec] = {}
     for path, rec in list(recs.items()):
-        h = file_hash(path)
+        h = rec.sha1 = file_hash(path)
         if h in by_hash:
             keep = by_hash[h]
             report.content_duplicates.append((keep.image, rec.image))
@@ -303,10 +304,10 @@ def load_release(root: str | Path, label_names, check_images: bool = True) -> tu
             y=list(label_names).index(rec.label) if rec.label is not None else -1,
             captions=list(rec.captions), captions_vi=list(rec.captions_vi),
             partners=sorted(names[p] for p in rec.partners if p in names),
-            source="+".join(sorted(rec.sources)), listed_as=rec.listed_as,
+            source="+".join(sorted(rec.sources)), listed_as=rec.listed_as, sha1=rec.sha1,
         ))
     df = pd.DataFrame(rows, columns=["image", "path", "label", "y", "captions", "captions_vi",
-                                     "partners", "source", "listed_as"])
+                                     "partners", "source", "listed_as", "sha1"])
     if df["image"].duplicated().any():
         dup = df.loc[df["image"].duplicated(), "image"].tolist()[:5]
         raise DataError(f"different images share a file name across sources: {dup}; rename one copy")

@@ -14,7 +14,7 @@ class CLSFusion(nn.Module):
     - concat: a linear map of the concatenated levels, initialised to pick the last level.
     """
 
-    def __init__(self, n_levels: int, dim: int, mode: str = "softmax", final_logit: float = 8.0):
+    def __init__(self, n_levels: int, dim: int, mode: str = "softmax", final_logit: float = 4.0):
         super().__init__()
         self.mode = mode
         if mode == "softmax":

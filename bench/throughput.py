@@ -1,0 +1,295 @@
+"""Side-by-side throughput of the kit against its own limits, one table, one run.
+
+    python bench/throughput.py [--device cpu|cuda] [--quick]
+
+Each row runs in a fresh process (so its peak RSS is its own); each figure is the median over
+timed windows after warm-up. CPU uses the tiny model at 64 px; CUDA uses ViT-B-16-quickgelu at
+224 px with random weights (speed does not depend on the weights).
+
+Rows (ratio = row / its reference):
+- train kit          the kit's real step: images from the decoded cache, DataLoader + augmentations,
+                     joint loss, backward, AdamW
+- train tensors      the same model and loss on pre-made tensors: the compute limit (target >= 0.95)
+- train naive PIL    the same step fed by PIL decoding + resizing each PNG per step
+- infer kit          embed_images (cache -> eval transform -> forward -> gather), vs the model alone
+- retrieval N        1k queries x N gallery (d=512) chunked top-k vs the bare chunked matrix product
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+WORKERS = int(os.environ.get("BENCH_WORKERS", min(8, os.cpu_count() or 2)))
+
+
+def median_rate(step, items_per_call: int, warmup: int, windows: int, calls: int, sync) -> float:
+    for _ in range(warmup):
+        step()
+    sync()
+    rates = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        sync()
+        rates.append(items_per_call * calls / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def make_pngs(folder: Path, n: int) -> list[str]:
+    """n release-like 640x480 PNGs from the demo renderer."""
+    import numpy as np
+    from PIL import Image
+
+    from entrep.demo import _case, render
+    from entrep.labels import ENTREP_CLASSES
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        label = ENTREP_CLASSES[i % 7]
+        p = folder / f"{i:05d}.png"
+        Image.fromarray(render(label, _case(rng, label), 480)).resize((640, 480)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def setup(device: str, quick: bool):
+    import torch
+    from accelerate import Accelerator
+
+    from entrep.config import load_config
+    from entrep.labels import LabelSet
+    from entrep.model.backbone import image_stats
+    from entrep.model.entrep_clip import build_model
+
+    big = device == "cuda"
+    cfg = load_config("configs/entrep_vitb16.yaml" if big else "configs/demo.yaml",
+                      ["model.pretrained=", f"data.num_workers={WORKERS}",
+                       "train.batch_size=" + ("64" if big else "32")])
+    acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if big else "no")
+    labels = LabelSet.from_config(cfg.labels)
+    model = build_model(cfg, labels)
+    stats = image_stats(model.base)
+    sync = torch.cuda.synchronize if big else (lambda: None)
+    return cfg, acc, labels, model, stats, sync
+
+
+class NaivePixels:
+    """What a plain loop does: decode and resize the PNG on every access."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from entrep.data.images import decode_image
+
+        return decode_image(self.paths[i], self.size)
+
+
+def row_train(kind: str, device: str, quick: bool, folder: str) -> dict:
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from entrep.data.dataset import TrainDataset, collate, train_transform
+    from entrep.data.images import ImageCache
+    from entrep.data.release import file_hash
+    from entrep.engine import param_groups, train_loss
+
+    cfg, acc, labels, model, (mean, std, size), sync = setup(device, quick)
+    paths = sorted(str(p) for p in Path(folder).glob("*.png"))
+    n = len(paths)
+    y = np.arange(n) % len(labels)
+    caps = [["erythema on the vocal cords"] if i % 3 == 0 else [] for i in range(n)]
+    work = int(round(size * 1.15))
+    if kind == "naive":
+        pixels = NaivePixels(paths, work)
+    else:
+        pixels = ImageCache(Path(folder) / "cache", work).pixels(paths, [file_hash(Path(p)) for p in paths])
+    ds = TrainDataset(pixels, y, caps, np.arange(n), np.arange(n), labels, train_transform(size, mean, std), True)
+    bs = cfg.train.batch_size
+    loader = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, collate_fn=collate,
+                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    opt = torch.optim.AdamW(param_groups(model, cfg))
+    model, opt, loader = acc.prepare(model, opt, loader)
+    m = acc.unwrap_model(model)
+    model.train()
+    if kind == "tensors":
+        fixed = next(iter(loader))
+        batches = iter(lambda: fixed, None)
+    else:
+        def forever():
+            while True:
+                yield from loader
+        batches = forever()
+
+    def step():
+        batch = next(batches)
+        loss, _ = train_loss(model, m, batch, cfg, acc)
+        acc.backward(loss)
+        opt.step()
+        opt.zero_grad()
+
+    calls = 3 if quick else 6
+    rate = median_rate(step, bs, warmup=2, windows=3 if quick else 5, calls=calls, sync=sync)
+    return {"img/s": rate}
+
+
+def row_infer(kind: str, device: str, quick: bool, folder: str) -> dict:
+    import numpy as np
+    import torch
+
+    from entrep.data.images import ImageCache
+    from entrep.data.release import file_hash
+    from entrep.engine import embed_images
+
+    cfg, acc, labels, model, (mean, std, size), sync = setup(device, quick)
+    paths = sorted(str(p) for p in Path(folder).glob("*.png"))
+    model = acc.prepare(model)
+    model.eval()
+    bs = cfg.train.eval_batch_size
+    if kind == "kit":
+        pixels = ImageCache(Path(folder) / "cache", int(round(size * 1.15))).pixels(
+            paths, [file_hash(Path(p)) for p in paths])
+        step = lambda: embed_images(model, pixels, acc, bs, False, labels, size, mean, std)  # noqa: E731
+        n = len(paths)
+    else:
+        x = torch.randn(bs, 3, size, size, device=acc.device)
+
+        @torch.inference_mode()
+        def step():
+            with acc.autocast():
+                model(x)
+        n = bs
+    rate = median_rate(step, n, warmup=1, windows=3 if quick else 5, calls=1 if kind == "kit" else 4, sync=sync)
+    return {"img/s": rate}
+
+
+def row_retrieval(kind: str, device: str, quick: bool, n_gallery: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from entrep.config import InferConfig
+    from entrep.retrieval import topk_cosine
+
+    dev = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = F.normalize(torch.randn(1000, 512, generator=g), dim=-1).to(dev)
+    gal = F.normalize(torch.randn(n_gallery, 512, generator=g), dim=-1).to(dev)
+    bound = InferConfig().max_sim_bytes
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = max(1, bound // (n_gallery * 4))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    if kind == "kit":
+        step = lambda: topk_cosine(q, gal, 10, None, bound)  # noqa: E731
+    else:
+        @torch.inference_mode()
+        def step():  # the exact-search limit: the same blocks of the matrix product, nothing else
+            for s in range(0, q.shape[0], rows):
+                q[s:s + rows] @ gal.t()
+    rate = median_rate(step, 1000, warmup=1, windows=3, calls=1, sync=sync)
+    out = {"ms/1k queries": 1000 * 1000 / rate, "bound_MiB": bound / 2**20,
+           "block_MiB": rows * n_gallery * 4 / 2**20}
+    if device == "cuda":
+        out["gpu_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _child(fn, args, queue):
+    try:
+        res = fn(*args)
+        res["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        queue.put(res)
+    except Exception as e:  # the table shows a failed row instead of dying
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def run_row(fn, *args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_child, args=(fn, args, queue))
+    p.start()
+    res = queue.get()
+    p.join()
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="fewer windows and images, no 1M gallery")
+    ap.add_argument("--images", type=int, default=0, help="PNGs to make (default 256, 96 with --quick)")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    os.chdir(Path(__file__).resolve().parents[1])
+    from rich.console import Console
+    from rich.table import Table
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n_img = args.images or (96 if args.quick else 256)
+        make_pngs(Path(tmp), n_img)
+        rows = {}
+        for kind in ("tensors", "kit", "naive"):
+            rows[f"train {kind}"] = run_row(row_train, kind, args.device, args.quick, tmp)
+        for kind in ("model", "kit"):
+            rows[f"infer {kind}"] = run_row(row_infer, kind, args.device, args.quick, tmp)
+        sizes = [10_000, 100_000] + ([] if args.quick else [1_000_000])
+        for n in sizes:
+            for kind in ("matmul", "kit"):
+                rows[f"retrieval {n:,} {kind}"] = run_row(row_retrieval, kind, args.device, args.quick, n)
+
+    def ratio(a, b, key):
+        try:
+            return rows[a][key] / rows[b][key]
+        except (KeyError, ZeroDivisionError):
+            return float("nan")
+
+    ratios = {"train kit": ("train kit", "train tensors", "img/s", ">= 0.95"),
+              "train naive": ("train naive", "train kit", "img/s", "(naive / kit)"),
+              "infer kit": ("infer kit", "infer model", "img/s", ""),
+              **{f"retrieval {n:,} kit": (f"retrieval {n:,} kit", f"retrieval {n:,} matmul", "ms/1k queries",
+                                          "<= 1.25") for n in sizes}}
+    t = Table(title=f"entrep throughput, {args.device}, {platform.node()}, "
+                    f"{time.strftime('%Y-%m-%d')}, torch {__import__('torch').__version__}")
+    for col in ("row", "value", "ratio", "target", "peak RSS MiB", "notes"):
+        t.add_column(col, justify="left" if col in ("row", "notes") else "right")
+    for name, r in rows.items():
+        if "error" in r:
+            t.add_row(name, "failed", "", "", "", r["error"])
+            continue
+        key = "img/s" if "img/s" in r else "ms/1k queries"
+        rt = ratios.get(name)
+        notes = ", ".join(f"{k} {v:.0f}" for k, v in r.items() if k not in (key, "peak_rss_MiB"))
+        t.add_row(name, f"{r[key]:,.1f} {key}", f"{ratio(*rt[:3]):.2f}" if rt else "", rt[3] if rt else "",
+                  f"{r['peak_rss_MiB']:,.0f}", notes)
+    try:
+        import faiss  # noqa: F401
+        t.caption = "faiss is installed but its rows are not implemented yet"
+    except ImportError:
+        t.caption = "faiss not installed: no FAISS rows"
+    Console(width=160).print(t)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
