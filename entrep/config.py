@@ -57,7 +57,7 @@ class FusionConfig:
     enabled: bool = True
     mode: str = "softmax"              # softmax | concat
     layers: list[int] = field(default_factory=lambda: [-4, -3, -2, -1])
-    final_logit: float = 4.0           # initial logit of the last level (others 0): weight 0.95 of 4; 8 saturates the softmax so the weights barely move
+    final_logit: float = 4.0           # last level starts at weight 0.95 of 4 (8 saturates the softmax)
 
 
 @dataclass

@@ -149,3 +149,35 @@ def test_check_command_fails_only_when_training_cannot_proceed(tmp_path):
     assert check(str(tmp_path), ENTREP_CLASSES, None, Console(file=io.StringIO())) == 1
     (tmp_path / "cls.json").write_text('{"a.png": "throat"}')
     assert check(str(tmp_path), ENTREP_CLASSES, None, Console(file=io.StringIO())) == 0
+
+
+def test_check_command_lists_every_problem_kind(tmp_path):
+    from entrep.data.__main__ import main
+
+    imgs = tmp_path / "train/imgs"
+    for i, n in enumerate(["ok.png", "Case.png", "spare.png"]):
+        placeholder(imgs / n, i)
+    (imgs / "zero.png").write_bytes(b"")
+    (tmp_path / "train/cls.json").write_text(
+        '{"ok.png": "throat", "ok.png": "throat", "case.png": "elbow", "gone.png": "throat", "zero.png": "throat"}')
+    (tmp_path / "train/t2i.json").write_text('{"  ": "ok.png", "chảy máu mũi": "ok.png"}')
+    buf = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(buf):
+        code = main(["check", str(tmp_path)])
+    out = buf.getvalue()
+    assert code == 0
+    for row, n in [("labels or links naming missing files", 1), ("file names fixed by case", 1),
+                   ("duplicate keys in a JSON object", 1), ("unknown labels", 1),
+                   ("unreadable or corrupt images (skipped)", 1), ("empty captions", 1),
+                   ("image files named by no annotation", 1), ("unlabelled images (contrastive losses only)", 1)]:
+        assert any(line.startswith(f"│ {row}") and f"│ {n} " in line for line in out.splitlines()), row
+
+
+def test_non_ascii_only_caption_is_kept(tmp_path):
+    placeholder(tmp_path / "imgs/a.png", 0)
+    (tmp_path / "cls.json").write_text('{"a.png": "throat"}')
+    (tmp_path / "t2i.json").write_text('{"chảy máu mũi": "a.png"}', encoding="utf-8")
+    df, _ = load_release(tmp_path, ENTREP_CLASSES)
+    assert df.loc[0, "captions"] == ["chảy máu mũi"]
