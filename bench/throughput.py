@@ -12,6 +12,7 @@ Rows (ratio = row / its reference):
 - train tensors      the same model and loss on pre-made tensors: the compute limit (target >= 0.95)
 - train naive PIL    the same step fed by PIL decoding + resizing each PNG per step
 - infer kit          embed_images (cache -> eval transform -> forward -> gather), vs the model alone
+- infer kit merged   the same with the LoRA adapters merged into the base (infer.merge_lora=true)
 - retrieval N        1k queries x N gallery (d=512) chunked top-k vs the bare chunked matrix product
 """
 from __future__ import annotations
@@ -164,9 +165,13 @@ def row_infer(kind: str, device: str, quick: bool, folder: str) -> dict:
     model = acc.prepare(model)
     model.eval()
     bs = cfg.train.eval_batch_size
-    if kind == "kit":
+    if kind.startswith("kit"):
         pixels = ImageCache(Path(folder) / "cache", int(round(size * 1.15))).pixels(
             paths, [file_hash(Path(p)) for p in paths])
+        if kind == "kit merged":
+            from entrep.model.lora import merged
+
+            merged(acc.unwrap_model(model).clip).__enter__()  # stays merged for the whole row
         step = lambda: embed_images(model, pixels, acc, bs, False, labels, size, mean, std)  # noqa: E731
         n = len(paths)
     else:
@@ -177,7 +182,7 @@ def row_infer(kind: str, device: str, quick: bool, folder: str) -> dict:
             with acc.autocast():
                 model(x)
         n = bs
-    rate = median_rate(step, n, warmup=1, windows=3 if quick else 5, calls=1 if kind == "kit" else 4, sync=sync)
+    rate = median_rate(step, n, warmup=1, windows=3 if quick else 5, calls=1 if kind.startswith("kit") else 4, sync=sync)
     return {"img/s": rate}
 
 
@@ -249,7 +254,7 @@ def main() -> int:
         rows = {}
         for kind in ("tensors", "kit", "naive"):
             rows[f"train {kind}"] = run_row(row_train, kind, args.device, args.quick, tmp)
-        for kind in ("model", "kit"):
+        for kind in ("model", "kit", "kit merged"):
             rows[f"infer {kind}"] = run_row(row_infer, kind, args.device, args.quick, tmp)
         sizes = [10_000, 100_000] + ([] if args.quick else [1_000_000])
         for n in sizes:
@@ -265,6 +270,7 @@ def main() -> int:
     ratios = {"train kit": ("train kit", "train tensors", "img/s", ">= 0.95"),
               "train naive": ("train naive", "train kit", "img/s", "(naive / kit)"),
               "infer kit": ("infer kit", "infer model", "img/s", ""),
+              "infer kit merged": ("infer kit merged", "infer kit", "img/s", "(merged / unmerged)"),
               **{f"retrieval {n:,} kit": (f"retrieval {n:,} kit", f"retrieval {n:,} matmul", "ms/1k queries",
                                           "<= 1.25") for n in sizes}}
     t = Table(title=f"entrep throughput, {args.device}, {platform.node()}, "

@@ -117,6 +117,7 @@ class InferConfig:
     gallery: str = ""                  # optional file listing the gallery images (one per line)
     partial: str = "refuse"            # refuse | use: a run with unfinished folds
     head_weight: float = -1.0          # -1 = the OOF-tuned value stored in the run
+    merge_lora: bool = False           # fold each adapter into the base while embedding (faster, ~1e-7 off)
     max_sim_bytes: int = 256 * 2**20   # bound on one similarity block during ranking
 
 

@@ -205,3 +205,21 @@ def test_offline_tag_fails_fast_with_a_hint(tmp_path):
 def test_unknown_weights_value_is_a_clear_error():
     with pytest.raises(Exception, match="neither a file nor an open_clip tag"):
         create_clip("entrep-tiny", "/no/such/file.safetensors")
+
+
+def test_merged_lora_inference_matches_unmerged(tmp_path):
+    from entrep.model.lora import merged
+
+    m = _model()
+    _perturb(m)
+    save_weights(m, tmp_path / "fold0", {})
+    base = _model()
+    load_fold_weights(base, tmp_path / "fold0", "fold0")
+    with torch.inference_mode():
+        ref = base(X)["emb"]
+        with merged(base.clip):
+            fast = base(X)["emb"]
+        after = base(X)["emb"]
+    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(after, ref, atol=1e-5)
+    lora_b = [p for n, p in base.named_parameters() if "lora_B.fold0" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # the comparison involved real adapters

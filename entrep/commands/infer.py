@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     from entrep.model.backbone import image_stats
     from entrep.model.checkpoint import check_compatible, load_fold_weights, read_meta
     from entrep.model.entrep_clip import build_model
+    from entrep.model.lora import merged
     from entrep.report import read_json
     from entrep.retrieval import average_embeddings, rerank_scores, text_class_probs, topk_cosine
 
@@ -99,15 +101,16 @@ def main(argv=None) -> int:
     captions = test.t2i or []
     for d in dirs:
         load_fold_weights(acc.unwrap_model(model), d, adapter_name=d.name)
-        e = embed_images(model, pixels, acc, cfg.train.eval_batch_size, cfg.infer.tta_flip, labels, stats[2],
-                         stats[0], stats[1])
+        with merged(acc.unwrap_model(model).clip) if cfg.infer.merge_lora else contextlib.nullcontext():
+            e = embed_images(model, pixels, acc, cfg.train.eval_batch_size, cfg.infer.tta_flip, labels,
+                             stats[2], stats[0], stats[1])
+            if captions:
+                texts.append(torch.from_numpy(embed_texts(model, captions, acc)))
         probs = e.probs(head_weight, cfg.infer.tta_flip)
         probs_sum = probs_sum + probs
         rets.append(torch.from_numpy(retrieval_embedding(e.emb, probs, e.class_emb, alpha)))
-        if captions:
-            texts.append(torch.from_numpy(embed_texts(model, captions, acc)))
-            if e.class_emb is not None:
-                text_probs.append(text_class_probs(texts[-1], torch.from_numpy(e.class_emb)))
+        if captions and e.class_emb is not None:
+            text_probs.append(text_class_probs(texts[-1], torch.from_numpy(e.class_emb)))
         log.info("embedded %d images with %s", len(names), d.name)
     probs = probs_sum / len(dirs)
     ret = average_embeddings(rets)

@@ -11,6 +11,7 @@ out_proj.forward. Names ending in `_weight`/`.weight` are parameters; the rest a
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 from torch import nn
@@ -59,3 +60,20 @@ def unfreeze_last_blocks(clip: nn.Module, n: int) -> None:
     clip.visual.ln_post.requires_grad_(True)
     if isinstance(clip.visual.proj, nn.Parameter):
         clip.visual.proj.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def merged(clip: nn.Module):
+    """Inference with the active adapter folded into the base weights (peft merge/unmerge).
+
+    Saves the low-rank matmuls of every forward; unmerging afterwards leaves the base off by
+    float rounding (~1e-7), which is why it is an option and off by default.
+    """
+    if not hasattr(clip, "merge_adapter"):
+        yield
+        return
+    clip.merge_adapter()
+    try:
+        yield
+    finally:
+        clip.unmerge_adapter()
