@@ -82,12 +82,13 @@ def embed_images(model, pixels: np.ndarray, accelerator, batch_size: int, tta_fl
     views = [False, True] if tta_flip else [False]
     results = []
     for flip in views:
-        ds = EvalDataset(pixels, np.arange(len(pixels)), tf, flip=flip)
+        ds = EvalDataset(pixels, np.arange(len(pixels)))
         loader = accelerator.prepare(DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate))
         idx, head, prompt, emb = [], [], [], []
         for batch in loader:
+            images = tf(batch["image"].flip(-1) if flip else batch["image"])  # batched, on the device
             with accelerator.autocast():
-                out = model(batch["image"])
+                out = model(images)
             g = accelerator.gather_for_metrics({"index": batch["index"], "head": out["head_logits"].float(),
                                                 "prompt": out.get("prompt_logits", out["head_logits"]).float(),
                                                 "emb": out["emb"].float()})

@@ -68,17 +68,16 @@ class TrainDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    def __init__(self, pixels: np.ndarray, index: np.ndarray, transform, flip: bool = False):
-        self.pixels, self.index, self.transform, self.flip = pixels, index, transform, flip
+    """Decoded uint8 images as they are; the eval transform runs batched, on the model's device."""
+
+    def __init__(self, pixels: np.ndarray, index: np.ndarray):
+        self.pixels, self.index = pixels, index
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        img = torch.from_numpy(self.pixels[i]).permute(2, 0, 1)
-        if self.flip:
-            img = img.flip(-1)
-        return {"image": self.transform(img), "index": int(self.index[i])}
+        return {"image": torch.from_numpy(self.pixels[i]).permute(2, 0, 1), "index": int(self.index[i])}
 
 
 def collate(items: list[dict]) -> dict:

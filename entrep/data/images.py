@@ -34,7 +34,7 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
                 bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
                 im = bg
             im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
+            return np.array(im, dtype=np.uint8)  # writable: torch.from_numpy needs it
     except Exception as e:  # PIL raises many types for bad files
         raise ImageDecodeError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
