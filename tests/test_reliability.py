@@ -196,3 +196,10 @@ def test_run_dir_arrays_and_weights_are_never_unpickled(tmp_path):
     with pytest.raises(SafetensorError):
         load_fold_weights(model, tmp_path, "fold0")  # a pickle is not safetensors: refused while reading
     assert loaded == []
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    atomic_write_json(tmp_path / "r.json", {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
