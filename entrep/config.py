@@ -161,6 +161,11 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    @property
+    def image_cache_dir(self) -> Path:
+        """Shared by every run under output_dir: entries are keyed by file content, so runs can share."""
+        return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.output_dir) / ".image_cache"
+
 
 CHOICES = {
     "data.bad_images": {"skip", "error"},

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from entrep.config import load_config
 from entrep.labels import LabelSet
-from entrep.model.backbone import create_clip
+from entrep.model.backbone import CONFIG_DIR, create_clip
 from entrep.model.checkpoint import load_fold_weights, read_meta, save_weights
 from entrep.model.entrep_clip import build_model
 from entrep.model.lora import lora_target_regex
@@ -181,7 +181,7 @@ def test_file_loaded_model_keeps_quickgelu_and_reloads_identically(tmp_path):
     src.eval(), loaded.eval()
     assert torch.equal(loaded.encode_image(X), src.encode_image(X))
     # local-dir: open_clip_config.json + weights, as a Kaggle dataset would hold them
-    cfg = json.loads((__import__("entrep.model.backbone", fromlist=["x"]).CONFIG_DIR / "entrep-tiny.json").read_text())
+    cfg = json.loads((CONFIG_DIR / "entrep-tiny.json").read_text())
     cfg.pop("quick_gelu")  # a config file that forgets QuickGELU: the model name still forces it
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     from_dir, _ = create_clip("entrep-tiny-quickgelu", f"local-dir:{tmp_path}")

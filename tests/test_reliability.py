@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -192,7 +193,7 @@ def test_run_dir_arrays_and_weights_are_never_unpickled(tmp_path):
 
     (tmp_path / "kit.safetensors").write_bytes(pickle.dumps({"head.weight": [1.0]}))
     loaded = []
-    model = __import__("types").SimpleNamespace(load_kit_state_dict=loaded.append, eval=lambda: None)
+    model = SimpleNamespace(load_kit_state_dict=loaded.append, eval=lambda: None)
     with pytest.raises(SafetensorError):
         load_fold_weights(model, tmp_path, "fold0")  # a pickle is not safetensors: refused while reading
     assert loaded == []

@@ -62,7 +62,6 @@ def main(argv=None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from entrep.commands.train import cache_dir
     from entrep.data.images import ImageCache
     from entrep.data.release import file_hash, load_test
     from entrep.engine import embed_images, embed_texts, resolve_mixed_precision, retrieval_embedding
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
     acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
     model = acc.prepare(build_model(cfg, labels))
     stats = image_stats(acc.unwrap_model(model).base)
-    cache = ImageCache(cache_dir(cfg), cfg.data.working_size or int(round(stats[2] * 1.15)))
+    cache = ImageCache(cfg.image_cache_dir, cfg.data.working_size or int(round(stats[2] * 1.15)))
     pixels = cache.pixels([str(test.images[n]) for n in names], [file_hash(test.images[n]) for n in names])
 
     probs_sum, rets, texts, text_probs = 0.0, [], [], []

@@ -9,6 +9,7 @@ import logging
 import time
 
 import numpy as np
+import pandas as pd
 
 from entrep.cli import console, parser, setup_logging
 from entrep.config import load_config, save_config
@@ -25,12 +26,6 @@ def parse(argv):
     args = ap.parse_intermixed_args(argv)
     extra = ([f"data.root={args.data}"] if args.data else []) + ([f"name={args.name}"] if args.name else [])
     return load_config(args.config, list(args.overrides) + extra)
-
-
-def cache_dir(cfg):
-    from pathlib import Path
-
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output_dir) / ".image_cache"
 
 
 def finished(fold_dir) -> bool:
@@ -97,7 +92,7 @@ def main(argv=None) -> int:
         model = build_model(cfg, labels)
         if pixels is None:
             stats = image_stats(model.base)
-            cache = ImageCache(cache_dir(cfg), cfg.data.working_size or int(round(stats[2] * 1.15)))
+            cache = ImageCache(cfg.image_cache_dir, cfg.data.working_size or int(round(stats[2] * 1.15)))
             with acc.main_process_first():
                 pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
         t0 = time.time()
@@ -114,7 +109,7 @@ def main(argv=None) -> int:
             meta = {"fold": k, "model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
                     "labels": list(labels.names), "n_train": int(len(train_rows)), "n_val": int(len(val_rows))}
             save_weights(m, fold_dir, meta)
-            atomic_write_csv(fold_dir / "history.csv", __import__("pandas").DataFrame(history))
+            atomic_write_csv(fold_dir / "history.csv", pd.DataFrame(history))
             if len(val_rows):
                 save_fold_oof(fold_dir / OOF_FILE, table["image"].iloc[val_rows].tolist(), e, captions, cap_emb)
             # metrics.json last: its presence marks the fold finished (resume relies on it)

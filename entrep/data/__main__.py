@@ -65,7 +65,7 @@ def check(root: str, names, test_dir: str | None, console: Console) -> int:
             return 1
         train_names = set(table["image"])
         by_name = sorted(set(ts.images) & train_names)
-        train_hashes = {file_hash(__import__("pathlib").Path(p)) for p in table["path"]}
+        train_hashes = set(table["sha1"])
         by_content = sorted(n for n, p in ts.images.items() if file_hash(p) in train_hashes)
         captions = {c for caps in table["captions"] for c in caps}
         rows += [
