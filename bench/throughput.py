@@ -153,7 +153,6 @@ def row_train(kind: str, device: str, quick: bool, folder: str) -> dict:
 
 
 def row_infer(kind: str, device: str, quick: bool, folder: str) -> dict:
-    import numpy as np
     import torch
 
     from entrep.data.images import ImageCache

@@ -1,6 +1,7 @@
 """One fold's training and evaluation under Accelerate, and batched embedding for inference."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -181,7 +182,7 @@ class FoldTrainer:
         best, best_state, history = None, None, []
         progress = self._progress()
         epoch_task = progress.add_task("epochs", total=cfg.train.epochs) if progress else None
-        with progress or _null():
+        with progress or contextlib.nullcontext():
             for epoch in range(cfg.train.epochs):
                 model.train()
                 step_task = progress.add_task(f"epoch {epoch + 1}", total=len(loader)) if progress else None
@@ -246,11 +247,3 @@ class FoldTrainer:
 
 def _trainable_state(m) -> dict:
     return {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

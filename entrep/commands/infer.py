@@ -9,7 +9,6 @@ import contextlib
 import logging
 from pathlib import Path
 
-import numpy as np
 
 from entrep.cli import console, setup_logging
 from entrep.config import ConfigError, load_config
@@ -25,7 +24,9 @@ class RunError(EntrepError):
 def fold_dirs(run: Path, cfg, partial: str) -> list[Path]:
     """Finished fold dirs to ensemble; unfinished folds are refused or skipped as infer.partial says."""
     expected = [run / ("full" if k == -1 else f"fold{k}") for k in (cfg.train.folds or range(cfg.cv.n_splits))]
-    done = [d for d in expected if (d / "metrics.json").is_file()]
+    from entrep.model.checkpoint import fold_finished
+
+    done = [d for d in expected if fold_finished(d)]
     missing = [d.name for d in expected if d not in done]
     if not done:
         raise RunError(f"{run}: no finished fold (no fold*/metrics.json); train first or resume with train.resume=true")

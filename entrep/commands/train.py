@@ -28,10 +28,6 @@ def parse(argv):
     return load_config(args.config, list(args.overrides) + extra)
 
 
-def finished(fold_dir) -> bool:
-    return (fold_dir / "metrics.json").is_file()
-
-
 def main(argv=None) -> int:
     cfg = parse(argv)
     from entrep.model.backbone import set_offline
@@ -47,7 +43,7 @@ def main(argv=None) -> int:
     from entrep.engine import FoldTrainer, embed_images, embed_texts, resolve_mixed_precision
     from entrep.labels import LabelSet
     from entrep.model.backbone import image_stats
-    from entrep.model.checkpoint import save_weights
+    from entrep.model.checkpoint import fold_finished, save_weights
     from entrep.model.entrep_clip import build_model
     from entrep.report import OOF_FILE, load_fold_oof, save_fold_oof, write_report
 
@@ -85,7 +81,7 @@ def main(argv=None) -> int:
     trainer = FoldTrainer(cfg, acc, labels, console)
     for k in fold_ids:
         fold_dir = run_dir / ("full" if k == -1 else f"fold{k}")
-        if cfg.train.resume and finished(fold_dir):
+        if cfg.train.resume and fold_finished(fold_dir):
             log.info("fold %s: finished earlier, skipped (train.resume=true)", k)
             continue
         set_seed(cfg.train.seed + max(k, 0), deterministic=False)
@@ -126,7 +122,7 @@ def main(argv=None) -> int:
 
     if not acc.is_main_process:
         return 0
-    done = {k: run_dir / f"fold{k}" for k in range(cfg.cv.n_splits) if finished(run_dir / f"fold{k}")}
+    done = {k: run_dir / f"fold{k}" for k in range(cfg.cv.n_splits) if fold_finished(run_dir / f"fold{k}")}
     if len(done) < cfg.cv.n_splits:
         log.info("OOF report waits for every fold: %d of %d finished", len(done), cfg.cv.n_splits)
         return 0

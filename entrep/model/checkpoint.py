@@ -43,6 +43,11 @@ def save_weights(model, fold_dir: Path, meta: dict) -> None:
     atomic_write_json(fold_dir / META_FILE, meta)
 
 
+def fold_finished(fold_dir: Path) -> bool:
+    """metrics.json is written last in a fold, so its presence means the fold is complete."""
+    return (fold_dir / "metrics.json").is_file()
+
+
 def read_meta(fold_dir: Path) -> dict:
     return json.loads((fold_dir / META_FILE).read_text())
 

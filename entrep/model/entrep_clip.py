@@ -9,7 +9,6 @@ from torch import nn
 
 from entrep.labels import LabelSet
 from entrep.model.fusion import CLSFusion
-from entrep.model.slerp import slerp
 
 LOGIT_SCALE_MAX = math.log(100.0)
 
@@ -118,15 +117,6 @@ class EntrepCLIP(nn.Module):
         if text_tokens is not None:
             out["text_emb"] = self.encode_text(text_tokens)
         return out
-
-    def retrieval_embedding(self, emb: torch.Tensor, probs: torch.Tensor, alpha: float,
-                            class_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """slerp(image emb, normalised probability-weighted class prompt, alpha); emb itself when off."""
-        if not self.cfg.prompts or not self.cfg.slerp.infer or alpha <= 0:
-            return emb
-        class_emb = self.class_embeddings() if class_emb is None else class_emb
-        target = F.normalize(probs.to(class_emb.dtype) @ class_emb, dim=-1)
-        return slerp(emb, target, alpha)
 
     # ------------------------------------------------------------ what a fold saves
     def kit_state_dict(self) -> dict[str, torch.Tensor]:
