@@ -124,7 +124,8 @@ def main(argv=None) -> int:
         return 0
     done = {k: run_dir / f"fold{k}" for k in range(cfg.cv.n_splits) if fold_finished(run_dir / f"fold{k}")}
     if len(done) < cfg.cv.n_splits:
-        log.info("OOF report waits for every fold: %d of %d finished", len(done), cfg.cv.n_splits)
+        if fold_ids != [-1]:  # an all-data model has no held-out images, hence no OOF report
+            log.info("OOF report waits for every fold: %d of %d finished", len(done), cfg.cv.n_splits)
         return 0
     oof = {k: load_fold_oof(d / OOF_FILE) for k, d in done.items()}
     rep = write_report(run_dir, oof, table, list(labels.names), cfg)
