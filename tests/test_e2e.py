@@ -106,3 +106,17 @@ def test_real_annotations_give_a_track3_submission_keyed_by_the_real_captions(re
     assert list(sub) == read_query_lines(REAL / "public_test/t2i.csv")
     assert len(sub) == 71 and set(sub.values()) <= {f"public_{i:02d}.png" for i in range(20)}
     assert not (runs / "real/submission/cls.json").exists()  # no cls.csv in that test folder
+
+
+def test_fold_minus_one_trains_on_everything_and_infers(demo, tmp_path):
+    runs = tmp_path / "runs"
+    out = run(sys.executable, "train.py", "--config", "configs/demo.yaml", "--data", demo, "--name", "full",
+              f"output_dir={runs}", "train.folds=[-1]", "train.epochs=1")
+    full = runs / "full/full"
+    meta = json.loads((full / "meta.json").read_text())
+    df, _ = load_release(demo, ENTREP_CLASSES)
+    assert meta["n_train"] == len(df) and meta["n_val"] == 0
+    assert not (runs / "full/report.json").exists() and "OOF report waits" not in out
+    out = run(sys.executable, "infer.py", "--run", runs / "full", "--data", demo / "test")
+    assert "no tuned.json" in out
+    assert json.loads((runs / "full/predictions/meta.json").read_text())["folds"] == ["full"]
