@@ -139,8 +139,8 @@ def train_loss(model, m, batch: dict, cfg, acc, class_weights=None, use_slerp: b
         y = batch["y"].clamp(min=0)
         t = torch.rand(len(y), device=acc.device) * cfg.model.slerp.t_max
         views = slerp(out["emb"].float(), out["class_emb"][y].float(), t)
-    return joint_loss({k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()},
-                      batch["y"], batch["group"], out.get("text_emb"), text_pos, m.scale(), cfg.loss,
+    out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}  # losses in fp32
+    return joint_loss(out, batch["y"], batch["group"], out.get("text_emb"), text_pos, m.scale(), cfg.loss,
                       class_weights, views)
 
 

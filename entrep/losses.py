@@ -80,7 +80,7 @@ def joint_loss(out: dict, y: torch.Tensor, group: torch.Tensor, text_emb: torch.
                                               label_smoothing=cfg.label_smoothing)
             total = total + cfg.prompt * parts["prompt"]
     emb, y_all, g_all = out["emb"], y, group
-    tpos = text_pos
+    tpos = None if text_pos is None else text_pos.to(emb.device)  # built on CPU from caption strings
     if slerp_views is not None:
         v = labelled
         emb = torch.cat([emb, slerp_views[v]])
@@ -88,7 +88,7 @@ def joint_loss(out: dict, y: torch.Tensor, group: torch.Tensor, text_emb: torch.
         if tpos is not None:
             tpos = torch.cat([tpos, tpos[v]])
     if cfg.text and text_emb is not None and text_emb.shape[0] > 0:
-        parts["text"] = multi_positive_infonce(emb, text_emb, tpos.to(emb.device), scale)
+        parts["text"] = multi_positive_infonce(emb, text_emb, tpos, scale)
         total = total + cfg.text * parts["text"]
     if cfg.image:
         pos = positive_mask(y_all, g_all)

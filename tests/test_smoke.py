@@ -40,3 +40,31 @@ def test_three_steps_of_the_joint_loss(demo, tiny_cfg):
         opt.step()
         losses.append(loss.item())
     assert losses[2] < losses[0], losses
+
+
+def test_train_step_under_bf16_autocast(demo, tiny_cfg):
+    """The real step under mixed precision (bf16 autocast runs on CPU too): fp32 losses, finite grads."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from entrep.engine import train_loss
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        acc = Accelerator(cpu=True, mixed_precision="bf16")
+        labels = LabelSet.from_config(tiny_cfg.labels)
+        df, _ = load_release(demo, labels.names)
+        df = df[df["captions"].map(bool)].head(8).reset_index(drop=True)
+        model = build_model(tiny_cfg, labels)
+        mean, std, size = image_stats(model.base)
+        ds = TrainDataset(decode_all(df["path"].tolist(), 72), df["y"].to_numpy(), list(df["captions"]),
+                          link_groups(df), np.arange(len(df)), labels, train_transform(size, mean, std), True)
+        model = acc.prepare(model)
+        model.train()
+        loss, parts = train_loss(model, acc.unwrap_model(model), collate([ds[i] for i in range(8)]), tiny_cfg, acc)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss) and "text" in parts
+        acc.backward(loss)
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
