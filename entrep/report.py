@@ -15,7 +15,7 @@ import torch
 from entrep.engine import Embedded, retrieval_embedding
 from entrep.io import atomic_path, atomic_write_csv, atomic_write_json
 from entrep.metrics import classification_metrics, retrieval_metrics
-from entrep.retrieval import method_params, rerank_scores, text_class_probs, topk_cosine
+from entrep.retrieval import method_params, rank_gallery, text_class_probs
 
 OOF_FILE = "oof.npz"
 RELEVANCE = {
@@ -45,16 +45,10 @@ def load_fold_oof(path: Path) -> tuple[list[str], Embedded, list[str], np.ndarra
         return list(z["images"]), e, list(z["captions"]), z["caption_emb"]
 
 
-def _rank(q: np.ndarray, g: np.ndarray, names: list[str], rerank: dict, exclude=None, pq=None, pg=None,
-          q_in_gallery=None) -> list[list[str]]:
-    q, g = torch.from_numpy(q), torch.from_numpy(g)
+def _rank(q: np.ndarray, g: np.ndarray, names: list[str], rerank: dict, exclude=None, pq=None,
+          pg=None) -> list[list[str]]:
     exclude = None if exclude is None else torch.as_tensor(exclude)
-    if rerank:
-        scores = rerank_scores(q, g, rerank, exclude, pq, pg,
-                               None if q_in_gallery is None else torch.as_tensor(q_in_gallery))
-        idx = scores.topk(min(TOPK, g.shape[0] - (exclude is not None)), dim=1).indices
-    else:
-        idx = topk_cosine(q, g, TOPK, exclude)[1]
+    _, idx = rank_gallery(torch.from_numpy(q), torch.from_numpy(g), TOPK, rerank, exclude, pq, pg)
     return [[names[j] for j in row] for row in idx.tolist()]
 
 
@@ -70,7 +64,7 @@ def fold_retrieval(images, e: Embedded, captions, caption_emb, table: pd.DataFra
     out = {}
     q = [i for i, p in enumerate(info["partners"]) if any(x in pos for x in p)]
     rel = [{x for x in info["partners"].iloc[i] if x in pos} for i in q]
-    out["i2i"] = (_rank(ret[q], ret, images, rerank, exclude=q, pq=pg[q], pg=pg, q_in_gallery=q) if q else [], rel)
+    out["i2i"] = (_rank(ret[q], ret, images, rerank, exclude=q, pq=pg[q], pg=pg) if q else [], rel)
     carriers = {}
     for n, caps in zip(images, info["captions"]):
         for c in caps:

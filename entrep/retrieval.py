@@ -1,8 +1,12 @@
 """Cosine top-k ranking in bounded memory, and fold/TTA ensembling of embeddings."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("entrep.retrieval")
 
 
 def average_embeddings(embs: list[torch.Tensor]) -> torch.Tensor:
@@ -124,3 +128,21 @@ def rerank_scores(q: torch.Tensor, g: torch.Tensor, methods: dict, exclude: torc
         hit = exclude >= 0
         scores[hit.nonzero().squeeze(1), exclude[hit]] = float("-inf")
     return scores
+
+
+def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, k: int, rerank: dict | None = None,
+                 exclude: torch.Tensor | None = None, pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
+                 max_bytes: int = 256 * 2**20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (scores, indices): re-ranked on a dense score matrix when methods are given and it fits
+    `max_bytes`, else chunked cosine. `exclude[q]` is also the query's own gallery row (i2i)."""
+    rerank = rerank or {}
+    n_q, n_g = len(queries), len(gallery)
+    need = 4 * ((n_q + n_g) ** 2 if "kreciprocal" in rerank else n_q * n_g)
+    if rerank and need > max_bytes:
+        log.warning("re-ranking %s skipped: it needs %.0f MiB, over the %.0f MiB bound", list(rerank),
+                    need / 2**20, max_bytes / 2**20)
+        rerank = {}
+    if not rerank:
+        return topk_cosine(queries, gallery, k, exclude, max_bytes)
+    scores = rerank_scores(queries, gallery, rerank, exclude, pq, pg, exclude)
+    return scores.topk(min(k, n_g - int(exclude is not None and bool((exclude >= 0).any()))), dim=1)

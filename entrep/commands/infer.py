@@ -9,7 +9,6 @@ import contextlib
 import logging
 from pathlib import Path
 
-
 from entrep.cli import console, setup_logging
 from entrep.config import ConfigError, load_config
 from entrep.errors import EntrepError
@@ -23,9 +22,9 @@ class RunError(EntrepError):
 
 def fold_dirs(run: Path, cfg, partial: str) -> list[Path]:
     """Finished fold dirs to ensemble; unfinished folds are refused or skipped as infer.partial says."""
-    expected = [run / ("full" if k == -1 else f"fold{k}") for k in (cfg.train.folds or range(cfg.cv.n_splits))]
-    from entrep.model.checkpoint import fold_finished
+    from entrep.model.checkpoint import fold_finished  # imports torch: kept out of `infer.py --help`
 
+    expected = [run / ("full" if k == -1 else f"fold{k}") for k in (cfg.train.folds or range(cfg.cv.n_splits))]
     done = [d for d in expected if fold_finished(d)]
     missing = [d.name for d in expected if d not in done]
     if not done:
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
     from entrep.model.entrep_clip import build_model
     from entrep.model.lora import merged
     from entrep.report import read_json
-    from entrep.retrieval import average_embeddings, rerank_scores, text_class_probs, topk_cosine
+    from entrep.retrieval import average_embeddings, rank_gallery, text_class_probs
 
     labels = LabelSet.from_config(cfg.labels)
     dirs = fold_dirs(run, cfg, cfg.infer.partial)
@@ -134,14 +133,7 @@ def main(argv=None) -> int:
     probs_t = torch.from_numpy(probs).float()
 
     def rank(queries, exclude=None, pq=None):
-        n_q, n_g = len(queries), len(g_idx)
-        need = 4 * ((n_q + n_g) ** 2 if "kreciprocal" in rerank else n_q * n_g)
-        if rerank and need > cfg.infer.max_sim_bytes:
-            log.warning("re-ranking %s skipped: it needs %.0f MiB, over infer.max_sim_bytes", list(rerank), need / 2**20)
-        if not rerank or need > cfg.infer.max_sim_bytes:
-            return topk_cosine(queries, ret[g_idx], k, exclude, cfg.infer.max_sim_bytes)
-        scores = rerank_scores(queries, ret[g_idx], rerank, exclude, pq, probs_t[g_idx], exclude)
-        return scores.topk(min(k, n_g - (exclude is not None and bool((exclude >= 0).any()))), dim=1)
+        return rank_gallery(queries, ret[g_idx], k, rerank, exclude, pq, probs_t[g_idx], cfg.infer.max_sim_bytes)
 
     i2i = {}
     if test.i2i:
