@@ -4,14 +4,19 @@ PY := $(VENV)/bin/python
 DEMO_DATA ?= demo_data
 RUN ?= runs/demo
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv venv-dev clean
 
 venv: $(VENV)/.installed
+venv-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
 # data -> k-fold training (real `accelerate launch`) -> inference -> submission -> local score
@@ -26,7 +31,7 @@ demo: venv
 	$(PY) -m entrep.score --track i2i --submission $(RUN)/submission/i2i.json --truth $(DEMO_DATA)/truth/track2_i2i.json
 	$(PY) -m entrep.score --track t2i --submission $(RUN)/submission/t2i.json --truth $(DEMO_DATA)/truth/track3_t2i.json
 
-test: venv
+test: venv-dev
 	$(PY) -m pytest -q
 
 clean:

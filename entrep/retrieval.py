@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from entrep.errors import EntrepError
 
 log = logging.getLogger("entrep.retrieval")
 
@@ -12,6 +15,14 @@ log = logging.getLogger("entrep.retrieval")
 def average_embeddings(embs: list[torch.Tensor]) -> torch.Tensor:
     """Mean of unit embeddings over folds/views, renormalised."""
     return F.normalize(torch.stack([F.normalize(e.float(), dim=-1) for e in embs]).mean(0), dim=-1)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x with unit rows; x itself when it already has them (a 1M-row gallery is 2 GB to copy)."""
+    x = x.float()
+    if x.numel() and ((x * x).sum(-1) - 1).abs().max() < 1e-4:
+        return x
+    return F.normalize(x, dim=-1)
 
 
 @torch.inference_mode()
@@ -22,8 +33,7 @@ def topk_cosine(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: t
     Never holds a similarity block over `max_bytes`: queries are taken in chunks. `exclude[q]` is a
     gallery index to leave out for query q (the query itself), or -1.
     """
-    q = F.normalize(queries.float(), dim=-1)
-    g = F.normalize(gallery.float(), dim=-1)
+    q, g = unit(queries), unit(gallery)
     n = g.shape[0]
     k = min(k, n - (1 if exclude is not None and (exclude >= 0).any() else 0))
     rows = max(1, max_bytes // max(1, n * 4))
@@ -38,6 +48,52 @@ def topk_cosine(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: t
         scores.append(v)
         index.append(i)
     return torch.cat(scores), torch.cat(index)
+
+
+# ---------------------------------------------------------------- FAISS (optional)
+FAISS_KINDS = ("flat", "ivf", "hnsw")
+
+
+def faiss_index(gallery: torch.Tensor, kind: str = "flat", nprobe: int = 16, seed: int = 0):
+    """An inner-product FAISS index over unit rows: `flat` is exact; `ivf` (sqrt-sized inverted
+    lists, `nprobe` probed) and `hnsw` (M=32) are approximate."""
+    try:
+        import faiss
+    except ImportError:
+        raise EntrepError(f"infer.search=faiss-{kind} needs faiss: pip install faiss-cpu (or faiss-gpu), "
+                          f"or use infer.search=torch") from None
+    g = np.ascontiguousarray(unit(gallery).numpy())
+    n, d = g.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = max(1, min(int(round(n ** 0.5)), n // 39))  # faiss wants >= 39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(seed).choice(n, min(n, 64 * nlist), replace=False)
+        index.train(g[np.sort(sample)])
+        index.nprobe = min(nprobe, nlist)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise EntrepError(f"faiss index kind {kind!r}: choose from {FAISS_KINDS}")
+    index.add(g)
+    return index
+
+
+def faiss_topk(index, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_cosine's contract on a FAISS index: best first, `exclude[q]` left out; slots an
+    approximate index could not fill come back as index -1, score -inf."""
+    excluding = exclude is not None and bool((exclude >= 0).any())
+    k = min(k, index.ntotal - int(excluding))
+    scores, idx = index.search(np.ascontiguousarray(unit(queries).numpy()), k + int(excluding))
+    scores, idx = torch.from_numpy(scores), torch.from_numpy(idx)
+    if excluding:
+        drop = idx == exclude[:, None]
+        drop[:, -1] |= ~drop.any(1)  # the excluded image was not among them: drop the extra slot
+        order = drop.to(torch.int8).argsort(dim=1, stable=True)[:, :k]
+        scores, idx = scores.gather(1, order), idx.gather(1, order)
+    return scores.masked_fill(idx < 0, float("-inf")), idx
 
 
 # ---------------------------------------------------------------- re-ranking
@@ -132,9 +188,11 @@ def rerank_scores(q: torch.Tensor, g: torch.Tensor, methods: dict, exclude: torc
 
 def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, k: int, rerank: dict | None = None,
                  exclude: torch.Tensor | None = None, pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
-                 max_bytes: int = 256 * 2**20) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_bytes: int = 256 * 2**20, search: str = "torch", nprobe: int = 16
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores, indices): re-ranked on a dense score matrix when methods are given and it fits
-    `max_bytes`, else chunked cosine. `exclude[q]` is also the query's own gallery row (i2i)."""
+    `max_bytes`, else chunked cosine (`search`: torch, or faiss-flat|ivf|hnsw). `exclude[q]` is
+    also the query's own gallery row (i2i)."""
     rerank = rerank or {}
     n_q, n_g = len(queries), len(gallery)
     need = 4 * ((n_q + n_g) ** 2 if "kreciprocal" in rerank else n_q * n_g)
@@ -142,6 +200,8 @@ def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, k: int, rerank: d
         log.warning("re-ranking %s skipped: it needs %.0f MiB, over the %.0f MiB bound", list(rerank),
                     need / 2**20, max_bytes / 2**20)
         rerank = {}
+    if not rerank and search.startswith("faiss-"):
+        return faiss_topk(faiss_index(gallery, search.removeprefix("faiss-"), nprobe), queries, k, exclude)
     if not rerank:
         return topk_cosine(queries, gallery, k, exclude, max_bytes)
     scores = rerank_scores(queries, gallery, rerank, exclude, pq, pg, exclude)

@@ -1,7 +1,12 @@
+import sys
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from entrep.retrieval import average_embeddings, k_reciprocal_distance, neighbour_average, rerank_scores, topk_cosine
+from entrep.errors import EntrepError
+from entrep.retrieval import (average_embeddings, faiss_index, faiss_topk, k_reciprocal_distance, neighbour_average,
+                              rank_gallery, rerank_scores, topk_cosine, unit)
 
 
 def _v(*rows):
@@ -21,6 +26,45 @@ def test_chunked_topk_matches_bruteforce_argsort():
     assert torch.equal(i, want)
     assert torch.allclose(s, sim.gather(1, want))
     assert not any(int(exclude[r]) in i[r].tolist() for r in range(37) if exclude[r] >= 0)
+
+
+def test_unit_rows_are_not_copied():
+    x = F.normalize(torch.randn(5, 8), dim=-1)
+    assert unit(x) is x                       # already unit: no 2 GB copy of a 1M gallery
+    y = 3 * x
+    assert unit(y) is not y and torch.allclose(unit(y), x, atol=1e-6)
+
+
+def test_faiss_exact_index_matches_the_torch_topk_with_exclusion():
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(1)
+    q, gal = torch.randn(40, 16, generator=g), torch.randn(300, 16, generator=g)
+    exclude = torch.randint(-1, 300, (40,), generator=g)
+    exclude[:5] = torch.topk(F.normalize(q[:5], dim=-1) @ F.normalize(gal, dim=-1).t(), 1).indices[:, 0]  # top-1
+    s_t, i_t = topk_cosine(q, gal, 10, exclude)
+    s_f, i_f = faiss_topk(faiss_index(gal, "flat"), q, 10, exclude)
+    assert torch.equal(i_f, i_t) and torch.allclose(s_f, s_t, atol=1e-5)
+    s_r, i_r = rank_gallery(q, gal, 10, None, exclude, search="faiss-flat")
+    assert torch.equal(i_r, i_t)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_faiss_approximate_indexes_find_clustered_neighbours(kind):
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(40, 32, generator=g)
+    gal = F.normalize(centres.repeat_interleave(100, 0) + 0.3 * torch.randn(4000, 32, generator=g), dim=-1)
+    q = F.normalize(centres[:20] + 0.3 * torch.randn(20, 32, generator=g), dim=-1)
+    _, exact = topk_cosine(q, gal, 10)
+    _, approx = faiss_topk(faiss_index(gal, kind, nprobe=8), q, 10)
+    recall = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact)) / exact.numel()
+    assert recall >= 0.9, recall
+
+
+def test_faiss_search_without_faiss_says_how_to_fix_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    with pytest.raises(EntrepError, match="pip install faiss-cpu"):
+        rank_gallery(torch.randn(2, 4), torch.randn(5, 4), 3, search="faiss-flat")
 
 
 def test_fold_average_is_renormalised():
