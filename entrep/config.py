@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,21 @@ from entrep.labels import ENTREP_CLASSES, ENTREP_PROMPTS, ENTREP_SWAP
 
 class ConfigError(EntrepError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans (true/false only): YAML 1.1 reads no/off/yes/on as booleans too, which
+    made `train.mixed_precision=no` the string 'False'. Boolean fields still accept yes/no."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:bool"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass
@@ -119,6 +135,8 @@ class InferConfig:
     head_weight: float = -1.0          # -1 = the OOF-tuned value stored in the run
     merge_lora: bool = False           # fold each adapter into the base while embedding (faster, ~1e-7 off)
     max_sim_bytes: int = 256 * 2**20   # bound on one similarity block during ranking
+    search: str = "torch"              # torch (exact, chunked) | faiss-flat (exact) | faiss-ivf | faiss-hnsw
+    faiss_nprobe: int = 16             # inverted lists probed by faiss-ivf
 
 
 @dataclass
@@ -133,6 +151,16 @@ class RerankConfig:
     k1: int = 20
     k2: int = 6
     lam: float = 0.3
+
+
+@dataclass
+class SpeedConfig:
+    """Where the input pipeline runs and which compute paths are used; each option measured in bench/."""
+    augment_on: str = "auto"           # auto (device on a GPU, loader on CPU) | device | loader
+    channels_last: bool = False        # NHWC images + weights (in a ViT only the patch embedding is a conv)
+    compile: bool = False              # torch.compile through Accelerate's TorchDynamoPlugin (inductor)
+    compile_mode: str = "default"      # default | reduce-overhead | max-autotune
+    sdpa: str = "auto"                 # auto | math | flash | efficient | cudnn: pin torch's attention kernel
 
 
 @dataclass
@@ -155,6 +183,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
     @property
@@ -173,6 +202,10 @@ CHOICES = {
     "train.mixed_precision": {"auto", "no", "fp16", "bf16"},
     "train.select_metric": {"f1_macro", "accuracy", "f1_weighted"},
     "infer.partial": {"refuse", "use"},
+    "infer.search": {"torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"},
+    "speed.augment_on": {"auto", "device", "loader"},
+    "speed.compile_mode": {"default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"},
+    "speed.sdpa": {"auto", "math", "flash", "efficient", "cudnn"},
 }
 
 
@@ -196,8 +229,8 @@ def _cast(value, tp, key: str):
         if tp is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
-                return value.lower() in {"true", "1", "yes"}
+            if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no", "on", "off"}:
+                return value.lower() in {"true", "1", "yes", "on"}
             raise TypeError
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -252,7 +285,7 @@ def parse_override(item: str) -> tuple[str, object]:
         raise ConfigError(f"override '{item}' is not key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -272,7 +305,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = _yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):

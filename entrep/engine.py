@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from entrep.data.dataset import EvalDataset, TrainDataset, collate, eval_transform, train_transform
+from entrep.data.augment import BatchAugment
+from entrep.data.dataset import EvalDataset, TrainCollate, TrainDataset, collate, eval_transform
 from entrep.labels import LabelSet
 from entrep.losses import caption_targets, joint_loss
 from entrep.metrics import classification_metrics
@@ -25,6 +26,30 @@ def resolve_mixed_precision(choice: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
     return "no"
+
+
+def make_accelerator(cfg, **kwargs):
+    """The one Accelerator of a command; `speed.compile` asks Accelerate to torch.compile at prepare()."""
+    from accelerate import Accelerator
+    from accelerate.utils import TorchDynamoPlugin
+
+    if cfg.speed.compile:  # off: whatever `accelerate config` says (its default is no compile)
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=cfg.speed.compile_mode)
+    return Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), **kwargs)
+
+
+def train_pipeline(ds, cfg, device: torch.device, image_stats) -> tuple[DataLoader, BatchAugment | None]:
+    """The training DataLoader, and the augmentation the step must still apply on the device (None
+    when the loader applies it: `speed.augment_on`, auto = on the device when it is a GPU)."""
+    mean, std, size = image_stats
+    augment = BatchAugment(size, mean, std)
+    where = cfg.speed.augment_on
+    on_device = where == "device" or (where == "auto" and device.type == "cuda")
+    bs = cfg.train.batch_size
+    loader = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=len(ds) > bs,
+                        collate_fn=TrainCollate(None if on_device else augment), num_workers=cfg.data.num_workers,
+                        persistent_workers=cfg.data.num_workers > 0)
+    return loader, (augment if on_device else None)
 
 
 def cosine_schedule(optimizer, total_steps: int, warmup_frac: float):
@@ -150,12 +175,6 @@ class FoldTrainer:
     def __init__(self, cfg, accelerator, labels: LabelSet, console=None):
         self.cfg, self.acc, self.labels, self.console = cfg, accelerator, labels, console
 
-    def _loader(self, ds, shuffle: bool) -> DataLoader:
-        bs = self.cfg.train.batch_size
-        return DataLoader(ds, batch_size=bs, shuffle=shuffle, drop_last=shuffle and len(ds) > bs,
-                          collate_fn=collate, num_workers=self.cfg.data.num_workers,
-                          persistent_workers=self.cfg.data.num_workers > 0)
-
     def fit(self, model, pixels: np.ndarray, table, train_rows: np.ndarray, val_rows: np.ndarray,
             groups: np.ndarray, image_stats) -> tuple[dict, list[dict]]:
         """Train on `train_rows`, select on `val_rows`; returns (best metrics, per-epoch log rows).
@@ -164,8 +183,8 @@ class FoldTrainer:
         mean, std, size = image_stats
         ds = TrainDataset(pixels[train_rows], table["y"].to_numpy()[train_rows],
                           [table["captions"].iloc[i] for i in train_rows], groups[train_rows], train_rows,
-                          self.labels, train_transform(size, mean, std), cfg.train.hflip)
-        loader = self._loader(ds, shuffle=True)
+                          self.labels, cfg.train.hflip)
+        loader, device_augment = train_pipeline(ds, cfg, acc.device, image_stats)
         steps = math.ceil(len(loader) / cfg.train.grad_accum) * cfg.train.epochs  # from the unprepared loader
         optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.train.weight_decay)
         scheduler = cosine_schedule(optimizer, steps, cfg.train.warmup_frac)
@@ -188,6 +207,8 @@ class FoldTrainer:
                 step_task = progress.add_task(f"epoch {epoch + 1}", total=len(loader)) if progress else None
                 t0, seen, sums = time.perf_counter(), 0, {}
                 for batch in loader:
+                    if device_augment is not None:
+                        batch["image"] = device_augment(batch["image"])
                     with acc.accumulate(model):
                         loss, parts = train_loss(model, m, batch, cfg, acc, class_weights, use_slerp)
                         acc.backward(loss)

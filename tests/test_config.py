@@ -15,6 +15,18 @@ def test_dotted_overrides_cast_to_field_types():
     assert cfg.loss.image == 1.0 and isinstance(cfg.loss.image, float)
 
 
+def test_yaml_1_1_words_stay_strings_for_string_fields(tmp_path):
+    """`no` is a choice of train.mixed_precision, not the boolean False (YAML 1.1 would make it 'False')."""
+    cfg = load_config(None, ["train.mixed_precision=no", "train.hflip=no", "train.resume=yes", "speed.sdpa=math"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.hflip is False and cfg.train.resume is True
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  mixed_precision: no\n  hflip: off\n")
+    cfg = load_config(p)
+    assert cfg.train.mixed_precision == "no" and cfg.train.hflip is False
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
 def test_unknown_key_names_it_and_suggests_closest():
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch'.*did you mean 'train\.epochs'"):
         load_config(None, ["train.epoch=3"])

@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from entrep.data.dataset import TrainDataset, collate, train_transform
+from entrep.data.augment import BatchAugment
+from entrep.data.dataset import TrainCollate, TrainDataset
 from entrep.data.folds import link_groups
 from entrep.data.images import decode_all
 from entrep.data.release import load_release
@@ -23,8 +24,8 @@ def test_three_steps_of_the_joint_loss(demo, tiny_cfg):
     model = build_model(cfg, labels).train()
     mean, std, size = image_stats(model.base)
     ds = TrainDataset(decode_all(df["path"].tolist(), 72), df["y"].to_numpy(), list(df["captions"]),
-                      link_groups(df), np.arange(len(df)), labels, train_transform(size, mean, std), hflip=False)
-    batch = collate([ds[i] for i in range(len(ds))])
+                      link_groups(df), np.arange(len(df)), labels, hflip=False)
+    batch = TrainCollate(BatchAugment(size, mean, std))([ds[i] for i in range(len(ds))])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(3):
@@ -58,10 +59,11 @@ def test_train_step_under_bf16_autocast(demo, tiny_cfg):
         model = build_model(tiny_cfg, labels)
         mean, std, size = image_stats(model.base)
         ds = TrainDataset(decode_all(df["path"].tolist(), 72), df["y"].to_numpy(), list(df["captions"]),
-                          link_groups(df), np.arange(len(df)), labels, train_transform(size, mean, std), True)
+                          link_groups(df), np.arange(len(df)), labels, True)
         model = acc.prepare(model)
         model.train()
-        loss, parts = train_loss(model, acc.unwrap_model(model), collate([ds[i] for i in range(8)]), tiny_cfg, acc)
+        loss, parts = train_loss(model, acc.unwrap_model(model), TrainCollate(BatchAugment(size, mean, std))(
+            [ds[i] for i in range(8)]), tiny_cfg, acc)
         assert loss.dtype == torch.float32 and torch.isfinite(loss) and "text" in parts
         acc.backward(loss)
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]

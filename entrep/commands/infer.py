@@ -60,11 +60,10 @@ def main(argv=None) -> int:
     set_offline(cfg.model.offline)
     setup_logging()
     import torch
-    from accelerate import Accelerator
 
     from entrep.data.images import ImageCache
     from entrep.data.release import file_hash, load_test
-    from entrep.engine import embed_images, embed_texts, resolve_mixed_precision, retrieval_embedding
+    from entrep.engine import embed_images, embed_texts, make_accelerator, retrieval_embedding
     from entrep.io import atomic_write_csv, atomic_write_json
     from entrep.labels import LabelSet
     from entrep.model.backbone import image_stats
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
         log.info("%s: query %r resolved to %r", f, listed, disk)
     names = sorted(test.images)
     gallery = read_gallery(cfg.infer.gallery, test.images) if cfg.infer.gallery else names
-    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
+    acc = make_accelerator(cfg)
     model = acc.prepare(build_model(cfg, labels))
     stats = image_stats(acc.unwrap_model(model).base)
     cache = ImageCache(cfg.image_cache_dir, cfg.data.working_size or int(round(stats[2] * 1.15)))
@@ -133,7 +132,8 @@ def main(argv=None) -> int:
     probs_t = torch.from_numpy(probs).float()
 
     def rank(queries, exclude=None, pq=None):
-        return rank_gallery(queries, ret[g_idx], k, rerank, exclude, pq, probs_t[g_idx], cfg.infer.max_sim_bytes)
+        return rank_gallery(queries, ret[g_idx], k, rerank, exclude, pq, probs_t[g_idx], cfg.infer.max_sim_bytes,
+                            cfg.infer.search, cfg.infer.faiss_nprobe)
 
     i2i = {}
     if test.i2i:

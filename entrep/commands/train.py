@@ -34,22 +34,20 @@ def main(argv=None) -> int:
 
     set_offline(cfg.model.offline)  # before anything imports huggingface_hub
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from entrep.data.folds import load_or_make_folds
     from entrep.data.images import ImageCache
     from entrep.data.release import DataError, load_release
-    from entrep.engine import FoldTrainer, embed_images, embed_texts, resolve_mixed_precision
+    from entrep.engine import FoldTrainer, embed_images, embed_texts, make_accelerator
     from entrep.labels import LabelSet
     from entrep.model.backbone import image_stats
     from entrep.model.checkpoint import fold_finished, save_weights
     from entrep.model.entrep_clip import build_model
     from entrep.report import OOF_FILE, load_fold_oof, save_fold_oof, write_report
 
-    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-                      gradient_accumulation_steps=cfg.train.grad_accum,
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = make_accelerator(cfg, gradient_accumulation_steps=cfg.train.grad_accum,
+                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     setup_logging(acc.is_main_process)
     labels = LabelSet.from_config(cfg.labels)
     run_dir = cfg.run_dir

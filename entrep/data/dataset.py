@@ -23,32 +23,23 @@ def swap_sides(text: str) -> str:
     return _SIDE.sub(repl, text)
 
 
-def train_transform(size: int, mean, std) -> T.Compose:
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15), antialias=True),
-        T.RandomRotation(10),
-        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.15, hue=0.02),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(mean, std),
-    ])
-
-
 def eval_transform(size: int, mean, std) -> T.Compose:
     return T.Compose([T.Resize(size, antialias=True), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
 
 class TrainDataset(Dataset):
-    """One item per record: an augmented view, its (possibly swapped) label, one sampled caption.
+    """One item per record: the decoded uint8 image (possibly flipped), its label, one sampled caption.
 
     The flip swaps the label (nose-left <-> nose-right) and the words left/right in the caption,
     so image, label and text stay consistent. A flipped view drops its i2i group, because its
-    partner is not flipped and no longer shows the same side.
+    partner is not flipped and no longer shows the same side. The other augmentations run per batch
+    (`TrainCollate`, or on the device), where they cost far less than per image.
     """
 
     def __init__(self, pixels: np.ndarray, y: np.ndarray, captions: list[list[str]], groups: np.ndarray,
-                 index: np.ndarray, labels: LabelSet, transform, hflip: bool):
+                 index: np.ndarray, labels: LabelSet, hflip: bool):
         self.pixels, self.y, self.captions, self.groups, self.index = pixels, y, captions, groups, index
-        self.transform, self.hflip = transform, hflip
+        self.hflip = hflip
         self.perm = labels.swap_perm
 
     def __len__(self) -> int:
@@ -63,7 +54,7 @@ class TrainDataset(Dataset):
             caps = [swap_sides(c) for c in caps]
             group = -1
         caption = random.choice(caps) if caps else ""
-        return {"image": self.transform(img), "y": y, "caption": caption, "all_captions": caps,
+        return {"image": img, "y": y, "caption": caption, "all_captions": caps,
                 "group": group, "index": int(self.index[i])}
 
 
@@ -89,3 +80,17 @@ def collate(items: list[dict]) -> dict:
         out["caption"] = [it["caption"] for it in items]
         out["all_captions"] = [it["all_captions"] for it in items]
     return out
+
+
+class TrainCollate:
+    """collate, then the batch augmentation when it runs in the loader (a worker, or the main
+    process with num_workers=0); with `augment=None` the uint8 batch goes to the device as is."""
+
+    def __init__(self, augment=None):
+        self.augment = augment
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = collate(items)
+        if self.augment is not None:
+            batch["image"] = self.augment(batch["image"])
+        return batch

@@ -1,16 +1,20 @@
 """One CLIP model for classification, image-to-image and text-to-image retrieval."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from entrep.labels import LabelSet
 from entrep.model.fusion import CLSFusion
 
 LOGIT_SCALE_MAX = math.log(100.0)
+SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 class EntrepCLIP(nn.Module):
@@ -20,11 +24,13 @@ class EntrepCLIP(nn.Module):
     the fusion weights, the linear head and a copy of `logit_scale` (so the base stays frozen).
     """
 
-    def __init__(self, clip: nn.Module, tokenizer, labels: LabelSet, model_cfg):
+    def __init__(self, clip: nn.Module, tokenizer, labels: LabelSet, model_cfg, speed_cfg=None):
         super().__init__()
         self.clip = clip
         self.labels = labels
         self.cfg = model_cfg
+        self.channels_last = bool(speed_cfg and speed_cfg.channels_last)
+        self.sdpa = SDPA_BACKENDS[speed_cfg.sdpa] if speed_cfg and speed_cfg.sdpa != "auto" else None
         base = self.base
         if getattr(base.visual, "attn_pool", None) is not None or not isinstance(base.visual.proj, nn.Parameter):
             raise ValueError("multi-level CLS fusion needs a ViT with a CLS token and a `proj` (open_clip VisionTransformer)")
@@ -48,6 +54,7 @@ class EntrepCLIP(nn.Module):
         self.register_buffer("prompt_tokens", tokenizer(prompts), persistent=False)
         self.register_buffer("prompt_owner", torch.tensor(owner), persistent=False)
         self._class_emb: torch.Tensor | None = None
+        self._tokens: dict[str, torch.Tensor] = {}  # caption -> token row; captions repeat every epoch
 
     # ------------------------------------------------------------ towers
     @property
@@ -65,16 +72,26 @@ class EntrepCLIP(nn.Module):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """The (unnormalised) image embedding: fused over CLS levels, or CLIP's own when fusion is off."""
         base = self.base
-        if self.fusion is None:
-            return base.encode_image(images)
-        out = base.visual.forward_intermediates(
-            images, indices=self.levels, intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # The pinned kernel covers the vision tower only: the text tower's causal mask rules out flash.
+        with sdpa_kernel(self.sdpa) if self.sdpa else contextlib.nullcontext():
+            if self.fusion is None:
+                return base.encode_image(images)
+            out = base.visual.forward_intermediates(
+                images, indices=self.levels, intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
         cls = torch.stack([t[:, 0] for t in out["image_intermediates_prefix"]], 1)  # B, L, width
         return self.fusion(base.visual.ln_post(cls) @ base.visual.proj)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """open_clip's tokenizer truncates past the context length and keeps the end-of-text token."""
-        return self.tokenizer(list(texts))
+        """open_clip's tokenizer (truncates past the context length, keeps the end-of-text token),
+        called once per distinct caption: a batch's rows come from a cache."""
+        texts = list(texts)
+        if new := list(dict.fromkeys(t for t in texts if t not in self._tokens)):
+            self._tokens.update(zip(new, self.tokenizer(new)))
+        if not texts:
+            return self.tokenizer(texts)
+        return torch.stack([self._tokens[t] for t in texts])
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.base.encode_text(tokens), dim=-1)
@@ -148,4 +165,7 @@ def build_model(cfg, labels: LabelSet) -> EntrepCLIP:
         clip = apply_lora(clip, cfg.model.lora)
     else:
         unfreeze_last_blocks(clip, cfg.model.lora.train_last_blocks)
-    return EntrepCLIP(clip, tokenizer, labels, cfg.model)
+    model = EntrepCLIP(clip, tokenizer, labels, cfg.model, cfg.speed)
+    if cfg.speed.channels_last:
+        model.to(memory_format=torch.channels_last)  # only 4-D weights change: the patch embedding conv
+    return model
