@@ -7,13 +7,18 @@ timed windows after warm-up. CPU uses the tiny model at 64 px; CUDA uses ViT-B-1
 224 px with random weights (speed does not depend on the weights).
 
 Rows (ratio = row / its reference):
-- train kit          the kit's real step: images from the decoded cache, DataLoader + augmentations,
-                     joint loss, backward, AdamW
+- train kit          the kit's real step: images from the decoded cache, DataLoader, batched
+                     augmentations where speed.augment_on puts them (auto), joint loss, backward, AdamW
 - train tensors      the same model and loss on pre-made tensors: the compute limit (target >= 0.95)
 - train naive PIL    the same step fed by PIL decoding + resizing each PNG per step
+- train kit <option> the kit with one speed option switched (augment on the device, channels_last,
+                     SDPA pinned to the math kernel, torch.compile), vs train kit
 - infer kit          embed_images (cache -> eval transform -> forward -> gather), vs the model alone
-- infer kit merged   the same with the LoRA adapters merged into the base (infer.merge_lora=true)
+- infer kit <option> LoRA merged into the base (infer.merge_lora=true), torch.compile, vs infer kit
 - retrieval N        1k queries x N gallery (d=512) chunked top-k vs the bare chunked matrix product
+                     (the kit's ratio is against the product timed in alternation in the same process);
+                     with faiss installed also its exact (flat) and approximate (IVF, HNSW) indexes,
+                     with index build time and recall@10 against the exact search
 """
 from __future__ import annotations
 
@@ -33,6 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 WORKERS = int(os.environ.get("BENCH_WORKERS", min(8, os.cpu_count() or 2)))
+
+
+TRAIN_OPTIONS = {"augment on device": ["speed.augment_on=device"], "channels_last": ["speed.channels_last=true"],
+                 "sdpa math": ["speed.sdpa=math"], "compile": ["speed.compile=true"]}
+FAISS_ROWS = ["faiss flat", "faiss ivf", "faiss hnsw"]
+
+
+def faiss_installed() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def median_rate(step, items_per_call: int, warmup: int, windows: int, calls: int, sync) -> float:
@@ -67,20 +85,20 @@ def make_pngs(folder: Path, n: int) -> list[str]:
     return paths
 
 
-def setup(device: str, quick: bool):
+def setup(device: str, quick: bool, overrides=()):
     import torch
-    from accelerate import Accelerator
 
     from entrep.config import load_config
+    from entrep.engine import make_accelerator
     from entrep.labels import LabelSet
     from entrep.model.backbone import image_stats
     from entrep.model.entrep_clip import build_model
 
     big = device == "cuda"
     cfg = load_config("configs/entrep_vitb16.yaml" if big else "configs/demo.yaml",
-                      ["model.pretrained=", f"data.num_workers={WORKERS}",
-                       "train.batch_size=" + ("64" if big else "32")])
-    acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if big else "no")
+                      ["model.pretrained=", f"data.num_workers={WORKERS}", "train.batch_size=" + ("64" if big else "32"),
+                       "train.mixed_precision=" + ("auto" if big else "no"), *overrides])
+    acc = make_accelerator(cfg, cpu=device == "cpu")
     labels = LabelSet.from_config(cfg.labels)
     model = build_model(cfg, labels)
     stats = image_stats(model.base)
@@ -103,17 +121,16 @@ class NaivePixels:
         return decode_image(self.paths[i], self.size)
 
 
-def row_train(kind: str, device: str, quick: bool, folder: str) -> dict:
+def row_train(kind: str, device: str, quick: bool, folder: str, overrides=()) -> dict:
     import numpy as np
     import torch
-    from torch.utils.data import DataLoader
 
-    from entrep.data.dataset import TrainDataset, collate, train_transform
+    from entrep.data.dataset import TrainDataset
     from entrep.data.images import ImageCache
     from entrep.data.release import file_hash
-    from entrep.engine import param_groups, train_loss
+    from entrep.engine import param_groups, train_loss, train_pipeline
 
-    cfg, acc, labels, model, (mean, std, size), sync = setup(device, quick)
+    cfg, acc, labels, model, (mean, std, size), sync = setup(device, quick, overrides)
     paths = sorted(str(p) for p in Path(folder).glob("*.png"))
     n = len(paths)
     y = np.arange(n) % len(labels)
@@ -123,10 +140,11 @@ def row_train(kind: str, device: str, quick: bool, folder: str) -> dict:
         pixels = NaivePixels(paths, work)
     else:
         pixels = ImageCache(Path(folder) / "cache", work).pixels(paths, [file_hash(Path(p)) for p in paths])
-    ds = TrainDataset(pixels, y, caps, np.arange(n), np.arange(n), labels, train_transform(size, mean, std), True)
+    ds = TrainDataset(pixels, y, caps, np.arange(n), np.arange(n), labels, True)
     bs = cfg.train.batch_size
-    loader = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, collate_fn=collate,
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    loader, device_augment = train_pipeline(ds, cfg, acc.device, (mean, std, size))
+    if kind == "tensors" and device_augment is not None:  # the limit gets model-ready tensors
+        loader.collate_fn.augment, device_augment = device_augment, None
     opt = torch.optim.AdamW(param_groups(model, cfg))
     model, opt, loader = acc.prepare(model, opt, loader)
     m = acc.unwrap_model(model)
@@ -142,6 +160,8 @@ def row_train(kind: str, device: str, quick: bool, folder: str) -> dict:
 
     def step():
         batch = next(batches)
+        if device_augment is not None:
+            batch["image"] = device_augment(batch["image"])
         loss, _ = train_loss(model, m, batch, cfg, acc)
         acc.backward(loss)
         opt.step()
@@ -152,14 +172,14 @@ def row_train(kind: str, device: str, quick: bool, folder: str) -> dict:
     return {"img/s": rate}
 
 
-def row_infer(kind: str, device: str, quick: bool, folder: str) -> dict:
+def row_infer(kind: str, device: str, quick: bool, folder: str, overrides=()) -> dict:
     import torch
 
     from entrep.data.images import ImageCache
     from entrep.data.release import file_hash
     from entrep.engine import embed_images
 
-    cfg, acc, labels, model, (mean, std, size), sync = setup(device, quick)
+    cfg, acc, labels, model, (mean, std, size), sync = setup(device, quick, overrides)
     paths = sorted(str(p) for p in Path(folder).glob("*.png"))
     model = acc.prepare(model)
     model.eval()
@@ -202,16 +222,45 @@ def row_retrieval(kind: str, device: str, quick: bool, n_gallery: int) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    @torch.inference_mode()
+    def bare():  # the exact-search limit: the same blocks of the matrix product, nothing else
+        for s in range(0, q.shape[0], rows):
+            q[s:s + rows] @ gal.t()
+
+    out = {}
     if kind == "kit":
-        step = lambda: topk_cosine(q, gal, 10, None, bound)  # noqa: E731
+        # Timed in alternation with the bare product, in this process: run-to-run drift on a shared
+        # machine (+-30% between processes here) would otherwise swamp a 10% overhead.
+        kit = lambda: topk_cosine(q, gal, 10, None, bound)  # noqa: E731
+        kit(), bare()
+        sync()
+        times = {"kit": [], "bare": []}
+        for _ in range(5):
+            for name, fn in (("kit", kit), ("bare", bare)):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+        out = {"ms/1k queries": 1000 * statistics.median(times["kit"]),
+               "matmul_ms_alternated": 1000 * statistics.median(times["bare"])}
+        out["ratio_alternated"] = out["ms/1k queries"] / out["matmul_ms_alternated"]
+        step = None
+    elif kind.startswith("faiss"):
+        from entrep.retrieval import faiss_index, faiss_topk
+
+        t0 = time.perf_counter()
+        index = faiss_index(gal, kind.split()[1], InferConfig().faiss_nprobe)
+        out["build_s"] = time.perf_counter() - t0
+        step = lambda: faiss_topk(index, q, 10)  # noqa: E731
+        _, exact = topk_cosine(q, gal, 10, None, bound)
+        _, found = step()
+        out["recall@10"] = sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), exact.tolist())) / exact.numel()
     else:
-        @torch.inference_mode()
-        def step():  # the exact-search limit: the same blocks of the matrix product, nothing else
-            for s in range(0, q.shape[0], rows):
-                q[s:s + rows] @ gal.t()
-    rate = median_rate(step, 1000, warmup=1, windows=3, calls=1, sync=sync)
-    out = {"ms/1k queries": 1000 * 1000 / rate, "bound_MiB": bound / 2**20,
-           "block_MiB": rows * n_gallery * 4 / 2**20}
+        step = bare
+    if step is not None:
+        out = {"ms/1k queries": 1000 * 1000 / median_rate(step, 1000, warmup=1, windows=3, calls=1, sync=sync), **out}
+    if not kind.startswith("faiss"):
+        out |= {"bound_MiB": bound / 2**20, "block_MiB": rows * n_gallery * 4 / 2**20}
     if device == "cuda":
         out["gpu_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -221,6 +270,10 @@ def _child(fn, args, queue):
     try:
         res = fn(*args)
         res["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            res.setdefault("gpu_peak_MiB", torch.cuda.max_memory_allocated() / 2**20)
         queue.put(res)
     except Exception as e:  # the table shows a failed row instead of dying
         queue.put({"error": f"{type(e).__name__}: {e}"})
@@ -242,6 +295,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer windows and images, no 1M gallery")
     ap.add_argument("--images", type=int, default=0, help="PNGs to make (default 256, 96 with --quick)")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out: " + " ".join([*TRAIN_OPTIONS, "hnsw-1m"]))
     args = ap.parse_args()
     os.chdir(Path(__file__).resolve().parents[1])
     from rich.console import Console
@@ -253,25 +307,40 @@ def main() -> int:
         rows = {}
         for kind in ("tensors", "kit", "naive"):
             rows[f"train {kind}"] = run_row(row_train, kind, args.device, args.quick, tmp)
+        for name, overrides in TRAIN_OPTIONS.items():
+            if name in args.skip:
+                continue
+            rows[f"train kit {name}"] = run_row(row_train, "kit", args.device, args.quick, tmp, overrides)
         for kind in ("model", "kit", "kit merged"):
             rows[f"infer {kind}"] = run_row(row_infer, kind, args.device, args.quick, tmp)
+        if "compile" not in args.skip:
+            rows["infer kit compile"] = run_row(row_infer, "kit", args.device, args.quick, tmp, ["speed.compile=true"])
         sizes = [10_000, 100_000] + ([] if args.quick else [1_000_000])
+        searches = ["matmul", "kit"] + (FAISS_ROWS if faiss_installed() else [])
         for n in sizes:
-            for kind in ("matmul", "kit"):
+            for kind in searches:
+                if kind == "faiss hnsw" and n > 100_000 and "hnsw-1m" in args.skip:
+                    continue
                 rows[f"retrieval {n:,} {kind}"] = run_row(row_retrieval, kind, args.device, args.quick, n)
 
     def ratio(a, b, key):
         try:
+            if "ratio_alternated" in rows[a]:  # kit top-k: against the product timed beside it
+                return rows[a]["ratio_alternated"]
             return rows[a][key] / rows[b][key]
         except (KeyError, ZeroDivisionError):
             return float("nan")
 
     ratios = {"train kit": ("train kit", "train tensors", "img/s", ">= 0.95"),
               "train naive": ("train naive", "train kit", "img/s", "(naive / kit)"),
+              **{f"train kit {o}": (f"train kit {o}", "train kit", "img/s", "(/ kit)") for o in TRAIN_OPTIONS},
               "infer kit": ("infer kit", "infer model", "img/s", ""),
               "infer kit merged": ("infer kit merged", "infer kit", "img/s", "(merged / unmerged)"),
+              "infer kit compile": ("infer kit compile", "infer kit", "img/s", "(/ kit)"),
               **{f"retrieval {n:,} kit": (f"retrieval {n:,} kit", f"retrieval {n:,} matmul", "ms/1k queries",
-                                          "<= 1.25") for n in sizes}}
+                                          "<= 1.25") for n in sizes},
+              **{f"retrieval {n:,} {f}": (f"retrieval {n:,} {f}", f"retrieval {n:,} matmul", "ms/1k queries",
+                                          "(/ matmul)") for n in sizes for f in FAISS_ROWS}}
     t = Table(title=f"entrep throughput, {args.device}, {platform.node()}, "
                     f"{time.strftime('%Y-%m-%d')}, torch {__import__('torch').__version__}")
     for col in ("row", "value", "ratio", "target", "peak RSS MiB", "notes"):
@@ -282,14 +351,10 @@ def main() -> int:
             continue
         key = "img/s" if "img/s" in r else "ms/1k queries"
         rt = ratios.get(name)
-        notes = ", ".join(f"{k} {v:.0f}" for k, v in r.items() if k not in (key, "peak_rss_MiB"))
+        notes = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k not in (key, "peak_rss_MiB"))
         t.add_row(name, f"{r[key]:,.1f} {key}", f"{ratio(*rt[:3]):.2f}" if rt else "", rt[3] if rt else "",
                   f"{r['peak_rss_MiB']:,.0f}", notes)
-    try:
-        import faiss  # noqa: F401
-        t.caption = "faiss is installed but its rows are not implemented yet"
-    except ImportError:
-        t.caption = "faiss not installed: no FAISS rows"
+    t.caption = (f"faiss {__import__('faiss').__version__}" if faiss_installed() else "faiss not installed: no FAISS rows")
     Console(width=160).print(t)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
