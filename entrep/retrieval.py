@@ -20,7 +20,7 @@ def average_embeddings(embs: list[torch.Tensor]) -> torch.Tensor:
 def unit(x: torch.Tensor) -> torch.Tensor:
     """x with unit rows; x itself when it already has them (a 1M-row gallery is 2 GB to copy)."""
     x = x.float()
-    if x.numel() and ((x * x).sum(-1) - 1).abs().max() < 1e-4:
+    if x.numel() and (torch.linalg.vector_norm(x, dim=-1) - 1).abs().max() < 1e-4:  # no x-sized temporary
         return x
     return F.normalize(x, dim=-1)
 
@@ -62,7 +62,7 @@ def faiss_index(gallery: torch.Tensor, kind: str = "flat", nprobe: int = 16, see
     except ImportError:
         raise EntrepError(f"infer.search=faiss-{kind} needs faiss: pip install faiss-cpu (or faiss-gpu), "
                           f"or use infer.search=torch") from None
-    g = np.ascontiguousarray(unit(gallery).numpy())
+    g = np.ascontiguousarray(unit(gallery).cpu().numpy())
     n, d = g.shape
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
@@ -86,7 +86,7 @@ def faiss_topk(index, queries: torch.Tensor, k: int, exclude: torch.Tensor | Non
     approximate index could not fill come back as index -1, score -inf."""
     excluding = exclude is not None and bool((exclude >= 0).any())
     k = min(k, index.ntotal - int(excluding))
-    scores, idx = index.search(np.ascontiguousarray(unit(queries).numpy()), k + int(excluding))
+    scores, idx = index.search(np.ascontiguousarray(unit(queries).cpu().numpy()), k + int(excluding))
     scores, idx = torch.from_numpy(scores), torch.from_numpy(idx)
     if excluding:
         drop = idx == exclude[:, None]
