@@ -130,6 +130,8 @@ def row_train(kind: str, device: str, quick: bool, folder: str, overrides=()) ->
     from entrep.data.release import file_hash
     from entrep.engine import param_groups, train_loss, train_pipeline
 
+    if kind == "tensors":  # the limit is fed model-ready tensors: augmented in the loader, once
+        overrides = [*overrides, "speed.augment_on=loader"]
     cfg, acc, labels, model, (mean, std, size), sync = setup(device, quick, overrides)
     paths = sorted(str(p) for p in Path(folder).glob("*.png"))
     n = len(paths)
@@ -143,8 +145,6 @@ def row_train(kind: str, device: str, quick: bool, folder: str, overrides=()) ->
     ds = TrainDataset(pixels, y, caps, np.arange(n), np.arange(n), labels, True)
     bs = cfg.train.batch_size
     loader, device_augment = train_pipeline(ds, cfg, acc.device, (mean, std, size))
-    if kind == "tensors" and device_augment is not None:  # the limit gets model-ready tensors
-        loader.collate_fn.augment, device_augment = device_augment, None
     opt = torch.optim.AdamW(param_groups(model, cfg))
     model, opt, loader = acc.prepare(model, opt, loader)
     m = acc.unwrap_model(model)

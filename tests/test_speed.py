@@ -135,6 +135,15 @@ def test_speed_options_keep_the_outputs(overrides):
         torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-5)
 
 
+def test_speed_options_reach_the_model():
+    """The pins are really applied: no CPU kernel exists for `efficient`, and the patch conv is NHWC."""
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        _outputs(["speed.sdpa=efficient"])
+    cfg = load_config("configs/demo.yaml", ["model.pretrained=", "speed.channels_last=true"])
+    conv = build_model(cfg, LabelSet.from_config(cfg.labels)).base.visual.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
 @pytest.mark.slow
 def test_compile_through_accelerate_keeps_the_outputs():
     """speed.compile=true: Accelerate wraps the model with torch.compile (inductor) at prepare()."""

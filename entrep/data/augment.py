@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = torch.linalg.inv(_YIQ)
 _GRAY = torch.tensor([0.299, 0.587, 0.114])
 
 
@@ -35,7 +36,7 @@ class BatchAugment:
 
     def params(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-image parameters, drawn on the CPU (the same stream whatever device applies them)."""
-        u = torch.rand(n, 8, generator=generator)
+        u = torch.rand(n, 9, generator=generator)
         area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0]
         log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * u[:, 1]
         w = (area * log_r.exp()).sqrt().clamp(max=1.0)  # crop side as a fraction of the image side
@@ -47,7 +48,7 @@ class BatchAugment:
             "brightness": 1 + self.brightness * (2 * u[:, 5] - 1),
             "contrast": 1 + self.contrast * (2 * u[:, 6] - 1),
             "saturation": 1 + self.saturation * (2 * u[:, 7] - 1),
-            "hue": self.hue * (2 * torch.rand(n, generator=generator) - 1),
+            "hue": self.hue * (2 * u[:, 8] - 1),
         }
 
     def __call__(self, images: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -79,6 +80,5 @@ class BatchAugment:
         rot = torch.zeros(len(x), 3, 3, device=x.device)
         rot[:, 0, 0] = 1
         rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = a.cos(), -a.sin(), a.sin(), a.cos()
-        yiq = _YIQ.to(x.device)
-        m = torch.linalg.inv(yiq) @ rot @ yiq  # (B, 3, 3) colour matrix per image
+        m = _YIQ_INV.to(x.device) @ rot @ _YIQ.to(x.device)  # (B, 3, 3) colour matrix per image
         return torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
