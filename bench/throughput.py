@@ -128,7 +128,7 @@ def row_train(kind: str, device: str, quick: bool, folder: str, overrides=()) ->
     from entrep.data.dataset import TrainDataset
     from entrep.data.images import ImageCache
     from entrep.data.release import file_hash
-    from entrep.engine import param_groups, train_loss, train_pipeline
+    from entrep.engine import TrainStep, train_pipeline
 
     if kind == "tensors":  # the limit is fed model-ready tensors: augmented in the loader, once
         overrides = [*overrides, "speed.augment_on=loader"]
@@ -137,7 +137,7 @@ def row_train(kind: str, device: str, quick: bool, folder: str, overrides=()) ->
     n = len(paths)
     y = np.arange(n) % len(labels)
     caps = [["erythema on the vocal cords"] if i % 3 == 0 else [] for i in range(n)]
-    work = int(round(size * 1.15))
+    work = cfg.data.working_side(size)
     if kind == "naive":
         pixels = NaivePixels(paths, work)
     else:
@@ -145,31 +145,56 @@ def row_train(kind: str, device: str, quick: bool, folder: str, overrides=()) ->
     ds = TrainDataset(pixels, y, caps, np.arange(n), np.arange(n), labels, True)
     bs = cfg.train.batch_size
     loader, device_augment = train_pipeline(ds, cfg, acc.device, (mean, std, size))
-    opt = torch.optim.AdamW(param_groups(model, cfg))
-    model, opt, loader = acc.prepare(model, opt, loader)
-    m = acc.unwrap_model(model)
-    model.train()
+    train_step = TrainStep(cfg, acc, model, loader, total_steps=10**6, device_augment=device_augment)
+    train_step.model.train()
     if kind == "tensors":
-        fixed = next(iter(loader))
-        batches = iter(lambda: fixed, None)
+        fixed = next(iter(train_step.loader))
+        batches = iter(lambda: dict(fixed), None)
     else:
         def forever():
             while True:
-                yield from loader
+                yield from train_step.loader
         batches = forever()
 
     def step():
-        batch = next(batches)
-        if device_augment is not None:
-            batch["image"] = device_augment(batch["image"])
-        loss, _ = train_loss(model, m, batch, cfg, acc)
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad()
+        train_step(next(batches))
 
     calls = 3 if quick else 6
     rate = median_rate(step, bs, warmup=2, windows=3 if quick else 5, calls=calls, sync=sync)
-    return {"img/s": rate}
+    out = {"img/s": rate}
+    if device == "cuda" and kind == "kit" and not overrides:
+        out |= flops_row(step, bs, rate)
+    return out
+
+
+def flops_row(step, batch_size: int, img_per_s: float) -> dict:
+    """Achieved TFLOP/s and the fraction of the card's dense bf16 peak (MFU). FLOPs per image are
+    counted by torch.utils.flop_counter over one real train step (forward + backward: matmuls,
+    convolutions and attention; elementwise work is not counted, so MFU is a slight underestimate)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    torch.cuda.synchronize()
+    per_image = counter.get_total_flops() / batch_size
+    achieved = per_image * img_per_s / 1e12
+    out = {"GFLOP/img": per_image / 1e9, "TFLOP/s": achieved}
+    peak = peak_bf16_tflops(torch.cuda.get_device_name())
+    if peak:
+        out["MFU"] = achieved / peak
+    return out
+
+
+# Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, most specific name first;
+# other cards: set BENCH_PEAK_TFLOPS, or the table shows no MFU.
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+def peak_bf16_tflops(name: str) -> float:
+    if os.environ.get("BENCH_PEAK_TFLOPS"):
+        return float(os.environ["BENCH_PEAK_TFLOPS"])
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), 0.0)
 
 
 def row_infer(kind: str, device: str, quick: bool, folder: str, overrides=()) -> dict:
@@ -185,7 +210,7 @@ def row_infer(kind: str, device: str, quick: bool, folder: str, overrides=()) ->
     model.eval()
     bs = cfg.train.eval_batch_size
     if kind.startswith("kit"):
-        pixels = ImageCache(Path(folder) / "cache", int(round(size * 1.15))).pixels(
+        pixels = ImageCache(Path(folder) / "cache", cfg.data.working_side(size)).pixels(
             paths, [file_hash(Path(p)) for p in paths])
         if kind == "kit merged":
             from entrep.model.lora import merged

@@ -50,11 +50,16 @@ class DataConfig:
     bad_images: str = "skip"           # skip (counted, logged) | error
     check_images: bool = True          # decode-check every image while building the table
 
+    def working_side(self, image_size: int) -> int:
+        """The decoded cache's side: room for the random resized crop around the model's input."""
+        return self.working_size or int(round(image_size * 1.15))
+
 
 @dataclass
 class CVConfig:
     n_splits: int = 5
     seed: int = 42
+    near_dup_bits: int = 12            # pHash (256-bit) distance that makes two images one fold group; 0 = off
 
 
 @dataclass
@@ -62,7 +67,7 @@ class LoraConfig:
     enabled: bool = True
     rank: int = 16
     alpha: int = 32
-    dropout: float = 0.1
+    dropout: float = 0.0               # module targets only: peft has no dropout path for parameter targets
     text: bool = True                  # also adapt the text tower
     targets: list[str] = field(default_factory=lambda: ["attn.in_proj_weight", "mlp.c_fc", "mlp.c_proj"])
     train_last_blocks: int = 0         # without LoRA: unfreeze the last N vision blocks (ablation baseline)
@@ -118,10 +123,11 @@ class TrainConfig:
     warmup_frac: float = 0.1
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False   # recompute block activations in backward (open_clip's set_grad_checkpointing)
     mixed_precision: str = "auto"      # auto | no | fp16 | bf16
     hflip: bool = True                 # laterality-aware flip (swaps labels and left/right words)
     resume: bool = False
-    select_metric: str = "f1_macro"    # OOF metric that picks each fold's best epoch
+    monitor_metric: str = "f1_macro"   # held-out score logged per epoch to watch a run; never picks an epoch
     seed: int = 42
     log_every: int = 10
 
@@ -200,7 +206,7 @@ CHOICES = {
     "data.bad_images": {"skip", "error"},
     "model.fusion.mode": {"softmax", "concat"},
     "train.mixed_precision": {"auto", "no", "fp16", "bf16"},
-    "train.select_metric": {"f1_macro", "accuracy", "f1_weighted"},
+    "train.monitor_metric": {"f1_macro", "accuracy", "f1_weighted", "none"},
     "infer.partial": {"refuse", "use"},
     "infer.search": {"torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"},
     "speed.augment_on": {"auto", "device", "loader"},
@@ -325,6 +331,8 @@ def validate(cfg: Config) -> None:
             value = getattr(value, part)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' = {value!r}; choose one of {sorted(allowed)}")
+    if not 0 <= cfg.cv.near_dup_bits <= 64:
+        raise ConfigError(f"cv.near_dup_bits = {cfg.cv.near_dup_bits}; choose 0 (off) to 64 of the hash's 256 bits")
     if cfg.cv.n_splits < 2:
         raise ConfigError(f"cv.n_splits = {cfg.cv.n_splits}; need at least 2 folds")
     bad = [f for f in cfg.train.folds if f != -1 and not 0 <= f < cfg.cv.n_splits]
@@ -335,6 +343,7 @@ def validate(cfg: Config) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"config key 'train.{name}' must be >= 1")
+    _validate_lora(cfg.model.lora)
     if any(t.endswith("out_proj") for t in cfg.model.lora.targets):
         raise ConfigError("model.lora.targets: 'out_proj' alone never runs in open_clip's attention (a dead "
                           "adapter); use 'attn.in_proj_weight' or 'attn'")
@@ -350,6 +359,31 @@ def validate(cfg: Config) -> None:
         LabelSet.from_config(cfg.labels)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def is_param_target(target: str) -> bool:
+    """LoRA targets ending in `_weight`/`.weight` name parameters (peft target_parameters); the rest modules."""
+    return target.endswith(("_weight", ".weight"))
+
+
+def _validate_lora(lora: LoraConfig) -> None:
+    """What peft would refuse at build time, refused here with the key and the fix."""
+    if not lora.enabled:
+        return
+    if lora.rank < 1:
+        raise ConfigError(f"model.lora.rank = {lora.rank}; a LoRA rank must be >= 1 (or model.lora.enabled=false)")
+    if lora.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha = {lora.alpha}; must be > 0 (the adapter is scaled by alpha / rank)")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout = {lora.dropout}; must lie in [0, 1)")
+    if not lora.targets:
+        raise ConfigError("model.lora.targets is empty; e.g. [attn.in_proj_weight, mlp.c_fc, mlp.c_proj]")
+    # peft's ParamWrapper (target_parameters) adds B @ A to the weight itself, so there is no input to drop out.
+    param_targets = [t for t in lora.targets if is_param_target(t)]
+    if lora.dropout and param_targets:
+        raise ConfigError(f"model.lora.dropout = {lora.dropout} cannot apply to the parameter target(s) "
+                          f"{param_targets} (peft adapts the weight, not an input); set model.lora.dropout=0, or "
+                          f"target modules only, e.g. model.lora.targets=[attn,mlp.c_fc,mlp.c_proj]")
 
 
 def to_dict(cfg: Config) -> dict:

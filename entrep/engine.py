@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from entrep.labels import LabelSet
 from entrep.losses import caption_targets, joint_loss
 from entrep.metrics import classification_metrics
 from entrep.model.slerp import slerp
+
+log = logging.getLogger("entrep.train")
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -65,15 +68,17 @@ def cosine_schedule(optimizer, total_steps: int, warmup_frac: float):
 
 
 def param_groups(model, cfg) -> list[dict]:
-    """Adapters (and unfrozen base blocks) at lr_lora; the kit's fusion, head and logit_scale at lr_head."""
-    backbone, kit = [], []
+    """Adapters (and unfrozen base blocks) at lr_lora; the kit's fusion, head and logit_scale at
+    lr_head. Weight decay only on matrices: as in open_clip's training, tensors of fewer than 2
+    dimensions (biases, norms, logit_scale, the fusion level logits) are exempt, since decay would
+    pull the temperature and the fusion weights toward zero for no regularising gain."""
+    groups: dict[tuple[bool, bool], list] = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (backbone if n.startswith("clip.") else kit).append(p)
-    groups = [{"params": kit, "lr": cfg.train.lr_head}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.train.lr_lora})
-    return groups
+            groups.setdefault((n.startswith("clip."), p.ndim >= 2), []).append(p)
+    return [{"params": ps, "lr": cfg.train.lr_lora if backbone else cfg.train.lr_head,
+             "weight_decay": cfg.train.weight_decay if decay else 0.0}
+            for (backbone, decay), ps in sorted(groups.items())]
 
 
 def combine_probs(head: np.ndarray, prompt: np.ndarray | None, head_weight: float) -> np.ndarray:
@@ -154,7 +159,8 @@ def retrieval_embedding(emb: np.ndarray, probs: np.ndarray, class_emb: np.ndarra
 
 def train_loss(model, m, batch: dict, cfg, acc, class_weights=None, use_slerp: bool = True):
     """The joint loss of one batch: one forward for images and the batch's unique captions, plus
-    (optionally) a slerp view of each labelled image toward its own class prompt."""
+    (optionally) a slerp view of each labelled image toward its own class prompt. Everything the
+    loss reads comes out of `model`'s forward (DDP); `m` (unwrapped) only tokenizes."""
     captions, text_pos = caption_targets(batch["all_captions"])
     tokens = m.tokenize(captions).to(acc.device) if captions and cfg.loss.text else None
     with acc.autocast():
@@ -165,97 +171,124 @@ def train_loss(model, m, batch: dict, cfg, acc, class_weights=None, use_slerp: b
         t = torch.rand(len(y), device=acc.device) * cfg.model.slerp.t_max
         views = slerp(out["emb"].float(), out["class_emb"][y].float(), t)
     out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}  # losses in fp32
-    return joint_loss(out, batch["y"], batch["group"], out.get("text_emb"), text_pos, m.scale(), cfg.loss,
+    return joint_loss(out, batch["y"], batch["group"], out.get("text_emb"), text_pos, out["scale"], cfg.loss,
                       class_weights, views)
 
 
+class TrainStep:
+    """The trainer's optimizer step, and the one that preflight, the shipped-config tests and the
+    benchmark run: augmentation on the device where configured, joint loss, backward, gradient
+    clipping, AdamW and the warmup/cosine schedule, under Accelerate's accumulation."""
+
+    def __init__(self, cfg, acc, model, loader, total_steps: int, device_augment=None, class_weights=None):
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.train.weight_decay)
+        scheduler = cosine_schedule(optimizer, total_steps, cfg.train.warmup_frac)
+        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        self.m = acc.unwrap_model(self.model)
+        self.cfg, self.acc, self.device_augment, self.class_weights = cfg, acc, device_augment, class_weights
+        self.use_slerp = cfg.model.slerp.train and cfg.model.prompts and cfg.model.slerp.t_max > 0
+
+    def __call__(self, batch: dict) -> tuple[float, dict]:
+        """One batch; returns the loss and its parts as floats."""
+        acc, model = self.acc, self.model
+        if self.device_augment is not None:
+            batch["image"] = self.device_augment(batch["image"])
+        with acc.accumulate(model):
+            loss, parts = train_loss(model, self.m, batch, self.cfg, acc, self.class_weights, self.use_slerp)
+            acc.backward(loss)
+            if acc.sync_gradients and self.cfg.train.max_grad_norm > 0:
+                acc.clip_grad_norm_(model.parameters(), self.cfg.train.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return float(loss.detach()), parts
+
+
+def total_steps(loader: DataLoader, cfg) -> int:
+    """Optimizer steps of a fold, from the unprepared (whole-dataset) loader."""
+    return math.ceil(len(loader) / cfg.train.grad_accum) * cfg.train.epochs
+
+
 class FoldTrainer:
-    """Fits one fold: joint loss, AdamW + warmup/cosine, best epoch by the configured OOF metric."""
+    """Fits one fold for exactly `train.epochs` epochs: joint loss, AdamW + warmup/cosine.
+
+    No epoch is picked on the held-out fold, since that fold then scores the model: the cosine
+    schedule ends at the last epoch and that epoch is kept. The held-out score per epoch is logged
+    to watch the run (`train.monitor_metric`), never used for a choice.
+    """
 
     def __init__(self, cfg, accelerator, labels: LabelSet, console=None):
         self.cfg, self.acc, self.labels, self.console = cfg, accelerator, labels, console
 
     def fit(self, model, pixels: np.ndarray, table, train_rows: np.ndarray, val_rows: np.ndarray,
-            groups: np.ndarray, image_stats) -> tuple[dict, list[dict]]:
-        """Train on `train_rows`, select on `val_rows`; returns (best metrics, per-epoch log rows).
-        The model ends holding its best epoch's weights."""
+            groups: np.ndarray, image_stats, tag: str = "") -> tuple[dict, list[dict]]:
+        """Train on `train_rows`; returns (last epoch's figures, per-epoch log rows)."""
         cfg, acc = self.cfg, self.acc
         mean, std, size = image_stats
         ds = TrainDataset(pixels[train_rows], table["y"].to_numpy()[train_rows],
                           [table["captions"].iloc[i] for i in train_rows], groups[train_rows], train_rows,
                           self.labels, cfg.train.hflip)
         loader, device_augment = train_pipeline(ds, cfg, acc.device, image_stats)
-        steps = math.ceil(len(loader) / cfg.train.grad_accum) * cfg.train.epochs  # from the unprepared loader
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.train.weight_decay)
-        scheduler = cosine_schedule(optimizer, steps, cfg.train.warmup_frac)
         class_weights = None
         if cfg.loss.class_weights:
             y = table["y"].to_numpy()[train_rows]
             counts = np.bincount(y[y >= 0], minlength=len(self.labels)).astype(np.float32)
             w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(self.labels), 0.0)
             class_weights = torch.tensor(w, dtype=torch.float32, device=acc.device)
-        model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
-        m = acc.unwrap_model(model)
-        use_slerp = cfg.model.slerp.train and cfg.model.prompts and cfg.model.slerp.t_max > 0
+        step = TrainStep(cfg, acc, model, loader, total_steps(loader, cfg), device_augment, class_weights)
+        model, loader = step.model, step.loader
+        if len(loader) == 0:  # an epoch of no step would "train" silently
+            from entrep.errors import EntrepError
 
-        best, best_state, history = None, None, []
+            raise EntrepError(f"{len(train_rows)} training images make no full batch of train.batch_size="
+                              f"{cfg.train.batch_size} on each of {acc.num_processes} processes; lower train.batch_size")
+
+        history, monitor = [], cfg.train.monitor_metric
         progress = self._progress()
         epoch_task = progress.add_task("epochs", total=cfg.train.epochs) if progress else None
+        start = time.perf_counter()
         with progress or contextlib.nullcontext():
             for epoch in range(cfg.train.epochs):
                 model.train()
                 step_task = progress.add_task(f"epoch {epoch + 1}", total=len(loader)) if progress else None
                 t0, seen, sums = time.perf_counter(), 0, {}
                 for batch in loader:
-                    if device_augment is not None:
-                        batch["image"] = device_augment(batch["image"])
-                    with acc.accumulate(model):
-                        loss, parts = train_loss(model, m, batch, cfg, acc, class_weights, use_slerp)
-                        acc.backward(loss)
-                        if acc.sync_gradients and cfg.train.max_grad_norm > 0:
-                            acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
+                    loss, parts = step(batch)
                     seen += len(batch["y"]) * acc.num_processes
-                    for key, v in {"loss": float(loss.detach()), **parts}.items():
+                    for key, v in {"loss": loss, **parts}.items():
                         sums[key] = sums.get(key, 0.0) + v
                     if progress:
                         rate = seen / max(time.perf_counter() - t0, 1e-9)
                         progress.update(step_task, advance=1, description=f"epoch {epoch + 1} {rate:,.0f} img/s "
-                                        f"loss {float(loss.detach()):.3f}")
+                                        f"loss {loss:.3f}")
                 if progress:
                     progress.remove_task(step_task)
                     progress.advance(epoch_task)
                 row = {"epoch": epoch + 1, **{k: v / max(1, len(loader)) for k, v in sums.items()},
                        "img_per_s": seen / max(time.perf_counter() - t0, 1e-9),
-                       "lr_head": scheduler.get_last_lr()[0]}
-                if len(val_rows):
+                       "lr_head": step.scheduler.get_last_lr()[0]}
+                if len(val_rows) and monitor != "none":
                     emb = embed_images(model, pixels[val_rows], acc, cfg.train.eval_batch_size, False,
                                        self.labels, size, mean, std)
-                    score = self._select_score(emb, table["y"].to_numpy()[val_rows])
-                    row["val_" + cfg.train.select_metric] = score
-                    if best is None or score > best:
-                        best, best_state = score, {k: v.clone() for k, v in _trainable_state(m).items()}
-                        row["best"] = True
+                    row["val_" + monitor] = self._monitor_score(emb, table["y"].to_numpy()[val_rows])
                 history.append(row)
-        if best_state is not None:
-            with torch.no_grad():
-                params = dict(m.named_parameters())
-                for k, v in best_state.items():
-                    params[k].copy_(v)
-            m.invalidate_cache()
+                left = (time.perf_counter() - start) / (epoch + 1) * (cfg.train.epochs - epoch - 1)
+                # one line per epoch: the only progress a log file, nohup or a notebook shows
+                log.info("%sepoch %d/%d: loss %.4f, %.0f img/s%s, fold ends in %.0f s", f"{tag} " if tag else "",
+                         epoch + 1, cfg.train.epochs, row.get("loss", float("nan")), row["img_per_s"],
+                         f", held-out {monitor} {row['val_' + monitor]:.4f} (watched, not used)"
+                         if "val_" + monitor in row else "", left)
         acc.wait_for_everyone()
-        return {"best_" + cfg.train.select_metric: best}, history
+        last = {k: v for k, v in history[-1].items() if k.startswith("val_") or k == "loss"} if history else {}
+        return {"trained_epochs": cfg.train.epochs, **{f"last_{k}": v for k, v in last.items()}}, history
 
-    def _select_score(self, emb: Embedded, y: np.ndarray) -> float:
-        """Epoch selection on held-out images: classification picks by F1/accuracy on labelled rows."""
-        metric = self.cfg.train.select_metric
+    def _monitor_score(self, emb: Embedded, y: np.ndarray) -> float:
+        """The held-out classification score, logged per epoch to watch the run."""
         lab = y >= 0
         if not lab.any():
             return 0.0
         probs = emb.probs(0.5, tta=False)
-        return classification_metrics(y[lab], probs[lab].argmax(1), self.labels.names)[metric]
+        return classification_metrics(y[lab], probs[lab].argmax(1), self.labels.names)[self.cfg.train.monitor_metric]
 
     def _progress(self):
         if not self.acc.is_main_process:
@@ -265,6 +298,3 @@ class FoldTrainer:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=self.console, transient=True)
 
-
-def _trainable_state(m) -> dict:
-    return {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}

@@ -52,108 +52,161 @@ def _rank(q: np.ndarray, g: np.ndarray, names: list[str], rerank: dict, exclude=
     return [[names[j] for j in row] for row in idx.tolist()]
 
 
-def fold_retrieval(images, e: Embedded, captions, caption_emb, table: pd.DataFrame, head_weight: float,
-                   alpha: float, tta: bool, rerank: dict | None = None) -> dict:
-    """(rankings, relevant) for the fold's i2i and t2i queries."""
-    rerank = rerank or {}
+TRACKS = ("i2i", "t2i")
+# A method is offered only where it means something for the track. With caption queries, k-reciprocal
+# would build one neighbour graph over text and image embeddings, whose modality gap leaves its
+# Jaccard term without meaning, and alpha-QE would add image vectors to a caption's.
+RERANK_OFFERED = {"i2i": ("dba", "qe", "class_bonus", "kreciprocal"), "t2i": ("dba", "class_bonus")}
+
+
+def track_rankings(fold, table: pd.DataFrame, track: str, head_weight: float, alpha: float, tta: bool,
+                   rerank: dict | None = None) -> tuple[list, list]:
+    """(rankings, relevant sets) of one held-out fold's queries for one track."""
+    images, e, captions, caption_emb = fold
     info = table.set_index("image").loc[images]
     probs = e.probs(head_weight, tta)
     ret = retrieval_embedding(e.emb, probs, e.class_emb, alpha)
     pg = torch.from_numpy(probs)
     pos = {n: i for i, n in enumerate(images)}
-    out = {}
-    q = [i for i, p in enumerate(info["partners"]) if any(x in pos for x in p)]
-    rel = [{x for x in info["partners"].iloc[i] if x in pos} for i in q]
-    out["i2i"] = (_rank(ret[q], ret, images, rerank, exclude=q, pq=pg[q], pg=pg) if q else [], rel)
-    carriers = {}
+    if track == "i2i":
+        q = [i for i, p in enumerate(info["partners"]) if any(x in pos for x in p)]
+        rel = [{x for x in info["partners"].iloc[i] if x in pos} for i in q]
+        return (_rank(ret[q], ret, images, rerank or {}, exclude=q, pq=pg[q], pg=pg) if q else []), rel
+    carriers: dict = {}
     for n, caps in zip(images, info["captions"]):
         for c in caps:
             carriers.setdefault(c, set()).add(n)
     keep = [i for i, c in enumerate(captions) if c in carriers]
     pt = (text_class_probs(torch.from_numpy(caption_emb[keep]), torch.from_numpy(e.class_emb))
           if e.class_emb is not None and keep else None)
-    out["t2i"] = (_rank(caption_emb[keep], ret, images, rerank, pq=pt, pg=pg) if keep else [],
-                  [carriers[captions[i]] for i in keep])
+    return ((_rank(caption_emb[keep], ret, images, rerank or {}, pq=pt, pg=pg) if keep else []),
+            [carriers[captions[i]] for i in keep])
+
+
+def _pooled(oof: dict, table, track: str, head_weight: float, alpha: float, tta: bool, rerank=None) -> dict:
+    rk, rel = [], []
+    for fold in oof.values():
+        r, s = track_rankings(fold, table, track, head_weight, alpha, tta, rerank)
+        rk += r
+        rel += s
+    return retrieval_metrics(rk, rel) if rk else {"n_queries": 0, "mrr": 0.0}
+
+
+def _classify(oof: dict, table, names, head_weight: float, tta: bool) -> dict:
+    y_of = dict(zip(table["image"], table["y"]))
+    y, pred = [], []
+    for images, e, _, _ in oof.values():
+        yy = np.array([y_of[n] for n in images])
+        p = e.probs(head_weight, tta).argmax(1)
+        y += list(yy[yy >= 0])
+        pred += list(p[yy >= 0])
+    return classification_metrics(y, pred, names) if y else {}
+
+
+def tune_rerank(oof, table, track: str, cfg, head_weight: float, alpha: float) -> dict:
+    """Greedy, in config order, over the methods offered for `track`: keep a method only where it
+    raises the track's pooled MRR by rerank.min_gain (or keep every one when rerank.tune=false)."""
+    tta = cfg.infer.tta_flip
+    kept: dict = {}
+    current = _pooled(oof, table, track, head_weight, alpha, tta, kept)["mrr"]
+    steps = []
+    for m in (m for m in cfg.rerank.methods if m in RERANK_OFFERED[track]):
+        trial = kept | {m: method_params(m, cfg.rerank)}
+        after = _pooled(oof, table, track, head_weight, alpha, tta, trial)["mrr"]
+        keep = not cfg.rerank.tune or after >= current + cfg.rerank.min_gain
+        steps.append({"method": m, "params": trial[m], "mrr_before": current, "mrr_after": after, "kept": keep,
+                      "why": ("listed (rerank.tune=false)" if not cfg.rerank.tune else
+                              f"{track} MRR {'+' if after >= current else ''}{after - current:.4f} "
+                              f"vs required +{cfg.rerank.min_gain}")})
+        if keep:
+            kept, current = trial, after
+    return {"kept": kept, "steps": steps,
+            "not_offered": [m for m in cfg.rerank.methods if m not in RERANK_OFFERED[track]]}
+
+
+def tune(oof: dict, table, names, cfg) -> dict:
+    """Inference settings chosen on the given folds' OOF predictions: the head-vs-prompt weight by
+    macro F1, then per track the slerp alpha and the re-ranking methods by that track's MRR."""
+    tta = cfg.infer.tta_flip
+    has_prompt = all(e.prompt is not None for _, e, _, _ in oof.values())
+    grid_w = [0.0, 0.25, 0.5, 0.75, 1.0] if has_prompt else [1.0]
+    f1 = {w: _classify(oof, table, names, w, tta).get("f1_macro", 0.0) for w in grid_w}
+    w = max(grid_w, key=lambda v: (f1[v], v))
+    out = {"head_weight": w, "tta_flip": tta, "head_weight_grid_f1_macro": {str(k): v for k, v in f1.items()}}
+    grid_a = cfg.model.slerp.alpha_grid if has_prompt and cfg.model.slerp.infer else [0.0]
+    for track in TRACKS:
+        mrr = {a: _pooled(oof, table, track, w, a, tta)["mrr"] for a in grid_a}
+        a = max(grid_a, key=lambda v: (mrr[v], -abs(v - cfg.model.slerp.alpha)))
+        out[track] = {"alpha": a, "alpha_grid_mrr": {str(k): v for k, v in mrr.items()},
+                      "rerank": tune_rerank(oof, table, track, cfg, w, a)}
     return out
 
 
-def score_run(oof: dict[int, tuple], table: pd.DataFrame, names, head_weight: float, alpha: float,
-              tta: bool, rerank: dict | None = None) -> dict:
-    """Per-fold and pooled OOF figures for classification, i2i and t2i."""
+def track_settings(tuned: dict, track: str) -> tuple[float, dict]:
+    """(alpha, kept re-ranking methods) of a track; tuned.json files from before per-track tuning
+    held one alpha and one set for both tracks."""
+    t = tuned.get(track) or {"alpha": tuned.get("alpha", 0.0), "rerank": tuned.get("rerank", {})}
+    return t["alpha"], t["rerank"].get("kept", {})
+
+
+HOW = {
+    "classification": "pooled over folds: each image predicted by the fold model that never saw it, trained a "
+                      "fixed train.epochs (no epoch picked on it), TTA as configured, head_weight tuned on the "
+                      "other folds' OOF predictions (cross-fitted)",
+    "i2i": "pooled over folds: queries and gallery from one held-out fold; slerp alpha and re-ranking tuned on the "
+           "other folds' i2i MRR (cross-fitted)",
+    "t2i": "pooled over folds: captions and gallery from one held-out fold; slerp alpha and re-ranking tuned on "
+           "the other folds' t2i MRR (cross-fitted)",
+    "folds": "stratified by class, grouped by the union of i2i components, patient ids and near-duplicate "
+             "(pHash) clusters",
+    "tuned": "tuned.json: the same tuning on all folds, for infer.py; it scores none of these figures",
+}
+
+
+def crossfit(oof: dict, table, names, cfg) -> tuple[dict, dict]:
+    """(report, per-fold settings): fold k is scored with settings tuned on the other folds, so no
+    reported figure is chosen on the predictions it scores."""
+    tta = cfg.infer.tta_flip
     y_of = dict(zip(table["image"], table["y"]))
-    folds, pooled = [], {"y": [], "pred": [], "i2i": ([], []), "t2i": ([], [])}
-    for k, (images, e, captions, caption_emb) in sorted(oof.items()):
+    rows, settings = [], {}
+    pooled = {"y": [], "pred": [], "i2i": ([], []), "t2i": ([], [])}
+    for k, fold in sorted(oof.items()):
+        t = tune({j: f for j, f in oof.items() if j != k}, table, names, cfg)
+        settings[k] = {"head_weight": t["head_weight"],
+                       **{tr: {"alpha": t[tr]["alpha"], "rerank": list(t[tr]["rerank"]["kept"])} for tr in TRACKS}}
+        images, e = fold[0], fold[1]
         y = np.array([y_of[n] for n in images])
-        pred = e.probs(head_weight, tta).argmax(1)
+        pred = e.probs(t["head_weight"], tta).argmax(1)
         lab = y >= 0
-        row = {"fold": k, "n_images": len(images), "n_labelled": int(lab.sum())}
+        row = {"fold": k, "n_images": len(images), "n_labelled": int(lab.sum()), "settings": settings[k]}
         if lab.any():
             c = classification_metrics(y[lab], pred[lab], names)
             row["classification"] = {m: c[m] for m in ("accuracy", "f1_macro", "f1_weighted")}
         pooled["y"] += list(y[lab])
         pooled["pred"] += list(pred[lab])
-        for track, (rk, rel) in fold_retrieval(images, e, captions, caption_emb, table, head_weight, alpha,
-                                               tta, rerank).items():
+        for track in TRACKS:
+            rk, rel = track_rankings(fold, table, track, t["head_weight"], t[track]["alpha"], tta,
+                                     t[track]["rerank"]["kept"])
             if rk:
                 row[track] = retrieval_metrics(rk, rel)
             pooled[track][0].extend(rk)
             pooled[track][1].extend(rel)
-        folds.append(row)
+        rows.append(row)
     report = {"classification": classification_metrics(pooled["y"], pooled["pred"], names) if pooled["y"] else {}}
-    for track in ("i2i", "t2i"):
+    for track in TRACKS:
         rk, rel = pooled[track]
         report[track] = (retrieval_metrics(rk, rel) if rk else {"n_queries": 0}) | {"relevance": RELEVANCE[track]}
-    report["folds"] = folds
-    return report
+    report["folds"] = rows
+    report["how"] = HOW
+    return report, settings
 
 
-def mean_mrr(report: dict) -> float:
-    mrrs = [report[t]["mrr"] for t in ("i2i", "t2i") if report[t].get("n_queries")]
-    return float(np.mean(mrrs)) if mrrs else 0.0
-
-
-def tune_rerank(oof, table, names, cfg, head_weight: float, alpha: float) -> dict:
-    """Greedy, in config order: add each re-ranking method and keep it only where mean OOF MRR
-    rises by rerank.min_gain (or keep every listed one when rerank.tune=false)."""
-    tta = cfg.infer.tta_flip
-    kept: dict = {}
-    current = mean_mrr(score_run(oof, table, names, head_weight, alpha, tta, kept))
-    steps = []
-    for m in cfg.rerank.methods:
-        trial = kept | {m: method_params(m, cfg.rerank)}
-        after = mean_mrr(score_run(oof, table, names, head_weight, alpha, tta, trial))
-        keep = not cfg.rerank.tune or after >= current + cfg.rerank.min_gain
-        steps.append({"method": m, "params": trial[m], "mean_mrr_before": current, "mean_mrr_after": after,
-                      "kept": keep, "why": ("listed (rerank.tune=false)" if not cfg.rerank.tune else
-                                            f"OOF mean MRR {'+' if after >= current else ''}{after - current:.4f}"
-                                            f" vs required +{cfg.rerank.min_gain}")})
-        if keep:
-            kept, current = trial, after
-    return {"kept": kept, "steps": steps}
-
-
-def tune(oof, table, names, cfg) -> dict:
-    """Head-vs-prompt weight (OOF macro F1), then slerp alpha (mean OOF MRR of i2i and t2i), then
-    which re-ranking methods to keep."""
-    tta = cfg.infer.tta_flip
-    has_prompt = all(e.prompt is not None for _, e, _, _ in oof.values())
-    grid_w = [0.0, 0.25, 0.5, 0.75, 1.0] if has_prompt else [1.0]
-    scores_w = {w: score_run(oof, table, names, w, 0.0, tta)["classification"].get("f1_macro", 0.0) for w in grid_w}
-    w = max(grid_w, key=lambda v: (scores_w[v], v))
-    grid_a = cfg.model.slerp.alpha_grid if has_prompt and cfg.model.slerp.infer else [0.0]
-    scores_a = {a: mean_mrr(score_run(oof, table, names, w, a, tta)) for a in grid_a}
-    a = max(grid_a, key=lambda v: (scores_a[v], -abs(v - cfg.model.slerp.alpha)))
-    return {"head_weight": w, "alpha": a, "tta_flip": tta, "rerank": tune_rerank(oof, table, names, cfg, w, a),
-            "grid": {"head_weight_f1_macro": {str(k): v for k, v in scores_w.items()},
-                     "alpha_mean_mrr": {str(k): v for k, v in scores_a.items()}},
-            "note": "chosen on the same out-of-fold predictions the report scores; never on test data"}
-
-
-def oof_table(oof, table, names, head_weight: float, tta: bool) -> pd.DataFrame:
+def oof_table(oof, table, names, head_weight: dict, tta: bool) -> pd.DataFrame:
+    """Every labelled image's OOF class probabilities, with its fold's cross-fitted head weight."""
     rows = []
     label_of = dict(zip(table["image"], table["label"]))
     for k, (images, e, _, _) in sorted(oof.items()):
-        probs = e.probs(head_weight, tta)
+        probs = e.probs(head_weight[k], tta)
         for n, p in zip(images, probs):
             if pd.isna(label_of[n]):
                 continue  # unlabelled images have embeddings in the fold's oof.npz, no class to score
@@ -198,12 +251,12 @@ def _save_fig(fig, path: Path) -> None:
 
 
 def write_report(run_dir: Path, oof, table, names, cfg) -> dict:
-    tuned = tune(oof, table, names, cfg)
-    report = score_run(oof, table, names, tuned["head_weight"], tuned["alpha"], tuned["tta_flip"],
-                       tuned["rerank"]["kept"])
+    report, settings = crossfit(oof, table, names, cfg)
+    tuned = tune(oof, table, names, cfg) | {"how": HOW["tuned"]}
     report["tuned"] = tuned
     atomic_write_json(run_dir / "tuned.json", tuned)
-    atomic_write_csv(run_dir / "oof.csv", oof_table(oof, table, names, tuned["head_weight"], tuned["tta_flip"]))
+    atomic_write_csv(run_dir / "oof.csv", oof_table(oof, table, names, {k: s["head_weight"] for k, s in
+                                                                        settings.items()}, cfg.infer.tta_flip))
     atomic_write_json(run_dir / "report.json", report)
     if report["classification"]:
         plots(run_dir, report["classification"], names)

@@ -41,9 +41,7 @@ def topk_cosine(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: t
     for s in range(0, q.shape[0], rows):
         sim = q[s:s + rows] @ g.t()
         if exclude is not None:
-            ex = exclude[s:s + rows].to(sim.device)
-            hit = ex >= 0
-            sim[hit.nonzero().squeeze(1), ex[hit]] = float("-inf")
+            _mask(sim, exclude[s:s + rows])
         v, i = sim.topk(k, dim=1)
         scores.append(v)
         index.append(i)
@@ -102,48 +100,127 @@ def faiss_topk(index, queries: torch.Tensor, k: int, exclude: torch.Tensor | Non
 RERANK_METHODS = ("dba", "qe", "class_bonus", "kreciprocal")
 
 
+def _rows_per_block(n_cols: int, max_bytes: int, per_col: int = 4) -> int:
+    return max(1, max_bytes // max(1, n_cols * per_col))
+
+
 def neighbour_average(x: torch.Tensor, pool: torch.Tensor, k: int, alpha: float, self_weight: float = 1.0,
-                      exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """normalise(self_weight·x + Σ_{top-k of pool} max(sim, 0)^alpha · pool_j).
+                      exclude: torch.Tensor | None = None, max_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """normalise(self_weight·x + Σ_{top-k of pool} max(sim, 0)^alpha · pool_j), in row blocks whose
+    similarity (and gathered neighbours) stay within `max_bytes`.
 
     alpha-QE (Radenović et al.) on queries; with alpha=0 and x from the pool, database-side augmentation.
     """
-    sim = x @ pool.t()
-    if exclude is not None:
-        hit = exclude >= 0
-        sim[hit.nonzero().squeeze(1), exclude[hit]] = float("-inf")
-    s, i = sim.topk(min(k, pool.shape[0]), dim=1)
-    w = s.clamp(min=0) ** alpha
-    return F.normalize(self_weight * x + (w.unsqueeze(-1) * pool[i]).sum(1), dim=-1)
+    k = min(k, pool.shape[0])
+    rows = min(_rows_per_block(pool.shape[0], max_bytes, per_col=8), _rows_per_block(k * pool.shape[1], max_bytes))
+    out = torch.empty_like(x)
+    for s in range(0, x.shape[0], rows):
+        sim = x[s:s + rows] @ pool.t()
+        if exclude is not None:
+            _mask(sim, exclude[s:s + rows])
+        v, i = sim.topk(k, dim=1)
+        w = v.clamp(min=0) ** alpha
+        out[s:s + rows] = F.normalize(self_weight * x[s:s + rows] + torch.einsum("rk,rkd->rd", w, pool[i]), dim=-1)
+    return out
 
 
-def k_reciprocal_distance(q: torch.Tensor, g: torch.Tensor, k1: int = 20, k2: int = 6, lam: float = 0.3) -> torch.Tensor:
-    """Zhong et al. (CVPR 2017) re-ranking: (Q, N) distances mixing Jaccard distance of the
-    k-reciprocal neighbour sets with the original distance (weight lam). Dense: O((Q+N)^2) memory."""
-    allf = torch.cat([q, g])
-    n_q, n = q.shape[0], allf.shape[0]
-    dist = (2 - 2 * allf @ allf.t()).clamp(min=0)
-    k1 = min(k1, n - 1)
-    rank = dist.argsort(dim=1)
-    V = torch.zeros(n, n, dtype=dist.dtype)
-    for i in range(n):
-        fwd = rank[i, :k1 + 1]
-        recip = fwd[(rank[fwd, :k1 + 1] == i).any(1)]
-        expanded = recip
-        for c in recip.tolist():
-            half = rank[c, :int(round(k1 / 2)) + 1]
-            cand = half[(rank[half, :int(round(k1 / 2)) + 1] == c).any(1)]
-            if len(set(cand.tolist()) & set(recip.tolist())) > 2 / 3 * len(cand):
-                expanded = torch.cat([expanded, cand])
-        expanded = expanded.unique()
-        w = torch.exp(-dist[i, expanded])
-        V[i, expanded] = w / w.sum()
-    if k2 > 1:
-        V = V[rank[:, :k2]].mean(1)
-    inter = torch.minimum(V[:n_q, None, :], V[None, n_q:, :]).sum(-1)
-    union = torch.maximum(V[:n_q, None, :], V[None, n_q:, :]).sum(-1)
-    jaccard = 1 - inter / union.clamp(min=1e-12)
-    return (1 - lam) * jaccard + lam * dist[:n_q, n_q:]
+def _mask(scores: torch.Tensor, exclude: torch.Tensor) -> None:
+    """Set scores[r, exclude[r]] to -inf where exclude[r] >= 0 (the query's own gallery row)."""
+    exclude = exclude.to(scores.device)
+    hit = exclude >= 0
+    scores[hit.nonzero().squeeze(1), exclude[hit]] = float("-inf")
+
+
+class KReciprocal:
+    """Zhong et al. (CVPR 2017) k-reciprocal re-ranking in memory bounded by `max_bytes` at any size.
+
+    As in the authors' code: squared euclidean distances of unit vectors, each row divided by its
+    maximum; k-reciprocal sets expanded by their half-size reciprocal sets when those overlap by
+    more than 2/3; encodings V weighted by exp(-distance) and summing to 1, averaged over the k2
+    nearest neighbours; Jaccard distance 1 - |min| / (2 - |min|) through an inverted index; final
+    distance (1 - lam)·Jaccard + lam·distance. Neighbour lists come from a chunked top-k and V is
+    sparse (a few dozen entries a row), so nothing of size (Q+N)² is ever held.
+    """
+
+    def __init__(self, q: torch.Tensor, g: torch.Tensor, k1: int = 20, k2: int = 6, lam: float = 0.3,
+                 max_bytes: int = 256 * 2**20):
+        from scipy.sparse import csr_matrix
+
+        self.allf = torch.cat([q, g]).float()
+        self.n_q, n = q.shape[0], self.allf.shape[0]
+        self.lam, self.max_bytes = lam, max_bytes
+        k1 = min(k1, n - 1)
+        self.rowmax = torch.empty(n)
+        rank = torch.empty(n, k1 + 1, dtype=torch.long)
+        rows_per = _rows_per_block(n, max_bytes, per_col=8)  # the block and topk's workspace
+        for s in range(0, n, rows_per):
+            d = self._distances(self.allf[s:s + rows_per], self.allf)
+            self.rowmax[s:s + len(d)] = d.max(1).values.clamp(min=1e-12)
+            rank[s:s + len(d)] = d.topk(k1 + 1, dim=1, largest=False).indices  # self first
+            del d
+        rank_np = rank.numpy()
+        half = int(round(k1 / 2)) + 1
+        rows, cols, vals = [], [], []
+        for i in range(n):
+            fwd = rank_np[i]
+            recip = fwd[(rank_np[fwd] == i).any(1)]  # j among i's k1+1 nearest, and i among j's
+            expanded = [recip]
+            for c in recip:
+                cand = rank_np[c, :half]
+                cand = cand[(rank_np[cand, :half] == c).any(1)]
+                if len(np.intersect1d(cand, recip)) > 2 / 3 * len(cand):
+                    expanded.append(cand)
+            idx = np.unique(np.concatenate(expanded))
+            d = self._pair_distance(i, idx)
+            w = np.exp(-d)
+            rows.append(np.full(len(idx), i))
+            cols.append(idx)
+            vals.append(w / w.sum())
+        V = csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+        if k2 > 1:  # local query expansion: average each encoding over its k2 nearest neighbours
+            pick = csr_matrix((np.full(n * k2, 1.0 / k2), (np.repeat(np.arange(n), k2), rank_np[:, :k2].ravel())),
+                              shape=(n, n))
+            V = pick @ V
+        self.Vq, self.Vg = V[:self.n_q].tocsr(), V[self.n_q:].tocsc()
+
+    @staticmethod
+    def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Squared euclidean distances of unit rows, in place on one block: 2 - 2 cos."""
+        return (a @ b.t()).mul_(-2).add_(2).clamp_(min=0)
+
+    def _pair_distance(self, i: int, idx: np.ndarray) -> np.ndarray:
+        d = (2 - 2 * self.allf[idx] @ self.allf[i]).clamp(min=0) / self.rowmax[i]
+        return d.numpy()
+
+    def distances(self, s: int, e: int) -> torch.Tensor:
+        """(e - s, N) final distances of queries s..e-1 to the gallery."""
+        n_g = self.Vg.shape[0]
+        inter = np.zeros((e - s, n_g), dtype=np.float32)
+        block = self.Vq[s:e].tocoo()
+        indptr, gal_rows, gal_vals = self.Vg.indptr, self.Vg.indices, self.Vg.data
+        lengths = indptr[block.col + 1] - indptr[block.col]
+        # the inverted index, vectorised: each query entry (r, c) meets every gallery entry of column c
+        budget = max(1, self.max_bytes // 64)  # about 8 arrays of 8 bytes per pair below
+        ends = np.cumsum(lengths)
+        start = 0
+        while start < len(lengths):
+            stop = max(start + 1, int(np.searchsorted(ends, (ends[start - 1] if start else 0) + budget, "right")))
+            ln = lengths[start:stop]
+            offs = np.repeat(indptr[block.col[start:stop]] - np.concatenate([[0], np.cumsum(ln)[:-1]]), ln)
+            at = np.arange(ln.sum()) + offs
+            np.add.at(inter, (np.repeat(block.row[start:stop], ln), gal_rows[at]),
+                      np.minimum(np.repeat(block.data[start:stop], ln), gal_vals[at]))
+            start = stop
+        inter = torch.from_numpy(inter)
+        jaccard = inter.div_((2 - inter)).neg_().add_(1)  # 1 - |min| / (2 - |min|), in place
+        orig = self._distances(self.allf[s:e], self.allf[self.n_q:]).div_(self.rowmax[s:e, None])
+        return jaccard.mul_(1 - self.lam).add_(orig, alpha=self.lam)
+
+
+def k_reciprocal_distance(q: torch.Tensor, g: torch.Tensor, k1: int = 20, k2: int = 6, lam: float = 0.3
+                          ) -> torch.Tensor:
+    """(Q, N) k-reciprocal distances, dense: for small inputs and tests (rank_gallery goes by blocks)."""
+    return KReciprocal(q, g, k1, k2, lam).distances(0, q.shape[0])
 
 
 def method_params(name: str, cfg) -> dict:
@@ -158,51 +235,67 @@ def text_class_probs(text_emb: torch.Tensor, class_emb: torch.Tensor, scale: flo
     return (scale * F.normalize(text_emb.float(), dim=-1) @ class_emb.float().t()).softmax(-1)
 
 
+class Reranker:
+    """The enabled re-ranking steps, scored one query block at a time.
+
+    methods: {"dba": {"k"}, "qe": {"k", "alpha"}, "class_bonus": {"beta"}, "kreciprocal": {"k1", "k2", "lam"}}.
+    DBA and alpha-QE replace the embeddings (chunked neighbour averages); k-reciprocal and the class
+    bonus change the scores of each block. Every temporary stays within `max_bytes`.
+    q_in_gallery[i] = gallery index of query i (i2i), so DBA moves the query with its gallery copy.
+    """
+
+    def __init__(self, q: torch.Tensor, g: torch.Tensor, methods: dict, exclude: torch.Tensor | None = None,
+                 pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
+                 q_in_gallery: torch.Tensor | None = None, max_bytes: int = 256 * 2**20):
+        q, g = F.normalize(q.float(), dim=-1), F.normalize(g.float(), dim=-1)
+        if "dba" in methods:
+            g = neighbour_average(g, g, methods["dba"]["k"], 0.0, self_weight=0.0, max_bytes=max_bytes)
+            if q_in_gallery is not None:
+                q = torch.where((q_in_gallery >= 0)[:, None], g[q_in_gallery.clamp(min=0)], q)
+        if "qe" in methods:
+            q = neighbour_average(q, g, methods["qe"]["k"], methods["qe"]["alpha"], exclude=exclude,
+                                  max_bytes=max_bytes)
+        self.q, self.g, self.exclude, self.max_bytes = q, g, exclude, max_bytes
+        p = methods.get("kreciprocal")
+        self.kr = KReciprocal(q, g, p["k1"], p["k2"], p["lam"], max_bytes) if p else None
+        self.bonus = (methods["class_bonus"]["beta"], pq.float(), pg.float()) if (
+            "class_bonus" in methods and pq is not None and pg is not None) else None
+
+    def block_rows(self) -> int:
+        """Query rows per block: the score block, its one same-sized temporary and topk's workspace."""
+        return _rows_per_block(self.g.shape[0], self.max_bytes, per_col=12)
+
+    def scores(self, s: int, e: int) -> torch.Tensor:
+        """(e - s, N) scores of queries s..e-1, higher is better; excluded pairs get -inf."""
+        out = self.kr.distances(s, e).neg_() if self.kr is not None else self.q[s:e] @ self.g.t()
+        if self.bonus is not None:
+            beta, pq, pg = self.bonus
+            out.add_(pq[s:e] @ pg.t(), alpha=beta)
+        if self.exclude is not None:
+            _mask(out, self.exclude[s:e])
+        return out
+
+
 def rerank_scores(q: torch.Tensor, g: torch.Tensor, methods: dict, exclude: torch.Tensor | None = None,
                   pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
                   q_in_gallery: torch.Tensor | None = None) -> torch.Tensor:
-    """(Q, N) scores after the enabled re-ranking steps, higher is better; excluded pairs get -inf.
-
-    methods: {"dba": {"k"}, "qe": {"k", "alpha"}, "class_bonus": {"beta"}, "kreciprocal": {"k1", "k2", "lam"}}.
-    q_in_gallery[i] = gallery index of query i (i2i) so DBA moves the query with its gallery copy.
-    """
-    q, g = F.normalize(q.float(), dim=-1), F.normalize(g.float(), dim=-1)
-    if "dba" in methods:
-        g = neighbour_average(g, g, methods["dba"]["k"], 0.0, self_weight=0.0)  # top-k includes itself
-        if q_in_gallery is not None:
-            q = torch.where((q_in_gallery >= 0)[:, None], g[q_in_gallery.clamp(min=0)], q)
-    if "qe" in methods:
-        q = neighbour_average(q, g, methods["qe"]["k"], methods["qe"]["alpha"], exclude=exclude)
-    if "kreciprocal" in methods:
-        p = methods["kreciprocal"]
-        scores = -k_reciprocal_distance(q, g, p["k1"], p["k2"], p["lam"])
-    else:
-        scores = q @ g.t()
-    if "class_bonus" in methods and pq is not None and pg is not None:
-        scores = scores + methods["class_bonus"]["beta"] * (pq.float() @ pg.float().t())
-    if exclude is not None:
-        hit = exclude >= 0
-        scores[hit.nonzero().squeeze(1), exclude[hit]] = float("-inf")
-    return scores
+    """All (Q, N) re-ranked scores at once: for small inputs and tests."""
+    return Reranker(q, g, methods, exclude, pq, pg, q_in_gallery).scores(0, q.shape[0])
 
 
 def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, k: int, rerank: dict | None = None,
                  exclude: torch.Tensor | None = None, pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
                  max_bytes: int = 256 * 2**20, search: str = "torch", nprobe: int = 16
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (scores, indices): re-ranked on a dense score matrix when methods are given and it fits
-    `max_bytes`, else chunked cosine (`search`: torch, or faiss-flat|ivf|hnsw). `exclude[q]` is
-    also the query's own gallery row (i2i)."""
-    rerank = rerank or {}
-    n_q, n_g = len(queries), len(gallery)
-    need = 4 * ((n_q + n_g) ** 2 if "kreciprocal" in rerank else n_q * n_g)
-    if rerank and need > max_bytes:
-        log.warning("re-ranking %s skipped: it needs %.0f MiB, over the %.0f MiB bound", list(rerank),
-                    need / 2**20, max_bytes / 2**20)
-        rerank = {}
+    """Top-k (scores, indices), best first, in blocks of queries that keep every temporary within
+    `max_bytes`: re-ranked when methods are given, else cosine (`search`: torch, or faiss-flat|ivf|hnsw).
+    `exclude[q]` is also the query's own gallery row (i2i)."""
     if not rerank and search.startswith("faiss-"):
         return faiss_topk(faiss_index(gallery, search.removeprefix("faiss-"), nprobe), queries, k, exclude)
     if not rerank:
         return topk_cosine(queries, gallery, k, exclude, max_bytes)
-    scores = rerank_scores(queries, gallery, rerank, exclude, pq, pg, exclude)
-    return scores.topk(min(k, n_g - int(exclude is not None and bool((exclude >= 0).any()))), dim=1)
+    r = Reranker(queries, gallery, rerank, exclude, pq, pg, exclude, max_bytes)
+    k = min(k, len(gallery) - int(exclude is not None and bool((exclude >= 0).any())))
+    rows = r.block_rows()
+    blocks = [r.scores(s, min(s + rows, len(queries))).topk(k, dim=1) for s in range(0, len(queries), rows)]
+    return torch.cat([b.values for b in blocks]), torch.cat([b.indices for b in blocks])

@@ -72,6 +72,20 @@ def test_same_image_in_two_files_is_merged(tmp_path):
     assert df.set_index("image").loc["a.png", "source"] == "public+train"
 
 
+def test_two_linked_copies_of_one_picture_do_not_become_their_own_partner(tmp_path):
+    """a.png and b.png are byte-identical and i2i-linked: the merged record has no partner (a query
+    whose only relevant image is itself excluded would always be a miss)."""
+    placeholder(tmp_path / "imgs/a.png", 1)
+    placeholder(tmp_path / "imgs/b.png", 1)
+    placeholder(tmp_path / "imgs/c.png", 3)
+    (tmp_path / "cls.json").write_text(json.dumps({"a.png": "throat", "b.png": "throat", "c.png": "throat"}))
+    (tmp_path / "i2i.json").write_text(json.dumps({"a.png": "b.png", "b.png": "c.png"}))
+    df, rep = load_release(tmp_path, ENTREP_CLASSES)
+    partners = dict(zip(df["image"], df["partners"]))
+    assert rep.content_duplicates == [("a.png", "b.png")]
+    assert partners == {"a.png": ["c.png"], "c.png": ["a.png"]}
+
+
 def test_problems_are_reported_not_fatal(tmp_path):
     imgs = tmp_path / "train/imgs"
     for i, n in enumerate(["ok.png", "unlabelled.png", "odd.png"]):
@@ -139,8 +153,10 @@ def test_check_command_reports_true_counts(real_release):
     out = buf.getvalue()
     assert code == 0
     assert "│ nose-right   │" in out and "325" in out and "128" in out  # train and public counts
-    assert "unlabelled images (contrastive losses only) │ 68" in out
-    assert "file names fixed by case                    │ 566" in out
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if line.count("│") >= 3}
+    assert rows["unlabelled images (contrastive losses only)"] == "68"
+    assert rows["file names fixed by case"] == "566"
+    assert rows["near-duplicate clusters (pHash <= 12 of 256 bits; one fold each)"] == "0 (0 images)"  # noise PNGs
 
 
 def test_check_command_fails_only_when_training_cannot_proceed(tmp_path):
@@ -181,3 +197,21 @@ def test_non_ascii_only_caption_is_kept(tmp_path):
     (tmp_path / "t2i.json").write_text('{"chảy máu mũi": "a.png"}', encoding="utf-8")
     df, _ = load_release(tmp_path, ENTREP_CLASSES)
     assert df.loc[0, "captions"] == ["chảy máu mũi"]
+
+
+def test_check_names_a_test_image_that_is_a_near_duplicate_of_a_training_one(tmp_path):
+    """The train/test leak participants found by hand: a re-encoded training frame in the test set."""
+    import json
+
+    from entrep.demo import make_demo
+    from test_folds import _copy
+
+    root = make_demo(tmp_path / "d", seed=0, size=160, cases=40, test_cases=6, public_cases=0)
+    src = sorted(json.loads((root / "train/cls.json").read_text()))[3]
+    _copy(root / "train/imgs" / src, root / "test/imgs/leaked.png")
+    buf = io.StringIO()
+    assert check(str(root / "train"), ENTREP_CLASSES, str(root / "test"), Console(file=buf, width=250)) == 0
+    out = buf.getvalue()
+    line = next(s for s in out.splitlines() if s.startswith("│ test images near-duplicate of a training image"))
+    assert "│ 1 " in line and f"leaked.png ~ {src}" in line
+    assert "train/test leak" in out

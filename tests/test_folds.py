@@ -53,3 +53,65 @@ def test_folds_file_is_frozen(tmp_path, real_df):
 def test_too_many_folds_names_the_class(real_df):
     with pytest.raises(FoldError, match=r"class 'throat' has only 81"):
         make_folds(real_df, 82, 0)
+
+
+@pytest.fixture(scope="module")
+def real_all(real_release):
+    """The training set and the public sample together, as train.py reads a release folder."""
+    return load_release(real_release, ENTREP_CLASSES, check_images=False)[0]
+
+
+def test_same_patient_public_images_share_a_fold(real_all):
+    from entrep.data.folds import patient_id
+
+    pids = real_all["image"].map(patient_id)
+    public = pids.notna()
+    assert public.sum() == 566 and pids[public].nunique() == 286  # the public sample's 566 images, 286 patients
+    assert real_all.loc[~public, "image"].str.len().min() >= 32  # training names are UUIDs: no patient
+    folds = make_folds(real_all, 5, seed=1)
+    per_patient = folds[public].groupby(pids[public])["fold"].nunique()
+    assert (per_patient == 1).all() and (real_all[public].groupby(pids[public]).size() > 1).sum() > 100
+    # the loss's i2i groups are untouched: a patient's images are not made positives of each other
+    assert folds["group"].tolist() == link_groups(real_all).tolist()
+
+
+def _copy(src, dst):
+    """A resized, re-encoded, slightly brightened copy, as a near-duplicate frame would be."""
+    import io
+
+    from PIL import Image, ImageEnhance
+
+    im = Image.open(src).convert("RGB")
+    buf = io.BytesIO()
+    ImageEnhance.Brightness(im.resize((im.width * 3 // 2, im.height * 3 // 2))).enhance(1.05).save(buf, "JPEG",
+                                                                                                   quality=90)
+    buf.seek(0)
+    Image.open(buf).save(dst)
+
+
+def test_near_duplicate_copy_joins_its_source_group_and_unrelated_images_do_not(tmp_path):
+    import json
+
+    from entrep.data.folds import fold_groups, perceptual_hashes
+    from entrep.data.images import ImageCache
+    from entrep.demo import make_demo
+
+    root = make_demo(tmp_path / "d", seed=0, size=160, cases=60, test_cases=4, public_cases=0)
+    cls = json.loads((root / "train/cls.json").read_text())
+    sources = sorted(cls)[:8]
+    for j, name in enumerate(sources):
+        _copy(root / "train/imgs" / name, root / f"train/imgs/copy-{j}.png")
+        cls[f"copy-{j}.png"] = cls[name]
+    (root / "train/cls.json").write_text(json.dumps(cls))
+    df = load_release(root, ENTREP_CLASSES)[0]
+    pixels = ImageCache(tmp_path / "cache", 74).pixels(df["path"].tolist(), df["sha1"].tolist())
+    groups = pd.Series(fold_groups(df, perceptual_hashes(pixels), max_bits=12), index=df["image"])
+    for j, name in enumerate(sources):
+        assert groups[f"copy-{j}.png"] == groups[name], name
+    originals = df[~df["image"].str.startswith("copy-")]
+    links = pd.Series(link_groups(originals), index=originals["image"])
+    # among the originals, a fold group is exactly an i2i component: no two unrelated images (many of
+    # them of one class) were joined
+    assert groups[originals["image"]].groupby(links.values).nunique().eq(1).all()
+    assert links.groupby(groups[originals["image"]].values).nunique().eq(1).all()
+    assert originals["label"].value_counts().max() > 5

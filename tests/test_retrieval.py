@@ -1,6 +1,7 @@
 import sys
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -122,3 +123,80 @@ def test_exclusion_survives_reranking():
     s = rerank_scores(gal[:1], gal, {"qe": {"k": 1, "alpha": 1.0}, "dba": {"k": 2}}, exclude=torch.tensor([0]),
                       q_in_gallery=torch.tensor([0]))
     assert s[0, 0] == float("-inf") and s[0].argmax() == 1
+
+
+def _zhong_reference(q, g, k1, k2, lam):
+    """The authors' dense algorithm (re_ranking in Zhong et al.'s code), transcribed with numpy."""
+    allf = torch.cat([q, g]).double().numpy()
+    n_q, n = len(q), len(allf)
+    dist = np.clip(2 - 2 * allf @ allf.T, 0, None)
+    dist = (dist / dist.max(axis=0)).T
+    rank = np.argsort(dist, axis=1, kind="stable")
+    V = np.zeros((n, n))
+    for i in range(n):
+        fwd = rank[i, :k1 + 1]
+        recip = fwd[np.where(rank[fwd, :k1 + 1] == i)[0]]
+        expanded = recip
+        for c in recip:
+            cand_f = rank[c, :int(round(k1 / 2)) + 1]
+            cand = cand_f[np.where(rank[cand_f, :int(round(k1 / 2)) + 1] == c)[0]]
+            if len(np.intersect1d(cand, recip)) > 2 / 3 * len(cand):
+                expanded = np.append(expanded, cand)
+        expanded = np.unique(expanded)
+        w = np.exp(-dist[i, expanded])
+        V[i, expanded] = w / w.sum()
+    if k2 > 1:
+        V = np.stack([V[rank[i, :k2]].mean(0) for i in range(n)])
+    inter = np.stack([np.minimum(V[i], V[n_q:]).sum(1) for i in range(n_q)])
+    jaccard = 1 - inter / (2 - inter)
+    return (1 - lam) * jaccard + lam * dist[:n_q, n_q:]
+
+
+def test_k_reciprocal_matches_the_authors_dense_algorithm():
+    g_ = torch.Generator().manual_seed(3)
+    centres = F.normalize(torch.randn(6, 16, generator=g_), dim=-1)
+    pts = F.normalize(centres[torch.arange(60) % 6] + 0.3 * torch.randn(60, 16, generator=g_), dim=-1)
+    q, gal = pts[:12], pts[12:]
+    ref = _zhong_reference(q, gal, k1=8, k2=3, lam=0.3)
+    ours = k_reciprocal_distance(q, gal, k1=8, k2=3, lam=0.3).double().numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    # and in tiny query blocks and pair budgets, the same numbers
+    from entrep.retrieval import KReciprocal
+
+    kr = KReciprocal(q, gal, 8, 3, 0.3, max_bytes=512)
+    np.testing.assert_allclose(torch.cat([kr.distances(s, min(s + 5, 12)) for s in range(0, 12, 5)]).numpy(),
+                               ref, atol=1e-5)
+
+
+def test_reranking_memory_stays_within_the_bound_on_a_large_gallery(tmp_path):
+    """Every method on 1,000 queries x 4,000 gallery images under a 16 MiB bound: the dense path held
+    (Q+N)^2 distances plus a (Q, N, Q+N) temporary for k-reciprocal (80 GB here), and G x G for DBA."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import resource, torch, torch.nn.functional as F
+from entrep.retrieval import rank_gallery
+def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+g = torch.Generator().manual_seed(0)
+centres = F.normalize(torch.randn(50, 256, generator=g), dim=-1)
+def pts(n): return F.normalize(centres[torch.randint(0, 50, (n,), generator=g)] + 0.5 * torch.randn(n, 256, generator=g), dim=-1)
+methods = {"dba": {"k": 2}, "qe": {"k": 2, "alpha": 3.0}, "kreciprocal": {"k1": 20, "k2": 6, "lam": 0.3},
+           "class_bonus": {"beta": 0.1}}
+small_q, small_g = pts(50), pts(200)
+rank_gallery(small_q, small_g, 10, methods, pq=torch.rand(50, 7), pg=torch.rand(200, 7), max_bytes=16 * 2**20)
+q, gal, pq, pg = pts(1000), pts(4000), torch.rand(1000, 7), torch.rand(4000, 7)
+before = rss()
+s, i = rank_gallery(q, gal, 10, methods, pq=pq, pg=pg, max_bytes=16 * 2**20)
+assert i.shape == (1000, 10)
+from entrep.retrieval import topk_cosine
+grew = rss() - before
+assert not torch.equal(i, topk_cosine(q, gal, 10)[1]), "re-ranking was skipped, not bounded"
+print(grew)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    grew = float(r.stdout.strip().splitlines()[-1])
+    assert grew < 4 * 16, f"peak RSS grew by {grew:.0f} MiB under a 16 MiB bound"

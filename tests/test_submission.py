@@ -56,3 +56,44 @@ def test_score_cli_top1_and_ranked_lists(tmp_path, capsys):
                 "--json"])
     r = json.loads(capsys.readouterr().out)
     assert r["accuracy"] == 0.5 and r["missing"] == 1
+
+
+def _predictions(run, queries: dict, topk: int = 3):
+    """A run's predictions folder as infer.py writes it, for a gallery of four images."""
+    pred = run / "predictions"
+    pred.mkdir(parents=True)
+    gallery = ["g0.png", "g1.png", "g2.png", "g3.png"]
+    ranked = [{"image": g, "score": 1 - i / 10} for i, g in enumerate(gallery[:topk])]
+    (pred / "meta.json").write_text(json.dumps({
+        "test_dir": "TEST", "topk": topk, "gallery": gallery, "labels": list("abcdefg"),
+        "queries": queries, "on_disk": {q: q for q in queries.get("cls") or []}}))
+    (pred / "classes.csv").write_text("image,pred_idx\n" + "".join(f"{q},1\n" for q in queries.get("cls") or []))
+    for track in ("i2i", "t2i"):
+        (pred / f"{track}.json").write_text(json.dumps({q: ranked for q in queries.get(track) or []}))
+
+
+def test_submit_refuses_more_answers_than_the_predictions_hold(tmp_path):
+    from entrep.commands.submit import main
+
+    _predictions(tmp_path, {"i2i": ["q.png"]}, topk=3)
+    with pytest.raises(SubmissionError, match=r"--topk 5, but .* holds top-3 rankings; re-run infer.py .*infer.topk=5"):
+        main(["--run", str(tmp_path), "--topk", "5"])
+    main(["--run", str(tmp_path), "--topk", "3"])
+    assert json.loads((tmp_path / "submission/i2i.json").read_text()) == {"q.png": ["g0.png", "g1.png", "g2.png"]}
+
+
+def test_submission_folder_never_mixes_two_prediction_sets(tmp_path):
+    """A full submission, then predictions for a folder with cls.csv only: the old i2i/t2i files go."""
+    import shutil
+
+    from entrep.commands.submit import main
+
+    _predictions(tmp_path, {"cls": ["c.png"], "i2i": ["q.png"], "t2i": ["a caption"]})
+    main(["--run", str(tmp_path)])
+    assert {p.name for p in (tmp_path / "submission").iterdir()} == {f"{t}.{e}" for t in ("cls", "i2i", "t2i")
+                                                                      for e in ("json", "zip")}
+    shutil.rmtree(tmp_path / "predictions")
+    _predictions(tmp_path, {"cls": ["other.png"]})
+    main(["--run", str(tmp_path)])
+    assert {p.name for p in (tmp_path / "submission").iterdir()} == {"cls.json", "cls.zip"}
+    assert json.loads((tmp_path / "submission/cls.json").read_text()) == {"other.png": 1}

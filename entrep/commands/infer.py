@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from entrep.cli import console, setup_logging
-from entrep.config import ConfigError, load_config
+from entrep.config import ConfigError, load_config, parse_override
 from entrep.errors import EntrepError
 
 log = logging.getLogger("entrep.infer")
@@ -43,6 +43,29 @@ def read_gallery(path: str, images: dict) -> list[str]:
     if bad:
         raise RunError(f"{path}: gallery names not in the test folder: {bad[:5]}")
     return list(dict.fromkeys(names))
+
+
+def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
+    """head_weight and per-track slerp alpha and re-ranking: the OOF-tuned values from tuned.json,
+    except where the command line sets the key (infer.head_weight, model.slerp.alpha,
+    model.slerp.infer, rerank.methods), which always wins."""
+    from entrep.report import RERANK_OFFERED, track_settings
+    from entrep.retrieval import method_params
+
+    out = {"head_weight": cfg.infer.head_weight if cfg.infer.head_weight >= 0 or not tuned
+           else tuned.get("head_weight", 0.5)}
+    if out["head_weight"] < 0:
+        out["head_weight"] = 0.5
+    for track in ("i2i", "t2i"):
+        alpha, kept = track_settings(tuned, track) if tuned else (cfg.model.slerp.alpha, {})
+        if "model.slerp.alpha" in given:
+            alpha = cfg.model.slerp.alpha
+        if not cfg.model.slerp.infer:
+            alpha = 0.0
+        if "rerank.methods" in given:
+            kept = {m: method_params(m, cfg.rerank) for m in cfg.rerank.methods if m in RERANK_OFFERED[track]}
+        out[track] = {"alpha": alpha, "rerank": kept}
+    return out
 
 
 def main(argv=None) -> int:
@@ -78,13 +101,15 @@ def main(argv=None) -> int:
     for d in dirs:
         check_compatible(read_meta(d), cfg, d)
     tuned = read_json(run / "tuned.json") if (run / "tuned.json").is_file() else {}
-    head_weight = cfg.infer.head_weight if cfg.infer.head_weight >= 0 else tuned.get("head_weight", 0.5)
-    alpha = tuned.get("alpha", cfg.model.slerp.alpha if cfg.model.slerp.infer else 0.0)
+    settings = inference_settings(cfg, tuned, {parse_override(o)[0] for o in args.overrides})
+    head_weight = settings["head_weight"]
     if not tuned:
-        log.warning("%s has no tuned.json (no complete OOF run): head_weight=%s alpha=%s from config",
-                    run, head_weight, alpha)
+        log.warning("%s has no tuned.json (no complete OOF run): settings from the config: %s", run, settings)
 
     test = load_test(args.data)
+    if not (test.cls or test.i2i or test.t2i):
+        raise RunError(f"{args.data}: no query list (cls.csv, i2i.csv or t2i.csv) anywhere below it; nothing to "
+                       f"predict, and {run / 'predictions'} is left as it is")
     for f, listed, disk in test.case_fixes:
         log.info("%s: query %r resolved to %r", f, listed, disk)
     names = sorted(test.images)
@@ -92,10 +117,10 @@ def main(argv=None) -> int:
     acc = make_accelerator(cfg)
     model = acc.prepare(build_model(cfg, labels))
     stats = image_stats(acc.unwrap_model(model).base)
-    cache = ImageCache(cfg.image_cache_dir, cfg.data.working_size or int(round(stats[2] * 1.15)))
+    cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(stats[2]))
     pixels = cache.pixels([str(test.images[n]) for n in names], [file_hash(test.images[n]) for n in names])
 
-    probs_sum, rets, texts, text_probs = 0.0, [], [], []
+    probs_sum, rets, texts, text_probs = 0.0, {"i2i": [], "t2i": []}, [], []
     captions = test.t2i or []
     for d in dirs:
         load_fold_weights(acc.unwrap_model(model), d, adapter_name=d.name)
@@ -106,12 +131,14 @@ def main(argv=None) -> int:
                 texts.append(torch.from_numpy(embed_texts(model, captions, acc)))
         probs = e.probs(head_weight, cfg.infer.tta_flip)
         probs_sum = probs_sum + probs
-        rets.append(torch.from_numpy(retrieval_embedding(e.emb, probs, e.class_emb, alpha)))
+        for track in ("i2i", "t2i"):
+            rets[track].append(torch.from_numpy(retrieval_embedding(e.emb, probs, e.class_emb,
+                                                                    settings[track]["alpha"])))
         if captions and e.class_emb is not None:
             text_probs.append(text_class_probs(texts[-1], torch.from_numpy(e.class_emb)))
         log.info("embedded %d images with %s", len(names), d.name)
     probs = probs_sum / len(dirs)
-    ret = average_embeddings(rets)
+    ret = {track: average_embeddings(r) for track, r in rets.items()}
 
     out = run / "predictions"
     pos = {n: i for i, n in enumerate(names)}
@@ -128,28 +155,27 @@ def main(argv=None) -> int:
         return [[{"image": gallery[j], "score": round(float(s), 6)} for s, j in zip(sr, ir)]
                 for sr, ir in zip(scores.tolist(), idx.tolist())]
 
-    rerank = tuned.get("rerank", {}).get("kept", {})
     probs_t = torch.from_numpy(probs).float()
 
-    def rank(queries, exclude=None, pq=None):
-        return rank_gallery(queries, ret[g_idx], k, rerank, exclude, pq, probs_t[g_idx], cfg.infer.max_sim_bytes,
-                            cfg.infer.search, cfg.infer.faiss_nprobe)
+    def rank(track, queries, exclude=None, pq=None):
+        return rank_gallery(queries, ret[track][g_idx], k, settings[track]["rerank"], exclude, pq, probs_t[g_idx],
+                            cfg.infer.max_sim_bytes, cfg.infer.search, cfg.infer.faiss_nprobe)
 
     i2i = {}
     if test.i2i:
         q = [pos[test.on_disk[x]] for x in test.i2i]
         exclude = torch.tensor([g_pos.get(test.on_disk[x], -1) for x in test.i2i])
-        s, i = rank(ret[q], exclude, probs_t[q])
+        s, i = rank("i2i", ret["i2i"][q], exclude, probs_t[q])
         i2i = dict(zip(test.i2i, ranked(s, i)))
     t2i = {}
     if captions:
-        s, i = rank(average_embeddings(texts), None, sum(text_probs) / len(text_probs) if text_probs else None)
+        s, i = rank("t2i", average_embeddings(texts), None, sum(text_probs) / len(text_probs) if text_probs else None)
         t2i = dict(zip(captions, ranked(s, i)))
     atomic_write_json(out / "i2i.json", i2i)
     atomic_write_json(out / "t2i.json", t2i)
     atomic_write_json(out / "meta.json", {
-        "test_dir": str(Path(args.data).resolve()), "folds": [d.name for d in dirs], "head_weight": head_weight,
-        "alpha": alpha, "tta_flip": cfg.infer.tta_flip, "topk": k, "rerank": rerank, "gallery": gallery, "labels": list(labels.names),
+        "test_dir": str(Path(args.data).resolve()), "folds": [d.name for d in dirs], **settings,
+        "tta_flip": cfg.infer.tta_flip, "topk": k, "gallery": gallery, "labels": list(labels.names),
         "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": test.t2i}, "on_disk": test.on_disk})
     console.print(f"predictions for {len(names)} images, {len(i2i)} i2i and {len(t2i)} t2i queries "
                   f"from {len(dirs)} folds -> {out}")

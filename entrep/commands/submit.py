@@ -24,6 +24,9 @@ def main(argv=None) -> int:
     if not (pred / "meta.json").is_file():
         raise SubmissionError(f"{pred}: no predictions; run infer.py --run {args.run} --data TEST_DIR first")
     meta = json.loads((pred / "meta.json").read_text())
+    if args.topk > meta.get("topk", args.topk):
+        raise SubmissionError(f"--topk {args.topk}, but {pred} holds top-{meta['topk']} rankings; re-run infer.py "
+                              f"--run {args.run} --data {meta['test_dir']} infer.topk={args.topk}, or lower --topk")
     out = Path(args.out) if args.out else Path(args.run) / "submission"
     gallery = set(meta["gallery"])
     written = []
@@ -41,6 +44,13 @@ def main(argv=None) -> int:
             written.append((track, len(sub), *write_track(track, sub, out)))
     if not written:
         raise SubmissionError(f"{meta['test_dir']} had no query lists (cls.csv, i2i.csv, t2i.csv)")
+    # one predictions set per folder: a track this test folder lacks must not leave another set's files
+    stale = [p for track in TRACKS if track not in {w[0] for w in written}
+             for p in (out / f"{track}.json", out / f"{track}.zip") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    if stale:
+        console.print(f"removed {len(stale)} files of an earlier predictions set: {', '.join(p.name for p in stale)}")
     from rich.table import Table
 
     t = Table(title=f"submission files (top-{args.topk})")

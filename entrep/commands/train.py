@@ -36,12 +36,12 @@ def main(argv=None) -> int:
     import torch
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    from entrep.data.folds import load_or_make_folds
+    from entrep.data.folds import load_or_make_folds, perceptual_hashes
     from entrep.data.images import ImageCache
     from entrep.data.release import DataError, load_release
     from entrep.engine import FoldTrainer, embed_images, embed_texts, make_accelerator
     from entrep.labels import LabelSet
-    from entrep.model.backbone import image_stats
+    from entrep.model.backbone import image_stats, input_size
     from entrep.model.checkpoint import fold_finished, save_weights
     from entrep.model.entrep_clip import build_model
     from entrep.report import OOF_FILE, load_fold_oof, save_fold_oof, write_report
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     acc = make_accelerator(cfg, gradient_accumulation_steps=cfg.train.grad_accum,
                            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     setup_logging(acc.is_main_process)
+    check_launch(acc)
     labels = LabelSet.from_config(cfg.labels)
     run_dir = cfg.run_dir
     if acc.is_main_process:
@@ -68,14 +69,19 @@ def main(argv=None) -> int:
             log.info("%d %s, e.g. %s", len(items), what, items[0])
     if (table["y"] < 0).all():
         raise DataError(f"{cfg.data.root}: no labelled images; training needs class labels")
+    cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(input_size(cfg.model.name, cfg.model.pretrained)))
     with acc.main_process_first():
-        folds = load_or_make_folds(run_dir / "folds.csv", table, cfg.cv.n_splits, cfg.cv.seed)
+        pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
+        folds_csv = run_dir / "folds.csv"
+        hashes = perceptual_hashes(pixels) if cfg.cv.near_dup_bits and not folds_csv.is_file() else None
+        folds = load_or_make_folds(folds_csv, table, cfg.cv.n_splits, cfg.cv.seed, hashes, cfg.cv.near_dup_bits)
     fold_of, groups = folds["fold"].to_numpy(), folds["group"].to_numpy()
-    log.info("%d images (%d labelled) from %s; %d folds", len(table), int((table["y"] >= 0).sum()),
-             cfg.data.root, cfg.cv.n_splits)
+    log.info("%d images (%d labelled) from %s; %d folds over %d groups of alike images (i2i links, patients, "
+             "near-duplicates)", len(table), int((table["y"] >= 0).sum()), cfg.data.root, cfg.cv.n_splits,
+             folds["fold_group"].nunique() if "fold_group" in folds else folds["group"].nunique())
 
     fold_ids = cfg.train.folds or list(range(cfg.cv.n_splits))
-    pixels = stats = None
+    stats = None
     trainer = FoldTrainer(cfg, acc, labels, console)
     for k in fold_ids:
         fold_dir = run_dir / ("full" if k == -1 else f"fold{k}")
@@ -84,15 +90,12 @@ def main(argv=None) -> int:
             continue
         set_seed(cfg.train.seed + max(k, 0), deterministic=False)
         model = build_model(cfg, labels)
-        if pixels is None:
-            stats = image_stats(model.base)
-            cache = ImageCache(cfg.image_cache_dir, cfg.data.working_size or int(round(stats[2] * 1.15)))
-            with acc.main_process_first():
-                pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
+        stats = stats or image_stats(model.base)
         t0 = time.time()
         train_rows = np.flatnonzero(fold_of != k) if k >= 0 else np.arange(len(table))
         val_rows = np.flatnonzero(fold_of == k) if k >= 0 else np.array([], dtype=int)
-        best, history = trainer.fit(model, pixels, table, train_rows, val_rows, groups, stats)
+        last, history = trainer.fit(model, pixels, table, train_rows, val_rows, groups, stats,
+                                    tag="all data" if k == -1 else f"fold {k}")
         m = acc.unwrap_model(model)
         if len(val_rows):
             e = embed_images(model, pixels[val_rows], acc, cfg.train.eval_batch_size, True, labels, stats[2],
@@ -101,16 +104,19 @@ def main(argv=None) -> int:
             cap_emb = embed_texts(model, captions, acc)
         if acc.is_main_process:
             meta = {"fold": k, "model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
-                    "labels": list(labels.names), "n_train": int(len(train_rows)), "n_val": int(len(val_rows))}
+                    "labels": list(labels.names), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
+                    "written_by": {"process_index": acc.process_index, "num_processes": acc.num_processes,
+                                   "distributed_type": acc.distributed_type.value}}
             save_weights(m, fold_dir, meta)
+            log.info("fold %s: saved to %s by process %d of %d", k, fold_dir, acc.process_index, acc.num_processes)
             atomic_write_csv(fold_dir / "history.csv", pd.DataFrame(history))
             if len(val_rows):
                 save_fold_oof(fold_dir / OOF_FILE, table["image"].iloc[val_rows].tolist(), e, captions, cap_emb)
             # metrics.json last: its presence marks the fold finished (resume relies on it)
-            atomic_write_json(fold_dir / "metrics.json", {**best, "epochs": history, "seconds": time.time() - t0,
+            atomic_write_json(fold_dir / "metrics.json", {**last, "epochs": history, "seconds": time.time() - t0,
                                                           "trainable_params": int(sum(
                                                               p.numel() for p in m.parameters() if p.requires_grad))})
-        log.info("fold %s done in %.0fs: %s", k, time.time() - t0, best)
+        log.info("fold %s done in %.0fs: %s", k, time.time() - t0, last)
         del model, m
         acc.free_memory()
         gc.collect()
@@ -131,6 +137,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def check_launch(acc) -> None:
+    """Refuse a launch whose processes do not form one job: `accelerate launch --multi_gpu` on a machine
+    where Accelerate finds no GPU starts N processes that each see a world of 1, and each would train
+    every fold and write the same files."""
+    import os
+
+    from entrep.errors import EntrepError
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise EntrepError(
+            f"the launcher started {launched} processes but Accelerate sees {acc.num_processes} "
+            f"({acc.distributed_type}): each would train every fold and overwrite the others' files. On GPUs, "
+            f"check that every process sees a GPU (nvidia-smi, CUDA_VISIBLE_DEVICES); for several processes on "
+            f"CPU, launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {launched} ...")
+    log.info("accelerate: %d process(es), %s, device %s, mixed precision %s", acc.num_processes,
+             acc.distributed_type, acc.device, acc.mixed_precision)
+
+
 def print_report(rep: dict, run_dir) -> None:
     from rich.table import Table
 
@@ -146,8 +171,11 @@ def print_report(rep: dict, run_dir) -> None:
             if m in r:
                 t.add_row(track, m, f"{r[m]:.4f}")
         t.add_row(track, "queries", str(r.get("n_queries", 0)))
+    from entrep.report import track_settings
+
     tuned = rep.get("tuned", {})
-    kept = list(tuned.get("rerank", {}).get("kept", {})) or "none"
-    t.caption = (f"{run_dir}; tuned on OOF: head_weight={tuned.get('head_weight')} "
-                 f"slerp alpha={tuned.get('alpha')} re-ranking kept: {kept}")
+    per_track = "; ".join(f"{tr}: alpha={track_settings(tuned, tr)[0]} re-ranking {list(track_settings(tuned, tr)[1]) or 'none'}"
+                          for tr in ("i2i", "t2i"))
+    t.caption = (f"{run_dir}. Figures cross-fitted (each fold scored with settings tuned on the others; report.json "
+                 f"'how'). For infer.py, tuned on all folds: head_weight={tuned.get('head_weight')}; {per_track}")
     console.print(t)

@@ -1,6 +1,12 @@
-"""Stratified, grouped folds: every image of an i2i-linked component lands in one fold."""
+"""Stratified, grouped folds: images that are alike land in one fold.
+
+Alike means linked by i2i annotations (chains included), taken from one patient (public-sample
+names are `<patient>_<session>_<n>_imageNN`), or near-duplicate frames by perceptual hash (the
+training set's UUID names hide the patient, so frames of one exam can only be found by content).
+"""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +37,74 @@ def link_groups(df: pd.DataFrame) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def make_folds(df: pd.DataFrame, n_splits: int, seed: int) -> pd.DataFrame:
-    """`image, label, group, fold`. Unlabelled images follow their component; lone ones are spread."""
-    groups = link_groups(df)
+PATIENT = re.compile(r"^(\d+)_\d+_\d+_image\d+\.\w+$", re.IGNORECASE)
+HASH_SIZE = 16  # pHash side: 256 bits (8x8 = 64 bits put unrelated same-class demo frames 2 bits apart)
+
+
+def patient_id(name: str) -> str | None:
+    """The patient (exam) id of a public-sample name, None for the training set's UUID names."""
+    m = PATIENT.match(name)
+    return m.group(1) if m else None
+
+
+def perceptual_hashes(pixels) -> np.ndarray:
+    """(N, 256) bool pHash (imagehash: DCT of the 64x64 grayscale image, bits above the median) of
+    decoded uint8 images. Robust to resizing, re-encoding and mild brightness changes."""
+    import imagehash
+    from PIL import Image
+
+    return np.stack([imagehash.phash(Image.fromarray(np.asarray(pixels[i])), hash_size=HASH_SIZE).hash.ravel()
+                     for i in range(len(pixels))]) if len(pixels) else np.zeros((0, HASH_SIZE ** 2), bool)
+
+
+def near_duplicate_pairs(a: np.ndarray, b: np.ndarray | None = None, max_bits: int = 12,
+                         block_bytes: int = 64 * 2**20) -> list[tuple[int, int, int]]:
+    """(i, j, distance) for hash pairs at most `max_bits` apart; within `a` (i < j) or from `a` to `b`.
+    Hamming distances by XOR + popcount of packed bits, in row blocks of bounded memory."""
+    within = b is None
+    pa = np.packbits(a, axis=1)
+    pb = pa if within else np.packbits(b, axis=1)
+    rows = max(1, block_bytes // max(1, pb.shape[0] * pb.shape[1]))
+    out = []
+    for s in range(0, len(pa), rows):
+        d = np.bitwise_count(pa[s:s + rows, None, :] ^ pb[None, :, :]).sum(-1, dtype=np.int32)
+        i, j = np.nonzero(d <= max_bits)
+        i = i + s
+        keep = i < j if within else np.ones(len(i), bool)
+        out += [(int(x), int(y), int(d[x - s, y])) for x, y in zip(i[keep], j[keep])]
+    return out
+
+
+def fold_groups(df: pd.DataFrame, hashes: np.ndarray | None = None, max_bits: int = 12) -> np.ndarray:
+    """Connected components of the union of i2i links, same-patient pairs and near-duplicate pairs."""
+    rows, cols = [], []
+    pos = {name: i for i, name in enumerate(df["image"])}
+    for i, partners in enumerate(df["partners"]):
+        for p in partners:
+            if p in pos:
+                rows.append(i)
+                cols.append(pos[p])
+    first_of: dict[str, int] = {}
+    for i, name in enumerate(df["image"]):
+        if (pid := patient_id(name)) is not None:
+            rows.append(first_of.setdefault(pid, i))
+            cols.append(i)
+    if hashes is not None and max_bits > 0:
+        for i, j, _ in near_duplicate_pairs(hashes, max_bits=max_bits):
+            rows.append(i)
+            cols.append(j)
+    n = len(df)
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def make_folds(df: pd.DataFrame, n_splits: int, seed: int, hashes: np.ndarray | None = None,
+               near_dup_bits: int = 12) -> pd.DataFrame:
+    """`image, label, group, fold_group, fold`. `group` is the i2i component (the contrastive loss's
+    positives); `fold_group` adds patients and near-duplicates and is what folds keep together.
+    Unlabelled images follow their fold group; lone ones are spread."""
+    link = link_groups(df)
+    groups = fold_groups(df, hashes, near_dup_bits)
     labelled = df["y"].to_numpy() >= 0
     counts = df.loc[labelled, "label"].value_counts()
     if len(counts) and counts.min() < n_splits:
@@ -51,10 +122,12 @@ def make_folds(df: pd.DataFrame, n_splits: int, seed: int) -> pd.DataFrame:
     for g, f in zip(lone, rng.permutation(len(lone)) % n_splits):
         group_fold[g] = int(f)
     fold = np.array([group_fold[g] for g in groups])
-    return pd.DataFrame({"image": df["image"], "label": df["label"].fillna(""), "group": groups, "fold": fold})
+    return pd.DataFrame({"image": df["image"], "label": df["label"].fillna(""), "group": link,
+                         "fold_group": groups, "fold": fold})
 
 
-def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int) -> pd.DataFrame:
+def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, hashes: np.ndarray | None = None,
+                       near_dup_bits: int = 12) -> pd.DataFrame:
     """Reuse `folds.csv` when it exists (frozen folds), else make and save it."""
     if path.is_file():
         folds = pd.read_csv(path, keep_default_na=False)
@@ -66,6 +139,6 @@ def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int) -
         if folds["fold"].max() + 1 != n_splits:
             raise FoldError(f"{path} has {folds['fold'].max() + 1} folds but cv.n_splits={n_splits}")
         return folds.set_index("image").loc[df["image"]].reset_index()
-    folds = make_folds(df, n_splits, seed)
+    folds = make_folds(df, n_splits, seed, hashes, near_dup_bits)
     atomic_write_csv(path, folds)
     return folds

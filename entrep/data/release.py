@@ -303,7 +303,8 @@ def load_release(root: str | Path, label_names, check_images: bool = True) -> tu
             image=rec.image, path=str(rec.path), label=rec.label,
             y=list(label_names).index(rec.label) if rec.label is not None else -1,
             captions=list(rec.captions), captions_vi=list(rec.captions_vi),
-            partners=sorted(names[p] for p in rec.partners if p in names),
+            # a link between two copies of one picture would make the merged record its own partner
+            partners=sorted(names[p] for p in rec.partners if p in names and p != rec.path),
             source="+".join(sorted(rec.sources)), listed_as=rec.listed_as, sha1=rec.sha1,
         ))
     df = pd.DataFrame(rows, columns=["image", "path", "label", "y", "captions", "captions_vi",

@@ -1,6 +1,8 @@
 """open_clip backbone: model by name, weights from a tag, a local file or a `local-dir:` folder."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from entrep.errors import EntrepError
@@ -44,6 +46,109 @@ def offline_hint(name: str, pretrained: str) -> str:
             f"python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{pretrained}')\"")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def check_weights_file(path: Path) -> int:
+    """Read a weights file's tensor index without building a model; returns the tensor count.
+
+    One line naming the file instead of torch's UnpicklingError (which even suggests
+    weights_only=False) or safetensors' header error. Nothing is unpickled: weights_only=True.
+    """
+    import torch
+
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}; fix model.pretrained (a file, local-dir:/folder or a tag)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            if not isinstance(state, dict):
+                raise TypeError(f"holds a {type(state).__name__}, not a state dict")
+            keys = list(state)
+    except Exception as e:  # safetensors, pickle and zip readers each raise their own types
+        raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                           f"re-download it or export open_clip weights with safetensors.torch.save_file") from None
+    if not any("visual." in k or "transformer." in k for k in keys):
+        raise WeightsError(f"{path}: {len(keys)} tensors, none of them an open_clip CLIP's (visual.*, transformer.*): "
+                           f"not CLIP weights")
+    return len(keys)
+
+
+def resolve_weights(name: str, pretrained: str, offline: bool = False, timeout: float = 10.0) -> str:
+    """Where `model.pretrained` will come from, checked without building the model (preflight).
+
+    A tag must be in the local hub cache or reachable; a file must be readable weights; a
+    `local-dir:` folder must hold open_clip_config.json and a weights file. Otherwise one WeightsError
+    line with the fix.
+    """
+    set_offline(offline)
+    if not pretrained:
+        return "random initialisation (model.pretrained is empty): for tests and smoke runs only"
+    if pretrained.startswith("local-dir:"):
+        import json
+
+        folder = Path(pretrained[len("local-dir:"):])
+        if not folder.is_dir():
+            raise WeightsError(f"local-dir folder not found: {folder}; fix model.pretrained=local-dir:/folder")
+        try:
+            json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise WeightsError(f"{folder}/open_clip_config.json: missing or without 'model_cfg' ({type(e).__name__}); "
+                               f"a local-dir: folder holds open_clip_config.json beside the weights") from None
+        files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if not files:
+            raise WeightsError(f"{folder}: no weights file (open_clip_model.safetensors or open_clip_pytorch_model.bin)")
+        weights = next((p for p in files if p.name.startswith("open_clip_")), files[0])
+        return f"local-dir {folder}: {weights.name}, {check_weights_file(weights)} tensors"
+    if Path(pretrained).suffix in WEIGHT_SUFFIXES or Path(pretrained).exists():
+        return f"file {pretrained}: {check_weights_file(Path(pretrained))} tensors"
+    open_clip = _open_clip()
+    if pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise WeightsError(f"model.pretrained={pretrained!r} is neither a file nor an open_clip tag of '{name}' "
+                           f"(tags: {open_clip.list_pretrained_tags_by_model(name)})")
+    hub = open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub", "")
+    if not hub:
+        raise WeightsError(f"{name}/{pretrained} downloads from a URL, not a hub: run the training once online, or "
+                           + offline_hint(name, pretrained))
+    import huggingface_hub as hf
+
+    repo, filename = hub.rstrip("/").split("/", 2)[:2], hub.rstrip("/").split("/")[2:]
+    repo = "/".join(repo)
+    candidates = filename or ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    for f in candidates:
+        cached = hf.try_to_load_from_cache(repo, f)
+        if isinstance(cached, str):
+            return f"tag {pretrained}: cached at {cached}"
+    if offline:
+        raise WeightsError("offline and not cached: " + offline_hint(name, pretrained))
+    try:
+        meta = hf.get_hf_file_metadata(hf.hf_hub_url(repo, candidates[0]), timeout=timeout)
+    except Exception as e:  # DNS, proxy, timeout, HTTP errors: all mean "not from here"
+        raise WeightsError(f"hub unreachable ({type(e).__name__}): " + offline_hint(name, pretrained)) from None
+    return f"tag {pretrained}: reachable on the hub ({repo}/{candidates[0]}, {(meta.size or 0) / 2**20:.0f} MiB to download)"
+
+
+@contextlib.contextmanager
+def _no_random_init_warning():
+    """open_clip warns on the root logger that no weights were loaded; with model.pretrained="" that is
+    what was asked for, and the warning would repeat on every fold."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def create_clip(name: str, pretrained: str = "", offline: bool = False):
     """An open_clip CLIP model in fp32 on CPU, plus its tokenizer.
 
@@ -65,13 +170,15 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False):
         if pretrained and not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             raise WeightsError(f"model.pretrained={pretrained!r} is neither a file nor an open_clip tag of "
                                f"'{name}' (tags: {open_clip.list_pretrained_tags_by_model(name)})")
+        if pretrained and Path(pretrained).is_file():
+            check_weights_file(Path(pretrained))
         if pretrained:
             model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
         else:
             import torch
 
             # Random weights must be the same at train and infer time, or saved adapters sit on another base.
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _no_random_init_warning():
                 torch.manual_seed(RANDOM_INIT_SEED)
                 model = open_clip.create_model(name, **kwargs)
     except WeightsError:
@@ -79,8 +186,27 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False):
     except Exception as e:
         if pretrained and not Path(pretrained).is_file():
             raise WeightsError(offline_hint(name, pretrained) + f" ({type(e).__name__}: {e})") from e
+        if pretrained and "state_dict" in str(e):  # another architecture's weights: torch lists every key
+            lines = str(e).splitlines()
+            raise WeightsError(f"{pretrained}: these weights do not fit '{name}' ({lines[0][:160]} ...): "
+                               f"check model.name against the weights' architecture") from None
         raise
     return model, open_clip.get_tokenizer(name)
+
+
+def input_size(name: str, pretrained: str = "") -> int:
+    """The model's input side from its open_clip config, without building it (the decoded cache is
+    made, and near-duplicates are found on it, before the first fold's model exists)."""
+    import json
+
+    if pretrained.startswith("local-dir:"):
+        cfg = json.loads((Path(pretrained[len("local-dir:"):]) / "open_clip_config.json").read_text())["model_cfg"]
+    else:
+        cfg = _open_clip().get_model_config(name)
+        if cfg is None:
+            raise WeightsError(f"model.name={name!r} is not an open_clip model config (open_clip.list_models())")
+    size = cfg["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def image_stats(model) -> tuple[tuple, tuple, int]:

@@ -126,11 +126,14 @@ class EntrepCLIP(nn.Module):
         text embeddings, in the same pass (one forward keeps DDP's gradient hooks in order)."""
         feats = self.image_features(images)
         emb = F.normalize(feats, dim=-1)
-        out = {"features": feats, "emb": emb, "head_logits": self.head(feats)}
+        # The scale leaves through the forward too: under DDP a parameter the loss reads from the
+        # unwrapped module is "used outside forward" and breaks the gradient reduction.
+        scale = self.scale()
+        out = {"features": feats, "emb": emb, "head_logits": self.head(feats), "scale": scale}
         if self.cfg.prompts:
             class_emb = self.class_embeddings()
             out["class_emb"] = class_emb
-            out["prompt_logits"] = self.scale() * emb @ class_emb.t()
+            out["prompt_logits"] = scale * emb @ class_emb.t()
         if text_tokens is not None:
             out["text_emb"] = self.encode_text(text_tokens)
         return out
@@ -159,13 +162,20 @@ def build_model(cfg, labels: LabelSet) -> EntrepCLIP:
     from entrep.model.backbone import create_clip
     from entrep.model.lora import apply_lora, unfreeze_last_blocks
 
+    from entrep.config import ConfigError
+
     clip, tokenizer = create_clip(cfg.model.name, cfg.model.pretrained, cfg.model.offline)
     clip.requires_grad_(False)
-    if cfg.model.lora.enabled:
-        clip = apply_lora(clip, cfg.model.lora)
-    else:
-        unfreeze_last_blocks(clip, cfg.model.lora.train_last_blocks)
-    model = EntrepCLIP(clip, tokenizer, labels, cfg.model, cfg.speed)
+    if cfg.train.grad_checkpointing:
+        clip.set_grad_checkpointing(True)  # open_clip's own: both towers, non-reentrant torch checkpoint
+    try:
+        if cfg.model.lora.enabled:
+            clip = apply_lora(clip, cfg.model.lora)
+        else:
+            unfreeze_last_blocks(clip, cfg.model.lora.train_last_blocks)
+        model = EntrepCLIP(clip, tokenizer, labels, cfg.model, cfg.speed)
+    except ValueError as e:  # what only the architecture can tell: layer indices, targets that match nothing
+        raise ConfigError(f"{cfg.model.name}: {e}") from None
     if cfg.speed.channels_last:
         model.to(memory_format=torch.channels_last)  # only 4-D weights change: the patch embedding conv
     return model

@@ -16,6 +16,8 @@ import re
 
 from torch import nn
 
+from entrep.config import is_param_target
+
 
 def lora_target_regex(targets: list[str], text: bool) -> str:
     for t in targets:
@@ -25,10 +27,6 @@ def lora_target_regex(targets: list[str], text: bool) -> str:
     towers = r"(visual\.transformer|transformer)" if text else r"visual\.transformer"
     mods = "|".join(re.escape(t) for t in targets)
     return rf"^{towers}\.resblocks\.\d+\.({mods})$"
-
-
-def is_param_target(t: str) -> bool:
-    return t.endswith(("_weight", ".weight"))
 
 
 def apply_lora(clip: nn.Module, cfg):

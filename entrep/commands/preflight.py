@@ -1,0 +1,313 @@
+"""Check a config before paying for a GPU hour: weights, data, model, mixed precision, a few real
+train steps (speed, peak memory, whether the batch fits) and the full run's wall time.
+
+    python -m entrep.preflight --config C.yaml [--data DIR] [key=value ...]
+"""
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+
+from entrep.cli import console, parser, setup_logging
+from entrep.config import load_config
+
+log = logging.getLogger("entrep.preflight")
+
+ENTREP_TRAIN_IMAGES = 1925  # train/ (1,359) + public sample (566): the time estimate without --data
+CAPTION = "erythema and swelling of the left vocal fold with a whitish lesion on its free edge"
+
+
+@dataclass
+class Trial:
+    """One attempt at a batch setting: fits or not, and what it cost."""
+    batch_size: int
+    grad_checkpointing: bool
+    fits: bool
+    img_per_s: float = 0.0
+    peak_mib: float = 0.0
+
+
+def mixed_precision_reason(choice: str) -> tuple[str, str]:
+    """(what train.py will use, why): the same rule as engine.resolve_mixed_precision."""
+    import torch
+
+    from entrep.engine import resolve_mixed_precision
+
+    used = resolve_mixed_precision(choice)
+    if choice != "auto":
+        return used, f"set by train.mixed_precision={choice}"
+    if not torch.cuda.is_available():
+        return used, "auto: no GPU"
+    major, minor = torch.cuda.get_device_capability()
+    return used, (f"auto: compute capability {major}.{minor} " +
+                  ("has bf16 (>= 8.0)" if major >= 8 else "lacks bf16 (< 8.0), so fp16 with loss scaling"))
+
+
+def plan_fit(try_batch, batch_size: int, grad_checkpointing: bool) -> tuple[Trial, list[Trial]]:
+    """The configured batch, and where it does not fit, what does: gradient checkpointing at the same
+    batch first (same in-batch negatives for the contrastive losses), then the largest halved batch
+    (with train.grad_accum making up the effective batch). `try_batch(bs, ckpt) -> Trial`."""
+    first = try_batch(batch_size, grad_checkpointing)
+    if first.fits:
+        return first, []
+    tried = []
+    if not grad_checkpointing:
+        tried.append(try_batch(batch_size, True))
+        if tried[-1].fits:
+            return first, tried
+    bs = batch_size // 2
+    while bs >= 1:
+        tried.append(try_batch(bs, True))
+        if tried[-1].fits:
+            break
+        bs //= 2
+    return first, tried
+
+
+def advice(first: Trial, tried: list[Trial]) -> str:
+    if first.fits:
+        return "fits"
+    ok = [t for t in tried if t.fits]
+    if not ok:
+        return "does not fit even at batch 1 with gradient checkpointing: choose a smaller model.name"
+    t = ok[0]
+    if t.batch_size == first.batch_size:
+        return "does not fit; it fits with train.grad_checkpointing=true (same batch, ~30% slower steps)"
+    accum = math.ceil(first.batch_size / t.batch_size)
+    return (f"does not fit; the largest batch that does is train.batch_size={t.batch_size} with "
+            f"train.grad_checkpointing=true; keep the effective batch with train.grad_accum={accum} "
+            f"(the contrastive losses then see {t.batch_size} images per step, not {first.batch_size})")
+
+
+def estimate_seconds(n_images: int, cfg, train_img_s: float, eval_img_s: float, build_s: float,
+                     processes: int = 1) -> dict:
+    """The full run: folds x (epochs x (train steps + validation embedding) + OOF embedding with TTA)."""
+    folds = len(cfg.train.folds) if cfg.train.folds else cfg.cv.n_splits
+    all_data = cfg.train.folds == [-1]
+    n_val = 0 if all_data else n_images / cfg.cv.n_splits
+    n_train = n_images - n_val
+    per_step = cfg.train.batch_size * processes
+    steps = math.ceil(n_train / per_step) if n_train > per_step else 1
+    train_s = steps * per_step / (train_img_s * processes)
+    val_s = n_val / (eval_img_s * processes)
+    views = 2 if cfg.infer.tta_flip else 1
+    fold_s = build_s + cfg.train.epochs * (train_s + val_s) + views * val_s
+    return {"folds": folds, "steps_per_epoch": steps, "epoch_s": train_s + val_s, "fold_s": fold_s,
+            "total_s": folds * fold_s}
+
+
+def _clock(seconds: float) -> str:
+    h, rem = divmod(int(round(seconds)), 3600)
+    return f"{h}h {rem // 60:02d}m" if h else f"{rem // 60}m {rem % 60:02d}s"
+
+
+def main(argv=None) -> int:
+    ap = parser("python -m entrep.preflight", __doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--data", help="training release folder to read and count (optional)")
+    ap.add_argument("--steps", type=int, default=3, help="timed train steps after one warm-up (default 3)")
+    ap.add_argument("--images", type=int, default=0,
+                    help=f"images assumed by the time estimate without --data (default {ENTREP_TRAIN_IMAGES}, ENTRep)")
+    ap.add_argument("--json", help="also write the checks and the measured figures to this file")
+    args = ap.parse_intermixed_args(argv)
+    cfg = load_config(args.config, list(args.overrides) + ([f"data.root={args.data}"] if args.data else []))
+    from entrep.model.backbone import resolve_weights, set_offline
+
+    set_offline(cfg.model.offline)
+    setup_logging()
+    from rich.table import Table
+
+    rows: list[tuple[str, str]] = []
+    t0 = time.perf_counter()
+    rows.append(("weights", resolve_weights(cfg.model.name, cfg.model.pretrained, cfg.model.offline)))
+
+    from entrep.labels import LabelSet
+
+    labels = LabelSet.from_config(cfg.labels)
+    n_images = args.images or ENTREP_TRAIN_IMAGES
+    if args.data:
+        n_images, summary = _data_summary(cfg, labels)
+        rows += summary
+    else:
+        rows.append(("data", f"not read (no --data); the estimate assumes {n_images:,} images"))
+
+    import torch
+
+    from entrep.engine import make_accelerator
+    from entrep.model.backbone import image_stats
+    from entrep.model.entrep_clip import build_model
+
+    tb = time.perf_counter()
+    model = build_model(cfg, labels)
+    build_s = time.perf_counter() - tb
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mean, std, size = image_stats(model.base)
+    rows.append(("model", f"{cfg.model.name} at {size} px: {n_train:,} trainable of {n_all:,} parameters "
+                          f"({100 * n_train / n_all:.2f}%), built in {build_s:.1f} s"))
+    precision, why = mixed_precision_reason(cfg.train.mixed_precision)
+    rows.append(("mixed precision", f"{'fp32' if precision == 'no' else precision} ({why})"))
+    acc = make_accelerator(cfg)
+    rows.append(("device", _device_name(acc.device)))
+    del model
+
+    def try_batch(bs: int, ckpt: bool) -> Trial:
+        return _timed_steps(cfg, labels, acc, bs, ckpt, args.steps, (mean, std, size))
+
+    first, tried = plan_fit(try_batch, cfg.train.batch_size, cfg.train.grad_checkpointing)
+    mem = "peak device memory" if acc.device.type == "cuda" else "peak process RSS"
+    for t in [first, *tried]:
+        label = f"train step, batch {t.batch_size}" + (", grad checkpointing" if t.grad_checkpointing else "")
+        rows.append((label, f"{t.img_per_s:,.1f} img/s, {mem} {t.peak_mib:,.0f} MiB" if t.fits else
+                     f"out of memory at {t.peak_mib:,.0f} MiB"))
+    rows.append(("batch", advice(first, tried)))
+    eval_img_s = _eval_rate(cfg, labels, acc, (mean, std, size))
+    rows.append(("eval embedding", f"{eval_img_s:,.1f} img/s at batch {cfg.train.eval_batch_size}"))
+    train_img_s = first.img_per_s or next((t.img_per_s for t in tried if t.fits), 0.0)
+    est = {}
+    if train_img_s:
+        est = estimate_seconds(n_images, cfg, train_img_s, eval_img_s, build_s)
+        rows.append(("estimate", f"{est['folds']} folds x {cfg.train.epochs} epochs x {est['steps_per_epoch']} steps "
+                                 f"of {cfg.train.batch_size}: {_clock(est['epoch_s'])} per epoch, "
+                                 f"{_clock(est['fold_s'])} per fold, {_clock(est['total_s'])} in all on one "
+                                 f"{acc.device.type.upper()} process (N processes: about 1/N of it)"))
+    table = Table(title=f"preflight: {args.config}", show_header=False)
+    table.add_column("check", style="bold")
+    table.add_column("result", overflow="fold")
+    for k, v in rows:
+        table.add_row(k, v)
+    table.caption = f"preflight took {time.perf_counter() - t0:.0f} s"
+    console.print(table)
+    if args.json:
+        from dataclasses import asdict
+
+        from entrep.io import atomic_write_json
+
+        atomic_write_json(args.json, {"checks": dict(rows), "trials": [asdict(t) for t in [first, *tried]],
+                                      "device": _device_name(acc.device), "mixed_precision": precision,
+                                      "train_img_per_s": train_img_s, "eval_img_per_s": eval_img_s,
+                                      "estimate": est})
+    return 0
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def _data_summary(cfg, labels) -> tuple[int, list[tuple[str, str]]]:
+    """What `data check` reports, in short: counts and how many of each problem."""
+    from collections import Counter
+
+    from entrep.data.release import load_release
+
+    table, rep = load_release(cfg.data.root, labels.names, cfg.data.check_images)
+    per_class = Counter(table["label"].dropna())
+    smallest = min(per_class.get(c, 0) for c in labels.names)
+    rows = [("data", f"{cfg.data.root}: {len(table):,} images, {int((table['y'] >= 0).sum()):,} labelled, "
+                     f"{int(table['captions'].map(bool).sum()):,} captioned, "
+                     f"{int(table['partners'].map(len).sum()) // 2:,} i2i links; smallest class {smallest}")]
+    problems = {"unreadable images (skipped)": rep.bad_images, "annotations naming missing files": rep.missing,
+                "unknown labels": rep.unknown_labels, "conflicting labels": rep.label_conflicts,
+                "empty captions": rep.bad_captions, "duplicate JSON keys": rep.duplicate_keys,
+                "same picture under two names": rep.content_duplicates, "file names fixed by case": rep.case_fixes}
+    found = [f"{len(v)} {k}" for k, v in problems.items() if v]
+    rows.append(("data problems", "; ".join(found) + " (python -m entrep.data check for the list)" if found else "none"))
+    if smallest < cfg.cv.n_splits:
+        rows.append(("folds", f"cv.n_splits={cfg.cv.n_splits} but a class has {smallest} labelled images: "
+                              f"train.py will refuse; lower cv.n_splits"))
+    return len(table), rows
+
+
+def _synthetic_dataset(cfg, labels, n: int, work: int):
+    """n random images at the cache's working size, a third captioned: what the step sees, minus decoding."""
+    import numpy as np
+
+    from entrep.data.dataset import TrainDataset
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (n, work, work, 3), dtype=np.uint8)
+    caps = [[f"{CAPTION} {i}"] if i % 3 == 0 else [] for i in range(n)]
+    return TrainDataset(pixels, np.arange(n) % len(labels), caps, np.full(n, -1), np.arange(n), labels, True)
+
+
+def _timed_steps(cfg, labels, acc, bs: int, ckpt: bool, steps: int, stats) -> Trial:
+    """One warm-up and `steps` timed optimizer steps of the trainer's own TrainStep at batch `bs`."""
+    import copy
+
+    import torch
+
+    from entrep.engine import TrainStep, train_pipeline
+    from entrep.model.entrep_clip import build_model
+
+    c = copy.deepcopy(cfg)
+    c.train.batch_size, c.train.grad_checkpointing, c.train.grad_accum = bs, ckpt, 1
+    mean, std, size = stats
+    work = c.data.working_side(size)
+    cuda = acc.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step = None
+    try:
+        model = build_model(c, labels)
+        loader, device_augment = train_pipeline(_synthetic_dataset(c, labels, bs, work), c, acc.device, stats)
+        step = TrainStep(c, acc, model, loader, total_steps=steps + 1, device_augment=device_augment)
+        step.model.train()
+        batches = iter(lambda: next(iter(step.loader)), None)
+        step(next(batches))
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(next(batches))
+        if cuda:
+            torch.cuda.synchronize()
+        rate = bs * steps / (time.perf_counter() - t0)
+        return Trial(bs, ckpt, True, rate, _peak_mib(cuda))
+    except torch.OutOfMemoryError:
+        return Trial(bs, ckpt, False, 0.0, _peak_mib(cuda))
+    finally:
+        del step
+        acc.free_memory()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _eval_rate(cfg, labels, acc, stats) -> float:
+    import numpy as np
+    import torch
+
+    from entrep.engine import embed_images
+    from entrep.model.entrep_clip import build_model
+
+    mean, std, size = stats
+    work = cfg.data.working_side(size)
+    model = acc.prepare(build_model(cfg, labels))
+    n = cfg.train.eval_batch_size
+    pixels = np.random.default_rng(0).integers(0, 256, (n, work, work, 3), dtype=np.uint8)
+    embed_images(model, pixels[: min(n, 8)], acc, n, False, labels, size, mean, std)  # warm-up
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    embed_images(model, pixels, acc, n, False, labels, size, mean, std)
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = n / (time.perf_counter() - t0)
+    acc.free_memory()
+    return rate
+
+
+def _peak_mib(cuda: bool) -> float:
+    import torch
+
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

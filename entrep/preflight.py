@@ -1,0 +1,8 @@
+"""python -m entrep.preflight --config C.yaml [--data DIR] [key=value ...]: see entrep/commands/preflight.py."""
+import sys
+
+from entrep.cli import run_main
+from entrep.commands.preflight import main
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

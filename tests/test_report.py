@@ -1,0 +1,142 @@
+"""Out-of-fold figures: cross-fitted tuning (nothing reported is chosen on the data it scores),
+per-track settings, the inference settings infer.py applies, and the optimiser's decay groups."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from entrep.config import load_config
+from entrep.engine import Embedded
+from entrep.report import RERANK_OFFERED, TRACKS, _classify, _pooled, crossfit, track_rankings, tune
+
+NAMES = ["a", "b", "c"]
+
+
+def synthetic_oof(seed=0, folds=3, per_fold=18):
+    """Folds of images near their class centre, i2i pairs within a fold, one caption per class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, 16))
+    class_emb = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    rows, oof = [], {}
+    for k in range(folds):
+        images, embs, heads, prompts = [], [], [], []
+        for i in range(per_fold):
+            y = i % 3
+            name = f"f{k}_{i}.png"
+            e = centres[y] + rng.normal(scale=1.2, size=16)
+            embs.append(e / np.linalg.norm(e))
+            logits = rng.normal(size=3) + 1.5 * np.eye(3)[y] * rng.uniform(0, 2)
+            heads.append(np.exp(logits) / np.exp(logits).sum())
+            p = np.exp(3 * embs[-1] @ class_emb.T)
+            prompts.append(p / p.sum())
+            partner = f"f{k}_{i ^ 1}.png" if i < per_fold - (per_fold % 2) else None
+            rows.append({"image": name, "y": y, "label": NAMES[y], "partners": [partner] if partner else [],
+                         "captions": [f"finding {y}"] if i % 2 == 0 else []})
+            images.append(name)
+        e = Embedded([np.array(heads, np.float32)], [np.array(prompts, np.float32)], np.array(embs, np.float32),
+                     class_emb.astype(np.float32))
+        cap = np.stack([class_emb[y] + rng.normal(scale=0.8, size=16) for y in range(3)])
+        cap = (cap / np.linalg.norm(cap, axis=1, keepdims=True)).astype(np.float32)
+        oof[k] = (images, e, [f"finding {y}" for y in range(3)], cap)
+    return oof, pd.DataFrame(rows)
+
+
+@pytest.fixture()
+def cfg():
+    return load_config(None, ["model.pretrained=", "infer.tta_flip=false", "rerank.min_gain=0.0"])
+
+
+def test_each_fold_is_scored_with_settings_tuned_on_the_other_folds(cfg):
+    oof, table = synthetic_oof()
+    report, settings = crossfit(oof, table, NAMES, cfg)
+    for k in oof:
+        others = tune({j: f for j, f in oof.items() if j != k}, table, NAMES, cfg)
+        assert settings[k]["head_weight"] == others["head_weight"]
+        for track in TRACKS:
+            assert settings[k][track]["alpha"] == others[track]["alpha"]
+            assert settings[k][track]["rerank"] == list(others[track]["rerank"]["kept"])
+    # the pooled figures are exactly those of each fold scored with its own cross-fitted settings
+    y_of = dict(zip(table["image"], table["y"]))
+    y, pred = [], []
+    for k, (images, e, _, _) in oof.items():
+        y += [y_of[n] for n in images]
+        pred += list(e.probs(settings[k]["head_weight"], False).argmax(1))
+    assert report["classification"]["accuracy"] == pytest.approx(np.mean(np.array(y) == np.array(pred)))
+    rk, rel = [], []
+    others = {k: tune({j: f for j, f in oof.items() if j != k}, table, NAMES, cfg) for k in oof}
+    for k, fold in oof.items():
+        r, s = track_rankings(fold, table, "i2i", others[k]["head_weight"], others[k]["i2i"]["alpha"], False,
+                              others[k]["i2i"]["rerank"]["kept"])
+        rk += r
+        rel += s
+    mrr = np.mean([1 / (r.index(next(iter(s))) + 1) if next(iter(s)) in r else 0 for r, s in zip(rk, rel)])
+    assert report["i2i"]["mrr"] == pytest.approx(mrr)
+    assert set(report["how"]) >= {"classification", "i2i", "t2i", "folds", "tuned"}
+    assert "cross-fitted" in report["how"]["classification"] and "other folds" in report["how"]["i2i"]
+
+
+def test_in_sample_tuning_would_flatter_the_report(cfg):
+    """The point of cross-fitting: tuned and scored on the same predictions, the figure can only be
+    at least as good as the cross-fitted one."""
+    oof, table = synthetic_oof(seed=4)
+    report, _ = crossfit(oof, table, NAMES, cfg)
+    t = tune(oof, table, NAMES, cfg)
+    in_sample = _classify(oof, table, NAMES, t["head_weight"], False)["f1_macro"]
+    grid_best = max(_classify(oof, table, NAMES, w, False)["f1_macro"] for w in (0, .25, .5, .75, 1))
+    assert in_sample == grid_best >= report["classification"]["f1_macro"]
+    for track in TRACKS:
+        assert _pooled(oof, table, track, t["head_weight"], t[track]["alpha"], False,
+                       t[track]["rerank"]["kept"])["mrr"] >= report[track]["mrr"] - 1e-9
+
+
+def test_each_track_has_its_own_alpha_and_reranking_and_only_meaningful_methods(cfg):
+    oof, table = synthetic_oof()
+    t = tune(oof, table, NAMES, cfg)
+    for track in TRACKS:
+        assert set(t[track]) >= {"alpha", "alpha_grid_mrr", "rerank"}
+        tried = [s["method"] for s in t[track]["rerank"]["steps"]]
+        assert tried == [m for m in cfg.rerank.methods if m in RERANK_OFFERED[track]]
+    assert t["t2i"]["rerank"]["not_offered"] == ["qe", "kreciprocal"]
+    assert t["i2i"]["rerank"]["not_offered"] == []
+
+
+def test_infer_command_line_overrides_beat_tuned_values(cfg):
+    from entrep.commands.infer import inference_settings
+
+    tuned = {"head_weight": 0.25, "i2i": {"alpha": 0.3, "rerank": {"kept": {"dba": {"k": 2}}}},
+             "t2i": {"alpha": 0.1, "rerank": {"kept": {}}}}
+    s = inference_settings(cfg, tuned, set())
+    assert s["head_weight"] == 0.25 and s["i2i"] == {"alpha": 0.3, "rerank": {"dba": {"k": 2}}}
+    assert s["t2i"] == {"alpha": 0.1, "rerank": {}}
+    c = load_config(None, ["model.slerp.alpha=0.5", "rerank.methods=[]", "infer.head_weight=1.0"])
+    s = inference_settings(c, tuned, {"model.slerp.alpha", "rerank.methods", "infer.head_weight"})
+    assert s["head_weight"] == 1.0 and s["i2i"] == s["t2i"] == {"alpha": 0.5, "rerank": {}}
+    c = load_config(None, ["model.slerp.infer=false", "rerank.methods=[kreciprocal,class_bonus]"])
+    s = inference_settings(c, tuned, {"model.slerp.infer", "rerank.methods"})
+    assert s["i2i"]["alpha"] == s["t2i"]["alpha"] == 0.0
+    assert list(s["i2i"]["rerank"]) == ["kreciprocal", "class_bonus"] and list(s["t2i"]["rerank"]) == ["class_bonus"]
+    old = {"head_weight": 0.5, "alpha": 0.2, "rerank": {"kept": {"qe": {"k": 2, "alpha": 3.0}}}}  # before per-track
+    s = inference_settings(cfg, old, set())
+    assert s["i2i"]["alpha"] == s["t2i"]["alpha"] == 0.2 and "qe" in s["i2i"]["rerank"]
+
+
+def test_weight_decay_spares_biases_norms_scale_and_fusion_logits():
+    from entrep.engine import param_groups
+    from entrep.labels import LabelSet
+    from entrep.model.entrep_clip import build_model
+
+    cfg = load_config("configs/demo.yaml", ["model.pretrained="])
+    model = build_model(cfg, LabelSet.from_config(cfg.labels))
+    groups = param_groups(model, cfg)
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert decay_of[id(named["logit_scale"])] == 0 and decay_of[id(named["head.bias"])] == 0
+    assert decay_of[id(named["head.weight"])] == cfg.train.weight_decay
+    fusion = [n for n in named if n.startswith("fusion.") and named[n].requires_grad]
+    assert fusion and all(decay_of[id(named[n])] == 0 for n in fusion)
+    lora = [n for n in named if "lora_" in n]
+    assert lora and all(decay_of[id(named[n])] == cfg.train.weight_decay for n in lora)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    lrs = {g["lr"] for g in groups}
+    assert lrs == {cfg.train.lr_lora, cfg.train.lr_head}
+    torch.optim.AdamW(groups)  # a valid optimiser spec
