@@ -5,7 +5,7 @@
 Each rung switches one more component on and writes its own run directory under
 runs/<name>_ablation/<rung>/. Rungs that change only inference settings (slerp retrieval, flip TTA,
 re-ranking) reuse the previous rung's trained folds and are re-scored from its OOF files. Finished
-rungs (a report.json) are reused on a re-run. The table goes to ablation.md / ablation.csv / ablation.png.
+rungs are reused on a re-run while their resolved config is unchanged, and run again otherwise. The table goes to ablation.md / ablation.csv / ablation.png.
 """
 from __future__ import annotations
 
@@ -45,6 +45,17 @@ def default_ladder(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
     return base, rungs
 
 
+def rung_config(argv: list[str]) -> dict:
+    """A rung's resolved config, as train.py will resolve it (JSON types): a finished rung is reused
+    only while this is unchanged."""
+    from entrep.commands.train import parse
+    from entrep.config import to_dict
+
+    d = to_dict(parse(argv))
+    d["train"].pop("resume")
+    return json.loads(json.dumps(d))
+
+
 def inference_only(overrides: list[str]) -> bool:
     return bool(overrides) and all(parse_override(o)[0].startswith(INFERENCE_KEYS) for o in overrides)
 
@@ -74,6 +85,10 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
         argv += ["--name", rung, *overrides, *base, *cumulative, *extra]
         run = root / rung
         reuse = previous is not None and inference_only(switch)
+        resolved = rung_config(argv)
+        if (run / "rung.json").is_file() and json.loads((run / "rung.json").read_text()).get("config") != resolved:
+            print(f"{rung}: its resolved config differs from the one it ran with; running it again")
+            shutil.rmtree(run)
         if not (run / "rung.json").is_file():
             t0 = time.time()
             if reuse:  # same trained folds, new inference settings: copy them and re-score from OOF
@@ -85,7 +100,7 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
             if rc := train_main(argv + ["train.resume=true"]):
                 raise SystemExit(rc)
             atomic_write_json(run / "rung.json", {"overrides": switch, "reused_folds_of": previous.name if reuse
-                                                  else None, "wall_s": time.time() - t0})
+                                                  else None, "wall_s": time.time() - t0, "config": resolved})
         rows.append(row_for(rung, run))
         previous = run
     table = pd.DataFrame(rows)

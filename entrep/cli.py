@@ -35,3 +35,8 @@ def run_main(main) -> int:
     except EntrepError as e:
         console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
+    except KeyboardInterrupt:
+        # every file is written atomically, so what was finished stays finished
+        console.print("interrupted. Finished folds are kept: add train.resume=true to the same train.py command "
+                      "to continue from the first unfinished fold.", highlight=False, soft_wrap=True)
+        return 130

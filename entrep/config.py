@@ -343,6 +343,7 @@ def validate(cfg: Config) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"config key 'train.{name}' must be >= 1")
+    _validate_ranges(cfg)
     _validate_lora(cfg.model.lora)
     if any(t.endswith("out_proj") for t in cfg.model.lora.targets):
         raise ConfigError("model.lora.targets: 'out_proj' alone never runs in open_clip's attention (a dead "
@@ -359,6 +360,41 @@ def validate(cfg: Config) -> None:
         LabelSet.from_config(cfg.labels)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+# key -> (low, high, what): the ranges every numeric field must lie in; None = unbounded on that side
+RANGES = {
+    "data.working_size": (0, None, "0 (1.15 x the model's input) or a side in px"),
+    "data.num_workers": (0, None, "0 (the main process) or more loader workers"),
+    "train.lr_lora": (1e-12, None, "a positive learning rate"), "train.lr_head": (1e-12, None, "a positive learning rate"),
+    "train.weight_decay": (0, None, ">= 0"), "train.warmup_frac": (0, 0.999, "a fraction in [0, 1)"),
+    "train.max_grad_norm": (0, None, ">= 0 (0 = no clipping)"),
+    "loss.ce": (0, None, ">= 0"), "loss.prompt": (0, None, ">= 0"), "loss.text": (0, None, ">= 0"),
+    "loss.image": (0, None, ">= 0"), "loss.label_smoothing": (0, 0.999, "a fraction in [0, 1)"),
+    "infer.topk": (1, None, ">= 1 (the challenge takes 1; ranked lists more)"),
+    "infer.head_weight": (-1, 1, "-1 (the OOF-tuned value) or a weight in [0, 1]"),
+    "infer.max_sim_bytes": (2**20, None, "at least 1 MiB (1048576)"), "infer.faiss_nprobe": (1, None, ">= 1"),
+    "rerank.min_gain": (0, None, ">= 0"), "rerank.dba_k": (1, None, ">= 1"), "rerank.qe_k": (1, None, ">= 1"),
+    "rerank.qe_alpha": (0, None, ">= 0"), "rerank.class_beta": (0, None, ">= 0"), "rerank.k1": (1, None, ">= 1"),
+    "rerank.k2": (1, None, ">= 1"), "rerank.lam": (0, 1, "a weight in [0, 1]"),
+}
+
+
+def _validate_ranges(cfg: Config) -> None:
+    for key, (lo, hi, what) in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"config key '{key}' = {value!r}; must be {what}")
+    if cfg.infer.head_weight < 0 and cfg.infer.head_weight != -1:
+        raise ConfigError(f"config key 'infer.head_weight' = {cfg.infer.head_weight!r}; must be -1 (the OOF-tuned "
+                          f"value) or a weight in [0, 1]")
+    if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\") or cfg.name.startswith("~"):
+        raise ConfigError(f"run name {cfg.name!r} must be a plain folder name under output_dir (no '/', '..' or "
+                          f"absolute path); put the folder elsewhere with output_dir=DIR")
+    if any(a < 0 or a > 1 for a in cfg.model.slerp.alpha_grid):
+        raise ConfigError(f"model.slerp.alpha_grid {cfg.model.slerp.alpha_grid}: every alpha must lie in [0, 1]")
 
 
 def is_param_target(target: str) -> bool:

@@ -41,3 +41,34 @@ def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
 def atomic_write_csv(path: str | Path, df) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+@contextlib.contextmanager
+def exclusive_run(run_dir: Path, what: str):
+    """Hold `run_dir` for one writer: a second train.py (or ablation) on the same run is refused
+    with one line. An OS lock (filelock), so a killed holder leaves nothing that blocks later runs."""
+    import socket
+    import sys
+    import time
+
+    from filelock import FileLock, Timeout
+
+    from entrep.errors import EntrepError
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock, owner = FileLock(run_dir / ".lock"), run_dir / ".lock.owner"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        held = json.loads(owner.read_text()) if owner.is_file() else {}
+        raise EntrepError(f"{run_dir} is in use by another {held.get('what', 'process')} (pid {held.get('pid', '?')} "
+                          f"on {held.get('host', '?')}, since {held.get('since', '?')}); wait for it, or use "
+                          f"another --name") from None
+    try:
+        atomic_write_json(owner, {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv})
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()

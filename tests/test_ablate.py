@@ -35,6 +35,12 @@ def test_ladder_runs_and_each_rung_flips_exactly_its_switch(demo, tmp_path):
     before = {r: (root / r / "rung.json").read_text() for r in names}
     assert main(args) == 0  # finished rungs are reused
     assert {r: (root / r / "rung.json").read_text() for r in names} == before
+    # another setting under the same --name: no rung's results may be reused
+    assert main(args + ["model.lora.rank=4"]) == 0
+    after = {r: (root / r / "rung.json").read_text() for r in names}
+    assert all(after[r] != before[r] for r in names)
+    assert "rank: 4" in (root / "2_lora/config.yaml").read_text()
+    assert pd.read_csv(root / "ablation.csv").loc[1, "trainable_params"] < table.loc[1, "trainable_params"]
 
 
 def test_inference_only_switches():

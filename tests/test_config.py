@@ -78,3 +78,21 @@ def test_entrep_swap_permutation():
     labels = LabelSet.from_config(load_config(None).labels)
     assert [labels.names[i] for i in labels.swap_perm] == [
         "nose-left", "nose-right", "ear-left", "ear-right", "vc-open", "vc-closed", "throat"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("infer.topk=0", "infer.topk"), ("infer.topk=-3", "infer.topk"), ("data.num_workers=-1", "data.num_workers"),
+    ("train.lr_lora=-1", "train.lr_lora"), ("train.warmup_frac=-1", "train.warmup_frac"),
+    ("train.warmup_frac=1", "train.warmup_frac"), ("loss.label_smoothing=1.5", "loss.label_smoothing"),
+    ("infer.head_weight=-0.5", "infer.head_weight"), ("rerank.lam=2", "rerank.lam"),
+    ("infer.max_sim_bytes=10", "infer.max_sim_bytes"), ("cv.near_dup_bits=-1", "cv.near_dup_bits"),
+])
+def test_values_outside_their_range_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'|{key}"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", "..", ""])
+def test_run_names_cannot_leave_output_dir(name):
+    with pytest.raises(ConfigError, match="plain folder name under output_dir"):
+        load_config(None, [f"name={name}"])

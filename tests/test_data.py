@@ -215,3 +215,14 @@ def test_check_names_a_test_image_that_is_a_near_duplicate_of_a_training_one(tmp
     line = next(s for s in out.splitlines() if s.startswith("│ test images near-duplicate of a training image"))
     assert "│ 1 " in line and f"leaked.png ~ {src}" in line
     assert "train/test leak" in out
+
+
+def test_a_classification_that_is_a_list_is_an_unknown_label_not_a_crash(tmp_path):
+    placeholder(tmp_path / "pub/images/1_2_3_Image01.png", 1)
+    placeholder(tmp_path / "pub/images/1_2_3_Image02.png", 2)
+    (tmp_path / "pub/data.json").write_text(json.dumps([
+        {"Path": "1_2_3_image01.png", "Classification": ["throat", "vc-open"]},
+        {"Path": "1_2_3_image02.png", "Classification": "throat"}]))
+    df, rep = load_release(tmp_path, ENTREP_CLASSES)
+    assert rep.unknown_labels and "['throat', 'vc-open']" in rep.unknown_labels[0][2]
+    assert df.set_index("image")["y"].to_dict() == {"1_2_3_Image01.png": -1, "1_2_3_Image02.png": 6}

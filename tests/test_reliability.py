@@ -209,3 +209,74 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_one_writer_per_run_directory_and_a_killed_holder_does_not_block(tmp_path):
+    from entrep.errors import EntrepError
+    from entrep.io import exclusive_run
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from entrep.io import exclusive_run\n"
+        f"with exclusive_run(Path({str(tmp_path)!r}), 'train.py'):\n"
+        "    print('held', flush=True); time.sleep(120)\n")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(EntrepError, match=r"is in use by another train\.py \(pid \d+ on .*\); wait for it, or use"):
+        with exclusive_run(tmp_path, "train.py"):
+            pass
+    holder.send_signal(signal.SIGKILL)  # killed: no clean-up ran, the owner file is left behind
+    holder.wait()
+    with exclusive_run(tmp_path, "train.py"):
+        assert json.loads((tmp_path / ".lock.owner").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock.owner").exists()
+
+
+def test_a_second_train_on_the_same_run_is_refused_in_one_line(demo, tmp_path):
+    args = ["train.py", *TRAIN, "--data", demo, "--name", "same", f"output_dir={tmp_path}"]
+    first = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "same/.lock.owner").exists():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        r = py(*args, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+        assert f"{tmp_path / 'same'} is in use by another train.py (pid {first.pid}" in " ".join(r.stdout.split())
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_infer_says_when_test_images_are_training_images(trained, demo, tmp_path):
+    """The release root as the test folder puts every training image in the gallery: say so, say
+    which gallery is used, and record it for submit.py."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = py("infer.py", "--run", run, "--data", demo)
+    out = " ".join((r.stdout + r.stderr).split())
+    assert "test images are training images (by name:" in out and "gallery: every image of" in out
+    leak = json.loads((run / "predictions/meta.json").read_text())["test_images_in_training"]
+    import pandas as pd
+
+    folds = set(pd.read_csv(run / "folds.csv")["image"])
+    assert leak["by_name"] and set(leak["by_name"]) <= folds and leak["by_content"]
+    sub = py("submit.py", "--run", run)
+    assert "gallery images are also training images" in " ".join(sub.stdout.split())
+    clean = tmp_path / "clean"
+    shutil.copytree(trained, clean)
+    out = py("infer.py", "--run", clean, "--data", demo / "test")
+    assert "training images" not in out.stdout + out.stderr
+
+
+def test_ctrl_c_during_training_says_how_to_resume(demo, tmp_path):
+    args = [sys.executable, "train.py", *TRAIN, "--data", str(demo), "--name", "int", f"output_dir={tmp_path}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"))
+    deadline = time.time() + 120
+    while not (tmp_path / "int/folds.csv").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+    assert "add train.resume=true to the same train.py command" in " ".join(out.split())

@@ -45,6 +45,19 @@ def read_gallery(path: str, images: dict) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def training_overlap(run: Path, names: list[str], hashes: list[str]) -> dict:
+    """Test images that are also training images, by file name and by content (the run's folds.csv)."""
+    import pandas as pd
+
+    folds = pd.read_csv(run / "folds.csv", keep_default_na=False) if (run / "folds.csv").is_file() else None
+    if folds is None:
+        return {"by_name": [], "by_content": []}
+    train_names = set(folds["image"])
+    train_hashes = set(folds["sha1"]) if "sha1" in folds else set()
+    return {"by_name": [n for n in names if n in train_names],
+            "by_content": [n for n, h in zip(names, hashes) if h in train_hashes]}
+
+
 def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
     """head_weight and per-track slerp alpha and re-ranking: the OOF-tuned values from tuned.json,
     except where the command line sets the key (infer.head_weight, model.slerp.alpha,
@@ -114,11 +127,20 @@ def main(argv=None) -> int:
         log.info("%s: query %r resolved to %r", f, listed, disk)
     names = sorted(test.images)
     gallery = read_gallery(cfg.infer.gallery, test.images) if cfg.infer.gallery else names
+    test_hashes = [file_hash(test.images[n]) for n in names]
+    in_training = training_overlap(run, names, test_hashes)
+    if in_training["by_name"] or in_training["by_content"]:
+        log.warning("%d test images are training images (by name: %d, e.g. %s; by content: %d, e.g. %s): in the "
+                    "gallery they can be answers; to leave them out, list the gallery in infer.gallery=FILE",
+                    len(set(in_training["by_name"]) | set(in_training["by_content"])), len(in_training["by_name"]),
+                    in_training["by_name"][:3], len(in_training["by_content"]), in_training["by_content"][:3])
+    log.info("gallery: %s (%d images)", f"infer.gallery={cfg.infer.gallery}" if cfg.infer.gallery else
+             f"every image of {args.data} (an i2i query never retrieves itself)", len(gallery))
     acc = make_accelerator(cfg)
     model = acc.prepare(build_model(cfg, labels))
     stats = image_stats(acc.unwrap_model(model).base)
     cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(stats[2]))
-    pixels = cache.pixels([str(test.images[n]) for n in names], [file_hash(test.images[n]) for n in names])
+    pixels = cache.pixels([str(test.images[n]) for n in names], test_hashes)
 
     probs_sum, rets, texts, text_probs = 0.0, {"i2i": [], "t2i": []}, [], []
     captions = test.t2i or []
@@ -176,7 +198,8 @@ def main(argv=None) -> int:
     atomic_write_json(out / "meta.json", {
         "test_dir": str(Path(args.data).resolve()), "folds": [d.name for d in dirs], **settings,
         "tta_flip": cfg.infer.tta_flip, "topk": k, "gallery": gallery, "labels": list(labels.names),
-        "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": test.t2i}, "on_disk": test.on_disk})
+        "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": test.t2i}, "on_disk": test.on_disk,
+        "test_images_in_training": in_training})
     console.print(f"predictions for {len(names)} images, {len(i2i)} i2i and {len(t2i)} t2i queries "
                   f"from {len(dirs)} folds -> {out}")
     return 0

@@ -29,6 +29,10 @@ def main(argv=None) -> int:
                               f"--run {args.run} --data {meta['test_dir']} infer.topk={args.topk}, or lower --topk")
     out = Path(args.out) if args.out else Path(args.run) / "submission"
     gallery = set(meta["gallery"])
+    leak = meta.get("test_images_in_training", {})
+    if leak_names := sorted(set(leak.get("by_name", [])) | set(leak.get("by_content", []))):
+        console.print(f"warning: {len(leak_names)} gallery images are also training images (e.g. "
+                      f"{leak_names[:3]}); answers may point at them (predictions/meta.json lists them)")
     written = []
     queries = meta["queries"]
     if queries.get("cls"):

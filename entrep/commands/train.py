@@ -29,7 +29,19 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
+    import contextlib
+    import os
+
+    from entrep.io import exclusive_run
+
     cfg = parse(argv)
+    # one writer per run directory; under a launcher only the main process (rank 0) holds it
+    main_process = os.environ.get("RANK", "0") == "0"
+    with exclusive_run(cfg.run_dir, "train.py") if main_process else contextlib.nullcontext():
+        return _train(cfg)
+
+
+def _train(cfg) -> int:
     from entrep.model.backbone import set_offline
 
     set_offline(cfg.model.offline)  # before anything imports huggingface_hub

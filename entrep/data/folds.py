@@ -123,7 +123,7 @@ def make_folds(df: pd.DataFrame, n_splits: int, seed: int, hashes: np.ndarray | 
         group_fold[g] = int(f)
     fold = np.array([group_fold[g] for g in groups])
     return pd.DataFrame({"image": df["image"], "label": df["label"].fillna(""), "group": link,
-                         "fold_group": groups, "fold": fold})
+                         "fold_group": groups, "fold": fold, "sha1": df["sha1"]})  # sha1: infer finds leaks
 
 
 def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, hashes: np.ndarray | None = None,

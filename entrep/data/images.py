@@ -53,80 +53,140 @@ def decode_all(paths: list[str], size: int, workers: int = 4, desc: str = "decod
 
 
 class CachedPixels:
-    """Rows of a memory-mapped uint8 store, in dataset order; indexing with an array gives a view."""
+    """Rows of memory-mapped uint8 segments, in dataset order; indexing with an array gives a view."""
 
-    def __init__(self, store: np.ndarray, slots: np.ndarray):
-        self.store, self.slots = store, np.asarray(slots)
+    def __init__(self, stores: list[np.ndarray], seg: np.ndarray, row: np.ndarray, size: int):
+        self.stores, self.seg, self.row, self.size = stores, np.asarray(seg), np.asarray(row), size
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return len(self.seg)
 
     def __getitem__(self, idx):
         if np.isscalar(idx) or isinstance(idx, (int, np.integer)):
-            return np.array(self.store[self.slots[idx]])  # a private, writable copy of one image
-        return CachedPixels(self.store, self.slots[idx])
+            return np.array(self.stores[self.seg[idx]][self.row[idx]])  # a private, writable copy of one image
+        return CachedPixels(self.stores, self.seg[idx], self.row[idx], self.size)
 
     def __array__(self, dtype=None, copy=None):
-        out = np.asarray(self.store[self.slots])
+        out = np.empty((len(self), self.size, self.size, 3), dtype=np.uint8)
+        for s, store in enumerate(self.stores):
+            if (m := self.seg == s).any():
+                out[m] = store[self.row[m]]
         return out.astype(dtype) if dtype is not None else out
 
 
-class ImageCache:
-    """Decoded images on disk: one memory-mapped uint8 store per working size, keyed by file content.
+class CacheError(EntrepError):
+    pass
 
-    `index-<size>.json` maps a content hash to a row of `store-<size>-<generation>.u8`. Only images
-    whose content is new are decoded; the store is rewritten to a new generation and the index is
-    replaced last, so a crash leaves the previous cache intact.
+
+class ImageCache:
+    """Decoded images on disk, keyed by file content; safe for any number of concurrent processes.
+
+    `index-<size>.json` maps a content hash to (segment, row). A segment `seg-<size>-<uuid>.u8` holds
+    the images one writer decoded; it is written under a unique temp name, checksummed, renamed into
+    place and never modified or deleted afterwards, so a reader can never see it change. Writers
+    take `lock-<size>` (filelock: an OS lock, released when its process dies, so a killed writer
+    leaves no lock behind), re-read the index, decode only what is still missing and replace the
+    index atomically. A segment whose size or checksum does not match the index is damaged: it is
+    dropped, with a warning, and its images are decoded again.
     """
 
     def __init__(self, folder: str | Path, size: int):
         self.folder, self.size = Path(folder), size
         self.index_path = self.folder / f"index-{size}.json"
+        self._verified: set[str] = set()
 
-    def _index(self) -> dict:
+    def _read_index(self) -> dict:
         import json
 
         if self.index_path.is_file():
             idx = json.loads(self.index_path.read_text())
-            if (self.folder / idx["store"]).is_file():
+            if "segments" in idx:  # an older single-store index is simply rebuilt
                 return idx
-        return {"store": None, "rows": 0, "generation": 0, "slots": {}}
+        return {"segments": {}, "slots": {}}
 
-    def _open(self, name: str, rows: int, mode: str = "r") -> np.memmap:
-        return np.memmap(self.folder / name, dtype=np.uint8, mode=mode, shape=(rows, self.size, self.size, 3))
+    def _damaged(self, idx: dict, names: set[str]) -> list[str]:
+        bad = []
+        for name in sorted(names - self._verified):
+            seg, path = idx["segments"][name], self.folder / name
+            expect = seg["rows"] * self.size * self.size * 3
+            if not path.is_file() or path.stat().st_size != expect or _checksum(path) != seg["blake2b"]:
+                bad.append(name)
+            else:
+                self._verified.add(name)
+        return bad
+
+    def _open(self, name: str, rows: int) -> np.memmap:
+        return np.memmap(self.folder / name, dtype=np.uint8, mode="r", shape=(rows, self.size, self.size, 3))
 
     def pixels(self, paths: list[str], hashes: list[str], workers: int = 4) -> CachedPixels:
+        idx = self._read_index()
+        missing = [h for h in hashes if h not in idx["slots"]]
+        bad = self._damaged(idx, {idx["slots"][h][0] for h in hashes if h in idx["slots"]})
+        if missing or bad:
+            idx = self._write({h: p for h, p in zip(hashes, paths)}, workers, bad)
+        names = sorted({idx["slots"][h][0] for h in hashes})
+        stores = [self._open(n, idx["segments"][n]["rows"]) for n in names]
+        pos = {n: i for i, n in enumerate(names)}
+        return CachedPixels(stores, np.array([pos[idx["slots"][h][0]] for h in hashes], dtype=np.int64),
+                            np.array([idx["slots"][h][1] for h in hashes], dtype=np.int64), self.size)
+
+    def _write(self, wanted: dict[str, str], workers: int, bad: list[str]) -> dict:
         import json
         import os
+        import uuid
+
+        from filelock import FileLock, Timeout
 
         from entrep.io import atomic_write_text
 
-        idx = self._index()
-        todo = {h: p for h, p in zip(hashes, paths) if h not in idx["slots"]}
-        if todo:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            gen = idx["generation"] + 1
-            name, old_rows = f"store-{self.size}-{gen}.u8", idx["rows"]
-            rows = old_rows + len(todo)
-            tmp = self.folder / f".{name}.tmp"
-            new = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(rows, self.size, self.size, 3))
-            if old_rows:
-                old = self._open(idx["store"], old_rows)
-                for s in range(0, old_rows, 256):
-                    e = min(s + 256, old_rows)
-                    new[s:e] = old[s:e]
-                del old
-            new[old_rows:] = decode_all(list(todo.values()), self.size, workers,
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.folder / f"lock-{self.size}")
+        while True:
+            try:
+                lock.acquire(timeout=60)
+                break
+            except Timeout:
+                log.info("image cache %s: waiting for another process to finish writing", self.folder)
+        try:
+            idx = self._read_index()  # another writer may have added what we need meanwhile
+            bad = sorted(set(bad) | set(self._damaged(idx, {idx["slots"][h][0] for h in wanted if h in idx["slots"]})))
+            if bad:
+                log.warning("image cache %s: damaged segments %s (size or checksum differs); decoding their "
+                            "images again", self.folder, bad)
+                idx["segments"] = {n: v for n, v in idx["segments"].items() if n not in bad}
+                idx["slots"] = {h: v for h, v in idx["slots"].items() if v[0] not in bad}
+            todo = {h: p for h, p in wanted.items() if h not in idx["slots"]}
+            if todo:
+                name = f"seg-{self.size}-{uuid.uuid4().hex}.u8"
+                tmp = self.folder / f".{name}.tmp"
+                try:
+                    new = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(todo), self.size, self.size, 3))
+                    new[:] = decode_all(list(todo.values()), self.size, workers,
                                         desc=f"caching {len(todo)} images at {self.size}px")
-            new.flush()
-            del new
-            os.replace(tmp, self.folder / name)
-            slots = dict(idx["slots"]) | {h: old_rows + i for i, h in enumerate(todo)}
-            previous = idx["store"]
-            idx = {"store": name, "rows": rows, "generation": gen, "slots": slots}
-            atomic_write_text(self.index_path, json.dumps(idx))
-            if previous:
-                (self.folder / previous).unlink(missing_ok=True)
-            log.info("image cache %s: decoded %d new images (%d cached)", self.folder, len(todo), rows)
-        store = self._open(idx["store"], idx["rows"])
-        return CachedPixels(store, np.array([idx["slots"][h] for h in hashes], dtype=np.int64))
+                    new.flush()
+                    del new
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())
+                    digest = _checksum(tmp)
+                    os.replace(tmp, self.folder / name)
+                finally:
+                    Path(tmp).unlink(missing_ok=True)
+                idx["segments"][name] = {"rows": len(todo), "blake2b": digest}
+                idx["slots"].update({h: [name, i] for i, h in enumerate(todo)})
+                atomic_write_text(self.index_path, json.dumps(idx))
+                self._verified.add(name)
+                log.info("image cache %s: decoded %d new images (%d cached)", self.folder, len(todo),
+                         len(idx["slots"]))
+            return idx
+        finally:
+            lock.release()
+
+
+def _checksum(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()

@@ -219,7 +219,7 @@ def load_release(root: str | Path, label_names, check_images: bool = True) -> tu
 
     def set_label(rec: _Rec, label, ann: Path):
         label = label.strip() if isinstance(label, str) else label
-        if label not in label_set:
+        if not isinstance(label, str) or label not in label_set:  # a list or number is reported, not hashed
             report.unknown_labels.append((str(ann), rec.image, str(label)))
             return
         if rec.label is not None and rec.label != label:
