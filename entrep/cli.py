@@ -3,11 +3,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from rich.console import Console
 from rich.logging import RichHandler
 
-console = Console(stderr=False)
+def make_console(**kwargs) -> Console:
+    """rich's console; piped into a log (nohup, SLURM, Kaggle) it would cut every line at 80 columns,
+    so off a terminal it is 200 wide unless COLUMNS says otherwise."""
+    c = Console(**kwargs)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c.width = 200
+    return c
+
+
+console = make_console(stderr=False)
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -56,8 +56,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from entrep.cli import make_console
 
     t = Table(title=f"{TRACKS[args.track]}: {args.submission}")
     t.add_column("metric")
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     for k, v in result.items():
         if k != "confusion":
             t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(t)
+    make_console().print(t)
     return 0
 
 
