@@ -13,6 +13,7 @@ $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .   # `python -m entrep.*` from any folder
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
@@ -21,6 +22,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 
 # data -> k-fold training (real `accelerate launch`) -> inference -> submission -> local score
 demo: venv
+	rm -rf $(DEMO_DATA)
 	$(PY) -m entrep.demo $(DEMO_DATA)
 	$(PY) -m entrep.data check $(DEMO_DATA) --test $(DEMO_DATA)/test
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \

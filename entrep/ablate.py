@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from entrep.config import Config, load_config, parse_override
+from entrep.config import Config, flat_dict, load_config, parse_override
 from entrep.io import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text
 
 # Keys that change only how finished folds are scored and ensembled, never what is trained.
@@ -60,16 +60,6 @@ def inference_only(overrides: list[str]) -> bool:
     return bool(overrides) and all(parse_override(o)[0].startswith(INFERENCE_KEYS) for o in overrides)
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("prompts", "rungs"):
-            out |= flat(v, f"{prefix}{k}.")
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def run_ladder(config: str | None, overrides: list[str], data: str | None, name: str | None) -> pd.DataFrame:
     from entrep.commands.train import main as train_main
 
@@ -93,7 +83,7 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
             t0 = time.time()
             if reuse:  # same trained folds, new inference settings: copy them and re-score from OOF
                 shutil.rmtree(run, ignore_errors=True)
-                shutil.copytree(previous, run, ignore=shutil.ignore_patterns("rung.json", "report.json"))
+                shutil.copytree(previous, run, ignore=shutil.ignore_patterns("rung.json", "report.json", "config.yaml"))
             elif previous is not None and not (run / "folds.csv").exists():
                 run.mkdir(parents=True, exist_ok=True)
                 shutil.copy(previous / "folds.csv", run / "folds.csv")  # the same frozen folds for every rung
@@ -154,7 +144,7 @@ def write_table(root: Path, table: pd.DataFrame) -> None:
 
 def config_diff(a: Path, b: Path) -> set[str]:
     """Dotted keys whose values differ between two saved run configs (name/output_dir aside)."""
-    fa, fb = (flat(yaml.safe_load(p.read_text())) for p in (a, b))
+    fa, fb = (flat_dict(yaml.safe_load(p.read_text())) for p in (a, b))
     return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k not in ("name",)}
 
 

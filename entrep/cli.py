@@ -45,6 +45,10 @@ def run_main(main) -> int:
     except EntrepError as e:
         console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
+    except PermissionError as e:  # an unwritable output_dir, --out or cache folder
+        console.print(f"[bold red]error:[/bold red] cannot write {escape(str(e.filename))}: {e.strerror}; choose a "
+                      f"folder you can write to (output_dir=..., --out ...)", highlight=False, soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         # every file is written atomically, so what was finished stays finished
         console.print("interrupted. Finished folds are kept: add train.resume=true to the same train.py command "

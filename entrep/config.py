@@ -422,6 +422,33 @@ def _validate_lora(lora: LoraConfig) -> None:
                           f"target modules only, e.g. model.lora.targets=[attn,mlp.c_fc,mlp.c_proj]")
 
 
+# Keys that steer one invocation (or only inference, or where the files are) and may differ between
+# the train.py calls of one run; every other key defines the run and must stay as first written.
+INVOCATION_KEYS = ("name", "output_dir", "data.root", "data.num_workers", "data.cache_dir", "data.check_images",
+                   "train.folds", "train.resume", "train.eval_batch_size", "train.monitor_metric", "infer.",
+                   "rerank.", "speed.", "ablation.", "model.slerp.infer", "model.slerp.alpha",
+                   "model.slerp.alpha_grid")
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """{'a.b.c': value} from nested sections; label prompts and ablation rungs stay whole."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("prompts", "rungs"):
+            out |= flat_dict(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def run_defining_diff(on_disk: Config, now: Config) -> list[str]:
+    """The run-defining keys whose values differ."""
+    a, b = flat_dict(to_dict(on_disk)), flat_dict(to_dict(now))
+    return sorted(k for k in a.keys() | b.keys()
+                  if not (k in INVOCATION_KEYS or k.startswith(tuple(p for p in INVOCATION_KEYS if p.endswith("."))))
+                  and a.get(k) != b.get(k))
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

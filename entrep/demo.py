@@ -222,6 +222,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", type=int, default=220)
     ap.add_argument("--test-cases", type=int, default=60)
     args = ap.parse_args(argv)
+    from entrep.errors import EntrepError
+
+    if args.size < 32 or min(args.cases, args.test_cases) < 1:
+        raise EntrepError(f"--size {args.size} --cases {args.cases} --test-cases {args.test_cases}: the demo needs "
+                          f"images of at least 32 px and at least one case of each kind")
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise EntrepError(f"{args.out} exists and is not empty: the demo would mix with what is there; remove it "
+                          f"or choose another folder")
     out = make_demo(args.out, args.seed, args.size, args.cases, args.test_cases)
     n = sum(1 for _ in out.rglob("*.png"))
     print(f"demo dataset: {n} images under {out}")
@@ -229,4 +237,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from entrep.cli import run_main
+
+    raise SystemExit(run_main(main))

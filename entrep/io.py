@@ -22,6 +22,7 @@ def atomic_path(path: str | Path):
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # again: a writer that recreates the file (safetensors) leaves 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -10,35 +10,75 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from entrep.errors import EntrepError
 from entrep.labels import ENTREP_CLASSES
 from entrep.metrics import classification_metrics, retrieval_metrics
 from entrep.submission import TRACKS
+
+
+class ScoreError(EntrepError):
+    pass
 
 
 def _load(path: str) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: {path}: {e}")
+        raise ScoreError(f"{path}: {e}") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"error: {path}: expected a JSON object")
+        raise ScoreError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
-def score(track: str, sub: dict, truth: dict, names=ENTREP_CLASSES) -> dict:
-    missing = [q for q in truth if q not in sub]
+def _is_index(v, n: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n
+
+
+def _names(v) -> bool:
+    """An image name, or a non-empty list of them."""
+    items = v if isinstance(v, list) else [v]
+    return bool(items) and all(isinstance(x, str) and x for x in items)
+
+
+def score(track: str, sub: dict, truth: dict, names=ENTREP_CLASSES, warn=None) -> dict:
+    """Scores, after checking both files: a malformed truth is an error naming the entry; answers
+    that cannot be right (a class name or "3" where Track 1 wants an index) score as wrong, counted
+    and reported through `warn`."""
+    warn = warn or (lambda msg: None)
+    if not truth:
+        raise ScoreError("the truth file has no entries: nothing to score")
+    n = len(names)
     if track == "cls":
+        if bad := [(k, v) for k, v in truth.items() if not _is_index(v, n)]:
+            raise ScoreError(f"truth: {len(bad)} entries are not class indices 0..{n - 1}, e.g. {bad[0][0]!r}: "
+                             f"{bad[0][1]!r}")
+        wrong_type = [(k, v) for k, v in sub.items() if k in truth and not _is_index(v, n)]
+        if wrong_type:
+            warn(f"{len(wrong_type)} answers are not class indices 0..{n - 1} (e.g. {wrong_type[0][0]!r}: "
+                 f"{wrong_type[0][1]!r}); they score as wrong. Track 1 wants the integer index of "
+                 f"{list(names)}")
         keys = list(truth)
-        y_pred = [sub[k] if isinstance(sub.get(k), int) else -1 for k in keys]
-        out = classification_metrics([truth[k] for k in keys], y_pred, [str(n) for n in names])
+        y_pred = [sub[k] if _is_index(sub.get(k), n) else -1 for k in keys]
+        out = classification_metrics([truth[k] for k in keys], y_pred, [str(x) for x in names])
         out.pop("per_class")
+        out["not_an_index"] = len(wrong_type)
     else:
+        if bad := [(k, v) for k, v in truth.items() if not _names(v)]:
+            raise ScoreError(f"truth: {len(bad)} entries are not an image name or a list of names, e.g. "
+                             f"{bad[0][0]!r}: {bad[0][1]!r}")
+        if bad := [(k, v) for k, v in sub.items() if k in truth and not _names(v)]:
+            raise ScoreError(f"submission: {len(bad)} answers are not an image name or a ranked list of names, "
+                             f"e.g. {bad[0][0]!r}: {type(bad[0][1]).__name__} {bad[0][1]!r}"[:300])
         rankings = [sub.get(q, []) if isinstance(sub.get(q, []), list) else [sub[q]] for q in truth]
         relevant = [set(v) if isinstance(v, list) else {v} for v in truth.values()]
         out = retrieval_metrics(rankings, relevant)
+    missing = [q for q in truth if q not in sub]
+    if missing:
+        warn(f"{len(missing)} truth queries have no answer (e.g. {missing[0]!r}); they score as wrong")
     out["missing"] = len(missing)
     out["extra"] = len([q for q in sub if q not in truth])
     return out
@@ -52,9 +92,14 @@ def main(argv=None) -> int:
     ap.add_argument("--truth", required=True)
     ap.add_argument("--json", action="store_true", help="print the scores as JSON")
     args = ap.parse_args(argv)
-    result = score(args.track, _load(args.submission), _load(args.truth))
-    if args.json:
-        print(json.dumps(result))
+    from entrep.cli import make_console
+
+    err = make_console(stderr=True)  # warnings on stderr: --json keeps stdout one JSON object
+    result = score(args.track, _load(args.submission), _load(args.truth),
+                   warn=lambda msg: err.print(f"warning: {msg}", highlight=False, soft_wrap=True, markup=False))
+    if args.json:  # strict JSON: a figure that does not exist is null, never NaN
+        print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()},
+                         allow_nan=False))
         return 0
     from rich.table import Table
 
@@ -71,4 +116,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from entrep.cli import run_main
+
+    sys.exit(run_main(main))

@@ -209,6 +209,15 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    from safetensors.torch import save_file
+
+    from entrep.io import atomic_path
+
+    with atomic_path(tmp_path / "kit.safetensors") as tmp:  # as save_weights writes kit.safetensors
+        import torch
+
+        save_file({"x": torch.zeros(2)}, str(tmp))
+    assert (tmp_path / "kit.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_one_writer_per_run_directory_and_a_killed_holder_does_not_block(tmp_path):
@@ -280,3 +289,45 @@ def test_ctrl_c_during_training_says_how_to_resume(demo, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
     assert "add train.resume=true to the same train.py command" in " ".join(out.split())
+
+
+def test_infer_on_a_folder_without_queries_leaves_the_predictions_alone(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (tmp_path / "noq").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "noq/x.png")
+    r = py("infer.py", "--run", run, "--data", tmp_path / "noq", check=False)
+    assert r.returncode == 2 and "no query list" in " ".join(r.stdout.split())
+    assert not (run / "predictions").exists()
+
+
+def test_an_unwritable_folder_is_one_line(capsys):
+    """CI runs as root, which writes anywhere, so the entry points' handler is exercised directly."""
+    from entrep.cli import run_main
+
+    def main():
+        raise PermissionError(13, "Permission denied", "/ro/runs/x")
+
+    assert run_main(main) == 2
+    out = capsys.readouterr().out
+    assert "cannot write /ro/runs/x: Permission denied" in out and "Traceback" not in out
+
+
+def test_folds_trained_in_two_calls_are_one_run_and_its_settings_are_fixed(demo, tmp_path):
+    """train.folds=[0], then train.folds=[1] without --config (the run's own config): infer ensembles
+    both; a run-defining change is refused in one line and config.yaml stays as first written."""
+    common = ["--data", demo, "--name", "split", f"output_dir={tmp_path}"]
+    py("train.py", *TRAIN, *common, "train.folds=[0]")
+    config = (tmp_path / "split/config.yaml").read_bytes()
+    assert not (tmp_path / "split/report.json").exists()
+    py("train.py", *common, "train.folds=[1]")  # no --config: the run's config.yaml
+    assert (tmp_path / "split/config.yaml").read_bytes() == config and (tmp_path / "split/report.json").is_file()
+    out = py("infer.py", "--run", tmp_path / "split", "--data", demo / "test")
+    assert json.loads((tmp_path / "split/predictions/meta.json").read_text())["folds"] == ["fold0", "fold1"]
+    assert "ensembling fold0, fold1" in " ".join(out.stdout.split())
+    r = py("train.py", *TRAIN, *common, "train.resume=true", "train.epochs=3", "model.lora.rank=4", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert "other values of model.lora.rank, train.epochs" in " ".join(r.stdout.split())
+    assert (tmp_path / "split/config.yaml").read_bytes() == config
+    r = py("train.py", "--name", "nothing-here", f"output_dir={tmp_path}", check=False)
+    assert r.returncode == 2 and "--config is required for a new run" in r.stdout

@@ -97,3 +97,46 @@ def test_submission_folder_never_mixes_two_prediction_sets(tmp_path):
     main(["--run", str(tmp_path)])
     assert {p.name for p in (tmp_path / "submission").iterdir()} == {"cls.json", "cls.zip"}
     assert json.loads((tmp_path / "submission/cls.json").read_text()) == {"other.png": 1}
+
+
+def test_submit_out_that_is_a_file_is_one_line(tmp_path):
+    from entrep.commands.submit import main
+
+    _predictions(tmp_path, {"i2i": ["q.png"]})
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(SubmissionError, match=r"--out .*taken is a file; give a folder"):
+        main(["--run", str(tmp_path), "--out", str(tmp_path / "taken")])
+
+
+def _score(tmp_path, track, sub, truth, *extra):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "s.json").write_text(json.dumps(sub))
+    (tmp_path / "t.json").write_text(json.dumps(truth))
+    return subprocess.run([sys.executable, "-m", "entrep.score", "--track", track, "--submission",
+                           str(tmp_path / "s.json"), "--truth", str(tmp_path / "t.json"), *extra],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+
+
+@pytest.mark.parametrize("track, sub, truth, message", [
+    ("cls", {"a.png": 1}, {}, "no entries"),
+    ("cls", {"a.png": 1}, {"a.png": 9}, "not class indices 0..6"),
+    ("cls", {"a.png": 1}, {"a.png": "throat"}, "not class indices 0..6"),
+    ("i2i", {"q": {"image": "a.png"}}, {"q": "a.png"}, "not an image name or a ranked list"),
+    ("t2i", {"q": "a.png"}, {"q": 3}, "truth: 1 entries are not an image name"),
+])
+def test_score_errors_are_one_line(tmp_path, track, sub, truth, message):
+    r = _score(tmp_path, track, sub, truth)
+    assert r.returncode == 2 and message in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr
+
+
+def test_score_warns_about_answers_that_cannot_be_right_and_prints_strict_json(tmp_path):
+    r = _score(tmp_path, "cls", {"a.png": "3", "b.png": "nose-left", "c.png": 2}, {"a.png": 3, "b.png": 1,
+                                                                                     "c.png": 2}, "--json")
+    assert r.returncode == 0
+    out = json.loads(r.stdout)
+    assert out["accuracy"] == pytest.approx(1 / 3) and out["not_an_index"] == 2
+    assert "2 answers are not class indices" in " ".join(r.stderr.split())
+    assert "NaN" not in r.stdout

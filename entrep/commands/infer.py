@@ -21,14 +21,18 @@ class RunError(EntrepError):
 
 
 def fold_dirs(run: Path, cfg, partial: str) -> list[Path]:
-    """Finished fold dirs to ensemble; unfinished folds are refused or skipped as infer.partial says."""
+    """The finished models on disk, whichever train.py calls made them: every fold of the run (and an
+    all-data model when there is one). Unfinished folds are refused or skipped as infer.partial says."""
     from entrep.model.checkpoint import fold_finished  # imports torch: kept out of `infer.py --help`
 
-    expected = [run / ("full" if k == -1 else f"fold{k}") for k in (cfg.train.folds or range(cfg.cv.n_splits))]
-    done = [d for d in expected if fold_finished(d)]
-    missing = [d.name for d in expected if d not in done]
+    folds = [run / f"fold{k}" for k in range(cfg.cv.n_splits)]
+    full = [run / "full"] if fold_finished(run / "full") else []
+    done = [d for d in folds if fold_finished(d)] + full
     if not done:
         raise RunError(f"{run}: no finished fold (no fold*/metrics.json); train first or resume with train.resume=true")
+    if full and len(done) == 1:
+        return done  # an all-data model alone (train.folds=[-1])
+    missing = [d.name for d in folds if not fold_finished(d)]
     if missing and partial == "refuse":
         raise RunError(f"{run}: folds {missing} are unfinished; finish them (train.resume=true) or pass "
                        f"infer.partial=use to ensemble only {[d.name for d in done]}")
@@ -111,6 +115,7 @@ def main(argv=None) -> int:
 
     labels = LabelSet.from_config(cfg.labels)
     dirs = fold_dirs(run, cfg, cfg.infer.partial)
+    log.info("ensembling %s: the finished models on disk", ", ".join(d.name for d in dirs))
     for d in dirs:
         check_compatible(read_meta(d), cfg, d)
     tuned = read_json(run / "tuned.json") if (run / "tuned.json").is_file() else {}

@@ -28,6 +28,8 @@ def main(argv=None) -> int:
         raise SubmissionError(f"--topk {args.topk}, but {pred} holds top-{meta['topk']} rankings; re-run infer.py "
                               f"--run {args.run} --data {meta['test_dir']} infer.topk={args.topk}, or lower --topk")
     out = Path(args.out) if args.out else Path(args.run) / "submission"
+    if out.exists() and not out.is_dir():
+        raise SubmissionError(f"--out {out} is a file; give a folder (it will hold cls|i2i|t2i .json and .zip)")
     gallery = set(meta["gallery"])
     leak = meta.get("test_images_in_training", {})
     if leak_names := sorted(set(leak.get("by_name", [])) | set(leak.get("by_content", []))):

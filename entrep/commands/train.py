@@ -12,20 +12,49 @@ import numpy as np
 import pandas as pd
 
 from entrep.cli import console, parser, setup_logging
-from entrep.config import load_config, save_config
+from entrep.config import load_config
 from entrep.io import atomic_write_csv, atomic_write_json
 
 log = logging.getLogger("entrep.train")
 
 
 def parse(argv):
+    """The config: --config + overrides; without --config, an existing run's own config.yaml + overrides
+    (so resuming or adding folds needs only --name and the keys that steer this invocation)."""
+    from pathlib import Path
+
+    from entrep.config import Config, ConfigError, parse_override
+
     ap = parser("train.py", "Fit the model with k-fold cross-validation.")
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", help="YAML config; optional when --name names an existing run")
     ap.add_argument("--data", help="training release folder (overrides data.root)")
     ap.add_argument("--name", help="run name: the run directory is output_dir/NAME")
     args = ap.parse_intermixed_args(argv)
     extra = ([f"data.root={args.data}"] if args.data else []) + ([f"name={args.name}"] if args.name else [])
-    return load_config(args.config, list(args.overrides) + extra)
+    base = args.config
+    if base is None:
+        given = dict(parse_override(o) for o in args.overrides)
+        run = Path(str(given.get("output_dir", Config.output_dir))) / (args.name or Config.name)
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"--config is required for a new run ({run} has no config.yaml)")
+        base = run / "config.yaml"
+    return load_config(base, list(args.overrides) + extra)
+
+
+def claim_run(cfg) -> None:
+    """Write the run's defining config once; a later train.py on the run must match it (only the keys
+    that steer one invocation may differ), else it is refused and config.yaml is left as it is."""
+    from entrep.config import load_config, run_defining_diff, save_config
+    from entrep.errors import EntrepError
+
+    path = cfg.run_dir / "config.yaml"
+    if not path.is_file():
+        save_config(cfg, path)
+        return
+    diff = run_defining_diff(load_config(path), cfg)
+    if diff:
+        raise EntrepError(f"{cfg.run_dir} was trained with other values of {', '.join(diff)} (see its config.yaml); "
+                          f"use another --name for new settings, or drop --config to continue with the run's own")
 
 
 def main(argv=None) -> int:
@@ -38,6 +67,8 @@ def main(argv=None) -> int:
     # one writer per run directory; under a launcher only the main process (rank 0) holds it
     main_process = os.environ.get("RANK", "0") == "0"
     with exclusive_run(cfg.run_dir, "train.py") if main_process else contextlib.nullcontext():
+        if main_process:
+            claim_run(cfg)
         return _train(cfg)
 
 
@@ -64,9 +95,6 @@ def _train(cfg) -> int:
     check_launch(acc)
     labels = LabelSet.from_config(cfg.labels)
     run_dir = cfg.run_dir
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
 
     table, report = load_release(cfg.data.root, labels.names, cfg.data.check_images)
     if report.bad_images:

@@ -269,6 +269,7 @@ def load_release(root: str | Path, label_names, check_images: bool = True) -> tu
         report.unannotated += [str(p) for p in folder.files.values() if p not in named]
 
     if check_images:
+        log.info("decode-checking %d images (data.check_images=false skips this)", len(recs))
         for path, rec in list(recs.items()):
             if (err := check_image(path)) is not None:
                 report.bad_images.append((str(path), err))

@@ -172,6 +172,11 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False):
                                f"'{name}' (tags: {open_clip.list_pretrained_tags_by_model(name)})")
         if pretrained and Path(pretrained).is_file():
             check_weights_file(Path(pretrained))
+        elif pretrained:
+            # a tag: fail at once when it is neither cached nor reachable (the hub client would retry
+            # for about a minute), and read a cached copy without asking the network again
+            if resolve_weights(name, pretrained, offline).startswith(f"tag {pretrained}: cached"):
+                set_offline(True)
         if pretrained:
             model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
         else:
