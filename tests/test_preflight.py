@@ -127,3 +127,17 @@ def test_estimate_counts_folds_epochs_steps_and_evaluation():
     assert est["epoch_s"] == pytest.approx(8.32 + 0.5)
     assert est["fold_s"] == pytest.approx(10 + 15 * 8.82 + 2 * 0.5)
     assert est["total_s"] == pytest.approx(5 * est["fold_s"])
+
+
+def test_an_unreachable_hub_fails_at_once_not_after_a_minute_of_retries(tmp_path):
+    """No network (as here and in CI), not offline, tag not cached: one WeightsError within seconds."""
+    code = ("import time; from entrep.model.backbone import create_clip, WeightsError\n"
+            "t = time.time()\n"
+            "try:\n    create_clip('ViT-B-16-quickgelu', 'openai')\n"
+            "except WeightsError as e:\n    print('WeightsError', round(time.time() - t), str(e)[:80])\n")
+    env = dict(os.environ, HF_HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path))
+    env.pop("HF_HUB_OFFLINE", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("WeightsError") and "hub unreachable" in line, r.stdout + r.stderr
+    assert int(line.split()[1]) <= 15
