@@ -48,7 +48,6 @@ def test_every_config_file_is_listed():
 
 @pytest.mark.parametrize("name", [*CONFIGS, "Config()"])
 def test_shipped_config_builds_steps_embeds_and_reloads(name, tmp_path, fresh_accelerate_state):
-    from entrep.data.augment import BatchAugment  # noqa: F401  (the step's augmentation, via train_pipeline)
     from entrep.data.dataset import TrainDataset
     from entrep.engine import TrainStep, embed_images, make_accelerator, total_steps, train_pipeline
     from entrep.labels import LabelSet
