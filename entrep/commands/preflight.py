@@ -105,7 +105,7 @@ def _clock(seconds: float) -> str:
 
 
 def main(argv=None) -> int:
-    ap = parser("python -m entrep.preflight", __doc__.splitlines()[0])
+    ap = parser("python -m entrep.preflight", " ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--config", required=True)
     ap.add_argument("--data", help="training release folder to read and count (optional)")
     ap.add_argument("--steps", type=int, default=3, help="timed train steps after one warm-up (default 3)")
