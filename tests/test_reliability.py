@@ -331,3 +331,26 @@ def test_folds_trained_in_two_calls_are_one_run_and_its_settings_are_fixed(demo,
     assert (tmp_path / "split/config.yaml").read_bytes() == config
     r = py("train.py", "--name", "nothing-here", f"output_dir={tmp_path}", check=False)
     assert r.returncode == 2 and "--config is required for a new run" in r.stdout
+
+
+def test_entrep_predict_is_a_library_call_that_matches_infer_py(trained, demo, tmp_path):
+    """No subprocess, no file: class probabilities and rankings as data, the same as infer.py writes."""
+    import pandas as pd
+
+    import entrep
+    from entrep.data.release import read_query_lines
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    preds = entrep.predict(run, demo / "test", infer__topk=3)
+    assert not (run / "predictions").exists()
+    probs = preds.classes.filter(like="p_")
+    assert np.allclose(probs.sum(1), 1, atol=1e-5) and (preds.classes["pred"] == probs.idxmax(1).str[2:]).all()
+    assert list(preds.i2i) == read_query_lines(demo / "test/i2i.csv")
+    assert all(len(r) == 3 for r in preds.t2i.values()) and preds.meta["topk"] == 3
+    long = preds.rankings("i2i")
+    assert list(long.columns) == ["query", "rank", "image", "score"] and long["rank"].max() == 3
+    py("infer.py", "--run", run, "--data", demo / "test", "infer.topk=3")
+    written = pd.read_csv(run / "predictions/classes.csv")
+    assert written["pred"].tolist() == preds.classes["pred"].tolist()
+    assert json.loads((run / "predictions/i2i.json").read_text()) == preds.i2i
