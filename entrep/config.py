@@ -130,6 +130,7 @@ class TrainConfig:
     monitor_metric: str = "f1_macro"   # held-out score logged per epoch to watch a run; never picks an epoch
     seed: int = 42
     log_every: int = 10
+    log_with: list[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, mlflow, ... ([] = off)
 
 
 @dataclass
@@ -201,6 +202,8 @@ class Config:
         """Shared by every run under output_dir: entries are keyed by file content, so runs can share."""
         return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.output_dir) / ".image_cache"
 
+
+TRACKERS = {"tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab", "all"}
 
 CHOICES = {
     "data.bad_images": {"skip", "error"},
@@ -331,6 +334,8 @@ def validate(cfg: Config) -> None:
             value = getattr(value, part)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' = {value!r}; choose one of {sorted(allowed)}")
+    if bad := [t for t in cfg.train.log_with if t not in TRACKERS]:
+        raise ConfigError(f"train.log_with {bad}: choose from {sorted(TRACKERS)} (Accelerate's trackers)")
     if not 0 <= cfg.cv.near_dup_bits <= 64:
         raise ConfigError(f"cv.near_dup_bits = {cfg.cv.near_dup_bits}; choose 0 (off) to 64 of the hash's 256 bits")
     if cfg.cv.n_splits < 2:
@@ -425,7 +430,8 @@ def _validate_lora(lora: LoraConfig) -> None:
 # Keys that steer one invocation (or only inference, or where the files are) and may differ between
 # the train.py calls of one run; every other key defines the run and must stay as first written.
 INVOCATION_KEYS = ("name", "output_dir", "data.root", "data.num_workers", "data.cache_dir", "data.check_images",
-                   "train.folds", "train.resume", "train.eval_batch_size", "train.monitor_metric", "infer.",
+                   "train.folds", "train.resume", "train.eval_batch_size", "train.monitor_metric", "train.log_with",
+                   "train.log_every", "infer.",
                    "rerank.", "speed.", "ablation.", "model.slerp.infer", "model.slerp.alpha",
                    "model.slerp.alpha_grid")
 

@@ -272,6 +272,9 @@ class FoldTrainer:
                                        self.labels, size, mean, std)
                     row["val_" + monitor] = self._monitor_score(emb, table["y"].to_numpy()[val_rows])
                 history.append(row)
+                # Accelerate's trackers (train.log_with; a no-op without them), one series per fold
+                acc.log({f"{tag.replace(' ', '') or 'train'}/{k}": v for k, v in row.items() if k != "epoch"},
+                        step=epoch + 1)
                 left = (time.perf_counter() - start) / (epoch + 1) * (cfg.train.epochs - epoch - 1)
                 # one line per epoch: the only progress a log file, nohup or a notebook shows
                 log.info("%sepoch %d/%d: loss %.4f, %.0f img/s%s, fold ends in %.0f s", f"{tag} " if tag else "",

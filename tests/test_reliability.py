@@ -1,5 +1,6 @@
 """Bad input through the real entry points, interrupted runs and writes, determinism, safe loading."""
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -354,3 +355,25 @@ def test_entrep_predict_is_a_library_call_that_matches_infer_py(trained, demo, t
     written = pd.read_csv(run / "predictions/classes.csv")
     assert written["pred"].tolist() == preds.classes["pred"].tolist()
     assert json.loads((run / "predictions/i2i.json").read_text()) == preds.i2i
+
+
+def test_tensorboard_tracker_writes_per_epoch_losses_and_held_out_scores(demo, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    py("train.py", *TRAIN, "--data", demo, "--name", "tb", f"output_dir={tmp_path}", "train.epochs=2",
+       "train.log_with=[tensorboard]")
+    events = list((tmp_path / "tb/logs").rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"fold0/loss", "fold1/loss", "fold0/val_f1_macro", "fold0/img_per_s", "oof/f1_macro"} <= tags, tags
+    r = py("train.py", *TRAIN, "--data", demo, "--name", "tb2", f"output_dir={tmp_path}", "train.log_with=[wandbx]",
+           check=False)
+    assert r.returncode == 2 and "train.log_with ['wandbx']: choose from" in r.stdout
+    if importlib.util.find_spec("dvclive") is None:  # a known tracker whose package is missing: not a silent drop
+        r = py("train.py", *TRAIN, "--data", demo, "--name", "tb3", f"output_dir={tmp_path}",
+               "train.log_with=[dvclive]", check=False)
+        assert r.returncode == 2 and "the package is not installed (pip install dvclive)" in " ".join(r.stdout.split())

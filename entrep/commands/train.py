@@ -90,9 +90,11 @@ def _train(cfg) -> int:
     from entrep.report import OOF_FILE, load_fold_oof, save_fold_oof, write_report
 
     acc = make_accelerator(cfg, gradient_accumulation_steps=cfg.train.grad_accum,
-                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                           log_with=cfg.train.log_with or None, project_dir=str(cfg.run_dir / "logs"))
     setup_logging(acc.is_main_process)
     check_launch(acc)
+    start_trackers(acc, cfg)
     labels = LabelSet.from_config(cfg.labels)
     run_dir = cfg.run_dir
 
@@ -173,8 +175,29 @@ def _train(cfg) -> int:
         return 0
     oof = {k: load_fold_oof(d / OOF_FILE) for k, d in done.items()}
     rep = write_report(run_dir, oof, table, list(labels.names), cfg)
+    figures = {"oof/accuracy": rep["classification"].get("accuracy"), "oof/f1_macro": rep["classification"].get(
+        "f1_macro"), "oof/i2i_mrr": rep["i2i"].get("mrr"), "oof/t2i_mrr": rep["t2i"].get("mrr")}
+    acc.log({k: v for k, v in figures.items() if v is not None})
+    acc.end_training()
     print_report(rep, run_dir)
     return 0
+
+
+def start_trackers(acc, cfg) -> None:
+    """Accelerate's trackers (`train.log_with`): the run's config as hyperparameters; the trainer logs
+    per-epoch losses and held-out scores, the report the OOF figures. A tracker whose package is
+    missing is an error rather than Accelerate's silent drop."""
+    if not cfg.train.log_with:
+        return
+    from entrep.config import flat_dict, to_dict
+    from entrep.errors import EntrepError
+
+    hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_dict(to_dict(cfg)).items()}
+    acc.init_trackers(cfg.name, config=hparams)
+    if acc.is_main_process:
+        have = {type(t).__name__.lower() for t in acc.trackers}
+        if missing := [t for t in cfg.train.log_with if t != "all" and not any(t.replace("_", "") in h for h in have)]:
+            raise EntrepError(f"train.log_with {missing}: the package is not installed (pip install {' '.join(missing)})")
 
 
 def check_launch(acc) -> None:
