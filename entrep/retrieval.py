@@ -97,7 +97,7 @@ def faiss_topk(index, queries: torch.Tensor, k: int, exclude: torch.Tensor | Non
 # ---------------------------------------------------------------- re-ranking
 # Hand-written: open_clip, faiss and scikit-learn ship no query expansion or k-reciprocal re-ranking.
 
-RERANK_METHODS = ("dba", "qe", "class_bonus", "kreciprocal")
+from entrep.config import RERANK_METHODS  # noqa: E402,F401  (the names live with the config's choices)
 
 
 def _rows_per_block(n_cols: int, max_bytes: int, per_col: int = 4) -> int:

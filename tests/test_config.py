@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -96,3 +98,49 @@ def test_values_outside_their_range_are_refused_naming_the_key(override, key):
 def test_run_names_cannot_leave_output_dir(name):
     with pytest.raises(ConfigError, match="plain folder name under output_dir"):
         load_config(None, [f"name={name}"])
+
+
+def test_every_field_carries_its_help():
+    import dataclasses
+
+    from entrep.config import Config
+
+    missing = []
+
+    def check(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            if not f.metadata.get("help"):
+                missing.append(prefix + f.name)
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                check(value, prefix + f.name + ".")
+
+    check(Config())
+    assert not missing, missing
+
+
+def test_print_config_shows_every_key_with_its_help_and_loads_back(tmp_path):
+    import subprocess
+    import sys
+
+    from entrep.config import to_dict
+
+    root = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml", "--print-config",
+                        "model.lora.rank=8"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "  rank: 8  # LoRA rank" in r.stdout and "mixed_precision: \"auto\"  # auto: bf16" in r.stdout
+    (tmp_path / "printed.yaml").write_text(r.stdout)
+    assert to_dict(load_config(tmp_path / "printed.yaml")) == to_dict(load_config(root / "configs/demo.yaml",
+                                                                                  ["model.lora.rank=8"]))
+
+
+def test_load_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from entrep.config import load_config; load_config('configs/entrep_vitb16.yaml', "
+            "['rerank.methods=[dba]']); print(sorted(m for m in ('torch', 'open_clip', 'accelerate') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr

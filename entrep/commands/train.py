@@ -29,6 +29,8 @@ def parse(argv):
     ap.add_argument("--config", help="YAML config; optional when --name names an existing run")
     ap.add_argument("--data", help="training release folder (overrides data.root)")
     ap.add_argument("--name", help="run name: the run directory is output_dir/NAME")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config, every key with its help, and exit")
     args = ap.parse_intermixed_args(argv)
     extra = ([f"data.root={args.data}"] if args.data else []) + ([f"name={args.name}"] if args.name else [])
     base = args.config
@@ -38,7 +40,13 @@ def parse(argv):
         if not (run / "config.yaml").is_file():
             raise ConfigError(f"--config is required for a new run ({run} has no config.yaml)")
         base = run / "config.yaml"
-    return load_config(base, list(args.overrides) + extra)
+    cfg = load_config(base, list(args.overrides) + extra)
+    if args.print_config:
+        from entrep.config import describe
+
+        print(describe(cfg))
+        raise SystemExit(0)
+    return cfg
 
 
 def claim_run(cfg) -> None:
