@@ -97,8 +97,6 @@ def faiss_topk(index, queries: torch.Tensor, k: int, exclude: torch.Tensor | Non
 # ---------------------------------------------------------------- re-ranking
 # Hand-written: open_clip, faiss and scikit-learn ship no query expansion or k-reciprocal re-ranking.
 
-from entrep.config import RERANK_METHODS  # noqa: E402,F401  (the names live with the config's choices)
-
 
 def _rows_per_block(n_cols: int, max_bytes: int, per_col: int = 4) -> int:
     return max(1, max_bytes // max(1, n_cols * per_col))

@@ -134,8 +134,6 @@ def main(argv=None) -> int:
     else:
         rows.append(("data", f"not read (no --data); the estimate assumes {n_images:,} images"))
 
-    import torch
-
     from entrep.engine import make_accelerator
     from entrep.model.backbone import image_stats
     from entrep.model.entrep_clip import build_model
@@ -261,7 +259,8 @@ def _timed_steps(cfg, labels, acc, bs: int, ckpt: bool, steps: int, stats) -> Tr
         loader, device_augment = train_pipeline(_synthetic_dataset(c, labels, bs, work), c, acc.device, stats)
         step = TrainStep(c, acc, model, loader, total_steps=steps + 1, device_augment=device_augment)
         step.model.train()
-        batches = iter(lambda: next(iter(step.loader)), None)
+        loader = step.loader  # one batch of `bs` images; persistent workers serve it again each step
+        batches = iter(lambda: next(iter(loader)), None)
         step(next(batches))
         if cuda:
             torch.cuda.synchronize()
