@@ -55,6 +55,7 @@ Sdpa = Literal["auto", "math", "flash", "efficient", "cudnn"]
 RerankMethod = Literal["dba", "qe", "class_bonus", "kreciprocal"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab", "all"]
 RERANK_METHODS = typing.get_args(RerankMethod)
+MAX_SIM_BYTES = 256 * 2**20  # default bound on one similarity block (retrieval's defaults too)
 TRACKERS = set(typing.get_args(Tracker))
 
 
@@ -170,7 +171,7 @@ class InferConfig:
     partial: Partial = opt("refuse", "a run with unfinished folds: refuse, or use the finished ones")
     head_weight: float = opt(-1.0, "head vs prompt probabilities; -1 = the OOF-tuned value")
     merge_lora: bool = opt(False, "fold each adapter into the base while embedding (faster, ~1e-7 off)")
-    max_sim_bytes: int = opt(256 * 2**20, "bound on every similarity block while ranking and re-ranking")
+    max_sim_bytes: int = opt(MAX_SIM_BYTES, "bound on every similarity block while ranking and re-ranking")
     search: Search = opt("torch", "torch (exact, chunked) or faiss-flat (exact), faiss-ivf, faiss-hnsw")
     faiss_nprobe: int = opt(16, "inverted lists probed by faiss-ivf")
 

@@ -171,7 +171,7 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     acc = make_accelerator(cfg)
     model = acc.prepare(build_model(cfg, labels))
     stats = image_stats(acc.unwrap_model(model).base)
-    cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(stats[2]))
+    cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(stats.size))
     pixels = cache.pixels([str(test.images[n]) for n in names], test_hashes)
 
     probs_sum, rets, texts, text_probs = 0.0, {"i2i": [], "t2i": []}, [], []
@@ -180,7 +180,7 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         load_fold_weights(acc.unwrap_model(model), d, adapter_name=d.name)
         with merged(acc.unwrap_model(model).clip) if cfg.infer.merge_lora else contextlib.nullcontext():
             e = embed_images(model, pixels, acc, cfg.train.eval_batch_size, cfg.infer.tta_flip, labels,
-                             stats[2], stats[0], stats[1])
+                             stats.size, stats.mean, stats.std)
             if captions:
                 texts.append(torch.from_numpy(embed_texts(model, captions, acc)))
         probs = e.probs(head_weight, cfg.infer.tta_flip)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from entrep.config import MAX_SIM_BYTES
 from entrep.errors import EntrepError
 
 log = logging.getLogger("entrep.retrieval")
@@ -27,7 +28,7 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def topk_cosine(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
-                max_bytes: int = 256 * 2**20) -> tuple[torch.Tensor, torch.Tensor]:
+                max_bytes: int = MAX_SIM_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, indices), each (Q, k'), k' = min(k, N [- 1 if excluding]), best first.
 
     Never holds a similarity block over `max_bytes`: queries are taken in chunks. `exclude[q]` is a
@@ -103,7 +104,7 @@ def _rows_per_block(n_cols: int, max_bytes: int, per_col: int = 4) -> int:
 
 
 def neighbour_average(x: torch.Tensor, pool: torch.Tensor, k: int, alpha: float, self_weight: float = 1.0,
-                      exclude: torch.Tensor | None = None, max_bytes: int = 256 * 2**20) -> torch.Tensor:
+                      exclude: torch.Tensor | None = None, max_bytes: int = MAX_SIM_BYTES) -> torch.Tensor:
     """normalise(self_weight·x + Σ_{top-k of pool} max(sim, 0)^alpha · pool_j), in row blocks whose
     similarity (and gathered neighbours) stay within `max_bytes`.
 
@@ -141,7 +142,7 @@ class KReciprocal:
     """
 
     def __init__(self, q: torch.Tensor, g: torch.Tensor, k1: int = 20, k2: int = 6, lam: float = 0.3,
-                 max_bytes: int = 256 * 2**20):
+                 max_bytes: int = MAX_SIM_BYTES):
         from scipy.sparse import csr_matrix
 
         self.allf = torch.cat([q, g]).float()
@@ -244,7 +245,7 @@ class Reranker:
 
     def __init__(self, q: torch.Tensor, g: torch.Tensor, methods: dict, exclude: torch.Tensor | None = None,
                  pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
-                 q_in_gallery: torch.Tensor | None = None, max_bytes: int = 256 * 2**20):
+                 q_in_gallery: torch.Tensor | None = None, max_bytes: int = MAX_SIM_BYTES):
         q, g = F.normalize(q.float(), dim=-1), F.normalize(g.float(), dim=-1)
         if "dba" in methods:
             g = neighbour_average(g, g, methods["dba"]["k"], 0.0, self_weight=0.0, max_bytes=max_bytes)
@@ -283,7 +284,7 @@ def rerank_scores(q: torch.Tensor, g: torch.Tensor, methods: dict, exclude: torc
 
 def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, k: int, rerank: dict | None = None,
                  exclude: torch.Tensor | None = None, pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
-                 max_bytes: int = 256 * 2**20, search: str = "torch", nprobe: int = 16
+                 max_bytes: int = MAX_SIM_BYTES, search: str = "torch", nprobe: int = 16
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores, indices), best first, in blocks of queries that keep every temporary within
     `max_bytes`: re-ranked when methods are given, else cosine (`search`: torch, or faiss-flat|ivf|hnsw).

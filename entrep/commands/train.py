@@ -148,8 +148,8 @@ def _train(cfg) -> int:
                                     tag="all data" if k == -1 else f"fold {k}")
         m = acc.unwrap_model(model)
         if len(val_rows):
-            e = embed_images(model, pixels[val_rows], acc, cfg.train.eval_batch_size, True, labels, stats[2],
-                             stats[0], stats[1])
+            e = embed_images(model, pixels[val_rows], acc, cfg.train.eval_batch_size, True, labels, stats.size,
+                             stats.mean, stats.std)
             captions = sorted({c for caps in table["captions"].iloc[val_rows] for c in caps})
             cap_emb = embed_texts(model, captions, acc)
         if acc.is_main_process:

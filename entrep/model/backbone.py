@@ -5,6 +5,8 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
+
 from entrep.errors import EntrepError
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # tiny randomly initialised configs for tests and the demo
@@ -214,11 +216,18 @@ def input_size(name: str, pretrained: str = "") -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def image_stats(model) -> tuple[tuple, tuple, int]:
+class ImageStats(NamedTuple):
+    """What the eval transform and the augmentation need of a model: normalisation and input side."""
+    mean: tuple
+    std: tuple
+    size: int
+
+
+def image_stats(model) -> ImageStats:
     """(mean, std, image size) from the model's preprocess config."""
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return tuple(pp.get("mean", OPENAI_DATASET_MEAN)), tuple(pp.get("std", OPENAI_DATASET_STD)), int(size)
+    return ImageStats(tuple(pp.get("mean", OPENAI_DATASET_MEAN)), tuple(pp.get("std", OPENAI_DATASET_STD)), int(size))
