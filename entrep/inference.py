@@ -53,8 +53,6 @@ def read_gallery(path: str, images: dict) -> list[str]:
 
 def training_overlap(run: Path, names: list[str], hashes: list[str]) -> dict:
     """Test images that are also training images, by file name and by content (the run's folds.csv)."""
-    import pandas as pd
-
     folds = pd.read_csv(run / "folds.csv", keep_default_na=False) if (run / "folds.csv").is_file() else None
     if folds is None:
         return {"by_name": [], "by_content": []}
