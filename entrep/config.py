@@ -56,7 +56,6 @@ RerankMethod = Literal["dba", "qe", "class_bonus", "kreciprocal"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab", "all"]
 RERANK_METHODS = typing.get_args(RerankMethod)
 MAX_SIM_BYTES = 256 * 2**20  # default bound on one similarity block (retrieval's defaults too)
-TRACKERS = set(typing.get_args(Tracker))
 
 
 @dataclass
@@ -349,8 +348,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 
 
 def validate(cfg: Config) -> None:
-    if not 0 <= cfg.cv.near_dup_bits <= 64:
-        raise ConfigError(f"cv.near_dup_bits = {cfg.cv.near_dup_bits}; choose 0 (off) to 64 of the hash's 256 bits")
     if cfg.cv.n_splits < 2:
         raise ConfigError(f"cv.n_splits = {cfg.cv.n_splits}; need at least 2 folds")
     bad = [f for f in cfg.train.folds if f != -1 and not 0 <= f < cfg.cv.n_splits]
@@ -380,6 +377,7 @@ def validate(cfg: Config) -> None:
 RANGES = {
     "data.working_size": (0, None, "0 (1.15 x the model's input) or a side in px"),
     "data.num_workers": (0, None, "0 (the main process) or more loader workers"),
+    "cv.near_dup_bits": (0, 64, "0 (off) to 64 of the hash's 256 bits"),
     "train.lr_lora": (1e-12, None, "a positive learning rate"), "train.lr_head": (1e-12, None, "a positive learning rate"),
     "train.weight_decay": (0, None, ">= 0"), "train.warmup_frac": (0, 0.999, "a fraction in [0, 1)"),
     "train.max_grad_norm": (0, None, ">= 0 (0 = no clipping)"),

@@ -181,7 +181,7 @@ class TrainStep:
     clipping, AdamW and the warmup/cosine schedule, under Accelerate's accumulation."""
 
     def __init__(self, cfg, acc, model, loader, total_steps: int, device_augment=None, class_weights=None):
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg))  # each group carries its own weight decay
         scheduler = cosine_schedule(optimizer, total_steps, cfg.train.warmup_frac)
         self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
         self.m = acc.unwrap_model(self.model)
