@@ -86,6 +86,8 @@ class CVConfig:
     n_splits: int = opt(5, "folds of the grouped, stratified cross-validation")
     seed: int = opt(42, "seed of the fold assignment")
     near_dup_bits: int = opt(12, "pHash (256-bit) distance that makes two images one fold group; 0 = off")
+    folds_from: str = opt("", "take the folds of another run (runs/NAME or a folds.csv) instead of making them; "
+                              "runs with the same data and cv settings get the same folds without it")
 
 
 @dataclass
@@ -402,11 +404,15 @@ def _validate_ranges(cfg: Config) -> None:
     if cfg.infer.head_weight < 0 and cfg.infer.head_weight != -1:
         raise ConfigError(f"config key 'infer.head_weight' = {cfg.infer.head_weight!r}; must be -1 (the OOF-tuned "
                           f"value) or a weight in [0, 1]")
-    if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\") or cfg.name.startswith("~"):
-        raise ConfigError(f"run name {cfg.name!r} must be a plain folder name under output_dir (no '/', '..' or "
-                          f"absolute path); put the folder elsewhere with output_dir=DIR")
+    validate_run_name(cfg.name)
     if any(a < 0 or a > 1 for a in cfg.model.slerp.alpha_grid):
         raise ConfigError(f"model.slerp.alpha_grid {cfg.model.slerp.alpha_grid}: every alpha must lie in [0, 1]")
+
+
+def validate_run_name(name: str) -> None:
+    if not name or name in (".", "..") or any(c in name for c in "/\\") or name.startswith("~"):
+        raise ConfigError(f"run name {name!r} must be a plain folder name under output_dir (no '/', '..' or "
+                          f"absolute path); put the folder elsewhere with output_dir=DIR")
 
 
 def is_param_target(target: str) -> bool:

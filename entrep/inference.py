@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from entrep.config import ConfigError, load_config, parse_override
@@ -66,8 +67,7 @@ def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
     """head_weight and per-track slerp alpha and re-ranking: the OOF-tuned values from tuned.json,
     except where the command line sets the key (infer.head_weight, model.slerp.alpha,
     model.slerp.infer, rerank.methods), which always wins."""
-    from entrep.report import RERANK_OFFERED, track_settings
-    from entrep.retrieval import method_params
+    from entrep.report import track_settings
 
     out = {"head_weight": cfg.infer.head_weight if cfg.infer.head_weight >= 0 or not tuned
            else tuned.get("head_weight", 0.5)}
@@ -80,7 +80,7 @@ def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
         if not cfg.model.slerp.infer:
             alpha = 0.0
         if "rerank.methods" in given:
-            kept = {m: method_params(m, cfg.rerank) for m in cfg.rerank.methods if m in RERANK_OFFERED[track]}
+            kept = offered_methods(cfg, track)
         out[track] = {"alpha": alpha, "rerank": kept}
     return out
 
@@ -111,43 +111,29 @@ class Predictions:
 
 
 def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple = (), **kw) -> Predictions:
-    """Ensemble the finished folds of `run` on `test_dir`: class probabilities and ranked i2i/t2i lists.
+    """Ensemble the finished folds of `run` (a run, or a blend of runs) on `test_dir`: class
+    probabilities and ranked i2i/t2i lists.
 
     Overrides as `key=value` strings or keywords with `__` for the dots
-    (`predict(run, test, infer__topk=5)`); a key given here beats the value tuned on OOF.
+    (`predict(run, test, infer__topk=5)`); a key given here beats the value tuned on OOF. On a blend
+    they apply to every member.
     """
+    from entrep.blending import BLEND_FILE, read_blend
+
     run, test_dir = Path(run), Path(test_dir)
     overrides = list(overrides) + [f"{k.replace('__', '.')}={json.dumps(v) if not isinstance(v, str) else v}"
                                    for k, v in kw.items()]
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run}: not a run directory (no config.yaml)")
-    cfg = load_config(run / "config.yaml", overrides)
+    blend = read_blend(run) if (run / BLEND_FILE).is_file() else None
+    if blend is None and not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run}: not a run directory (no config.yaml) nor a blend ({BLEND_FILE})")
+    members = blend.members if blend else [run]
+    cfgs = [load_config(m / "config.yaml", overrides) for m in members]
+    cfg = cfgs[0]  # the ranking's own settings (infer.topk, infer.gallery, infer.search, ...)
+    given = {parse_override(o)[0] for o in overrides}
     from entrep.model.backbone import set_offline
 
     set_offline(cfg.model.offline)
-    import torch
-
-    from entrep.data.images import ImageCache
     from entrep.data.release import file_hash, load_test
-    from entrep.engine import embed_images, embed_texts, make_accelerator, retrieval_embedding
-    from entrep.labels import LabelSet
-    from entrep.model.backbone import image_stats
-    from entrep.model.checkpoint import check_compatible, load_fold_weights, read_meta
-    from entrep.model.entrep_clip import build_model
-    from entrep.model.lora import merged
-    from entrep.report import read_json
-    from entrep.retrieval import average_embeddings, rank_gallery, text_class_probs
-
-    labels = LabelSet.from_config(cfg.labels)
-    dirs = fold_dirs(run, cfg, cfg.infer.partial)
-    log.info("ensembling %s: the finished models on disk", ", ".join(d.name for d in dirs))
-    for d in dirs:
-        check_compatible(read_meta(d), cfg, d)
-    tuned = read_json(run / "tuned.json") if (run / "tuned.json").is_file() else {}
-    settings = inference_settings(cfg, tuned, {parse_override(o)[0] for o in overrides})
-    head_weight = settings["head_weight"]
-    if not tuned:
-        log.warning("%s has no tuned.json (no complete OOF run): settings from the config: %s", run, settings)
 
     test = load_test(test_dir)
     if not (test.cls or test.i2i or test.t2i):
@@ -166,11 +152,78 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
                     in_training["by_name"][:3], len(in_training["by_content"]), in_training["by_content"][:3])
     log.info("gallery: %s (%d images)", f"infer.gallery={cfg.infer.gallery}" if cfg.infer.gallery else
              f"every image of {test_dir} (an i2i query never retrieves itself)", len(gallery))
+
+    views, infos = [], []
+    for m, c in zip(members, cfgs):
+        v, info = embed_run(m, c, test, names, test_hashes, given)
+        views.append(v)
+        infos.append(info)
+    if blend:
+        from entrep.blending import mix
+
+        view = mix(views, blend.weights)
+        rerank = {t: blend.rerank[t] for t in ("i2i", "t2i")}
+        if "rerank.methods" in given:
+            rerank = {t: offered_methods(cfg, t) for t in rerank}
+        settings = {"members": infos, "weights": blend.weights, **{t: {"rerank": rerank[t]} for t in rerank}}
+        folds = [f"{Path(i['run']).name}/{f}" for i in infos for f in i["folds"]]
+    else:
+        view = views[0]
+        settings = {k: v for k, v in infos[0].items() if k not in ("run", "folds")}
+        rerank = {t: settings[t]["rerank"] for t in ("i2i", "t2i")}
+        folds = infos[0]["folds"]
+    i2i, t2i = rank_test(view, test, gallery, rerank, cfg)
+    from entrep.labels import LabelSet
+
+    labels = LabelSet.from_config(cfg.labels).names
+    pred = view.probs.argmax(1)
+    cls_df = pd.DataFrame({"image": names, "pred": [labels[i] for i in pred], "pred_idx": pred,
+                           **{f"p_{c}": view.probs[:, j] for j, c in enumerate(labels)}})
+    meta = {
+        "test_dir": str(test_dir.resolve()), "folds": folds, **settings,
+        "tta_flip": cfg.infer.tta_flip, "topk": cfg.infer.topk, "gallery": gallery, "labels": list(labels),
+        "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": test.t2i}, "on_disk": test.on_disk,
+        "test_images_in_training": in_training}
+    return Predictions(cls_df, i2i, t2i, meta)
+
+
+def offered_methods(cfg, track: str) -> dict:
+    """rerank.methods as given, less those not offered for the track."""
+    from entrep.report import RERANK_OFFERED
+    from entrep.retrieval import method_params
+
+    return {m: method_params(m, cfg.rerank) for m in cfg.rerank.methods if m in RERANK_OFFERED[track]}
+
+
+def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: set[str]):
+    """(FoldView of the test images and captions, what was used): one run's finished folds and flip TTA,
+    averaged; probabilities with the run's head weight, retrieval embeddings with its per-track alpha."""
+    import torch
+
+    from entrep.data.images import ImageCache
+    from entrep.engine import embed_images, embed_texts, make_accelerator, retrieval_embedding
+    from entrep.labels import LabelSet
+    from entrep.model.backbone import image_stats
+    from entrep.model.checkpoint import check_compatible, load_fold_weights, read_meta
+    from entrep.model.entrep_clip import build_model
+    from entrep.model.lora import merged
+    from entrep.report import FoldView, read_json
+    from entrep.retrieval import average_embeddings, text_class_probs
+
+    labels = LabelSet.from_config(cfg.labels)
+    dirs = fold_dirs(run, cfg, cfg.infer.partial)
+    log.info("%s: ensembling %s, the finished models on disk", run, ", ".join(d.name for d in dirs))
+    for d in dirs:
+        check_compatible(read_meta(d), cfg, d)
+    tuned = read_json(run / "tuned.json") if (run / "tuned.json").is_file() else {}
+    settings = inference_settings(cfg, tuned, given)
+    if not tuned:
+        log.warning("%s has no tuned.json (no complete OOF run): settings from the config: %s", run, settings)
     acc = make_accelerator(cfg)
     model = acc.prepare(build_model(cfg, labels))
     stats = image_stats(acc.unwrap_model(model).base)
     cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(stats.size))
-    pixels = cache.pixels([str(test.images[n]) for n in names], test_hashes)
+    pixels = cache.pixels([str(test.images[n]) for n in names], hashes)
 
     probs_sum, rets, texts, text_probs = 0.0, {"i2i": [], "t2i": []}, [], []
     captions = test.t2i or []
@@ -181,7 +234,7 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
                              stats.size, stats.mean, stats.std)
             if captions:
                 texts.append(torch.from_numpy(embed_texts(model, captions, acc)))
-        probs = e.probs(head_weight, cfg.infer.tta_flip)
+        probs = e.probs(settings["head_weight"], cfg.infer.tta_flip)
         probs_sum = probs_sum + probs
         for track in ("i2i", "t2i"):
             rets[track].append(torch.from_numpy(retrieval_embedding(e.emb, probs, e.class_emb,
@@ -189,39 +242,37 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         if captions and e.class_emb is not None:
             text_probs.append(text_class_probs(texts[-1], torch.from_numpy(e.class_emb)))
         log.info("embedded %d images with %s", len(names), d.name)
-    probs = probs_sum / len(dirs)
-    ret = {track: average_embeddings(r) for track, r in rets.items()}
+    view = FoldView(names, probs_sum / len(dirs), {t: average_embeddings(r).numpy() for t, r in rets.items()},
+                    captions, average_embeddings(texts).numpy() if captions else np.zeros((0, 1), np.float32),
+                    (sum(text_probs) / len(text_probs)).numpy() if text_probs else None)
+    return view, {"run": str(run), "folds": [d.name for d in dirs], **settings, "tta_flip": cfg.infer.tta_flip}
 
-    pos = {n: i for i, n in enumerate(names)}
-    cls_df = pd.DataFrame({"image": names, "pred": [labels.names[i] for i in probs.argmax(1)],
-                           "pred_idx": probs.argmax(1), **{f"p_{c}": probs[:, j] for j, c in enumerate(labels.names)}})
+
+def rank_test(view, test, gallery: list[str], rerank: dict[str, dict], cfg) -> tuple[dict, dict]:
+    """The i2i and t2i rankings of a test folder's queries over `gallery` (i2i queries never retrieve
+    themselves)."""
+    import torch
+
+    from entrep.retrieval import rank_gallery
+
+    pos = {n: i for i, n in enumerate(view.images)}
     g_idx = [pos[n] for n in gallery]
     g_pos = {n: i for i, n in enumerate(gallery)}
-    k = cfg.infer.topk
-
-    def ranked(scores, idx):
-        return [[{"image": gallery[j], "score": round(float(s), 6)} for s, j in zip(sr, ir)]
-                for sr, ir in zip(scores.tolist(), idx.tolist())]
-
-    probs_t = torch.from_numpy(probs).float()
+    probs = torch.from_numpy(view.probs).float()
 
     def rank(track, queries, exclude=None, pq=None):
-        return rank_gallery(queries, ret[track][g_idx], k, settings[track]["rerank"], exclude, pq, probs_t[g_idx],
-                            cfg.infer.max_sim_bytes, cfg.infer.search, cfg.infer.faiss_nprobe)
+        s, i = rank_gallery(queries, torch.from_numpy(view.ret[track][g_idx]), cfg.infer.topk, rerank[track],
+                            exclude=exclude, pq=pq, pg=probs[g_idx], max_bytes=cfg.infer.max_sim_bytes,
+                            search=cfg.infer.search, nprobe=cfg.infer.faiss_nprobe)
+        return [[{"image": gallery[j], "score": round(float(x), 6)} for x, j in zip(sr, ir)]
+                for sr, ir in zip(s.tolist(), i.tolist())]
 
-    i2i = {}
+    i2i, t2i = {}, {}
     if test.i2i:
         q = [pos[test.on_disk[x]] for x in test.i2i]
         exclude = torch.tensor([g_pos.get(test.on_disk[x], -1) for x in test.i2i])
-        s, i = rank("i2i", ret["i2i"][q], exclude, probs_t[q])
-        i2i = dict(zip(test.i2i, ranked(s, i)))
-    t2i = {}
-    if captions:
-        s, i = rank("t2i", average_embeddings(texts), None, sum(text_probs) / len(text_probs) if text_probs else None)
-        t2i = dict(zip(captions, ranked(s, i)))
-    meta = {
-        "test_dir": str(test_dir.resolve()), "folds": [d.name for d in dirs], **settings,
-        "tta_flip": cfg.infer.tta_flip, "topk": k, "gallery": gallery, "labels": list(labels.names),
-        "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": test.t2i}, "on_disk": test.on_disk,
-        "test_images_in_training": in_training}
-    return Predictions(cls_df, i2i, t2i, meta)
+        i2i = dict(zip(test.i2i, rank("i2i", torch.from_numpy(view.ret["i2i"][q]), exclude, probs[q])))
+    if view.captions:
+        pt = None if view.caption_probs is None else torch.from_numpy(view.caption_probs).float()
+        t2i = dict(zip(view.captions, rank("t2i", torch.from_numpy(view.caption_emb), None, pt)))
+    return i2i, t2i

@@ -124,3 +124,43 @@ def test_fold_minus_one_trains_on_everything_and_infers(demo, tmp_path):
     out = run(sys.executable, "infer.py", "--run", runs / "full", "--data", demo / "test")
     assert "no tuned.json" in out
     assert json.loads((runs / "full/predictions/meta.json").read_text())["folds"] == ["full"]
+
+
+def test_two_runs_blend_then_infer_and_submit_like_a_run(demo, tmp_path):
+    """Two runs with the same data and cv settings share folds without being told; their blend is
+    scored out of fold beside them, and infer/submit treat the blend directory as a run."""
+    import numpy as np
+
+    import entrep
+
+    runs = tmp_path / "runs"
+    common = ["--config", "configs/demo.yaml", "--data", demo, f"output_dir={runs}", "cv.n_splits=2",
+              "train.epochs=1"]
+    run(sys.executable, "train.py", *common, "--name", "a")
+    run(sys.executable, "train.py", *common, "--name", "b", "train.seed=3", "model.lora.rank=8")
+    assert (runs / "a/folds.csv").read_bytes() == (runs / "b/folds.csv").read_bytes()
+    out = run(sys.executable, "-m", "entrep.blend", "--runs", runs / "a", runs / "b", "--name", "ab", "--rounds", "6")
+    assert "blend ab" in out
+    blend = runs / "ab"
+    report = json.loads((blend / "report.json").read_text())
+    assert set(report["members"]) == {str(runs / "a"), str(runs / "b")}
+    for fig in (report, *report["members"].values()):
+        assert 0 <= fig["classification"]["f1_macro"] <= 1 and fig["i2i"]["n_queries"] > 0
+    assert [r["fold"] for r in report["folds"]] == [0, 1] and "weights" in report["folds"][0]["settings"]
+    assert json.loads((blend / "blend.json").read_text())["members"] == ["../a", "../b"]
+
+    run(sys.executable, "infer.py", "--run", blend, "--data", demo / "test")
+    run(sys.executable, "submit.py", "--run", blend)
+    for track in ("cls", "i2i", "t2i"):
+        assert list(json.loads((blend / f"submission/{track}.json").read_text())) == read_query_lines(
+            demo / f"test/{track}.csv")
+    meta = json.loads((blend / "predictions/meta.json").read_text())
+    assert meta["folds"] == ["a/fold0", "a/fold1", "b/fold0", "b/fold1"]
+
+    # the library call: the blend's probabilities are its members' own predictions mixed by the cls weights
+    w = meta["weights"]["cls"]
+    pa, pb, pab = (entrep.predict(r, demo / "test") for r in (runs / "a", runs / "b", blend))
+    cols = [c for c in pab.classes if c.startswith("p_")]
+    np.testing.assert_allclose(pab.classes[cols].to_numpy(),
+                               w[0] * pa.classes[cols].to_numpy() + w[1] * pb.classes[cols].to_numpy(), atol=1e-5)
+    assert pab.rankings("i2i")["query"].nunique() == len(read_query_lines(demo / "test/i2i.csv"))

@@ -7,7 +7,8 @@ import torch
 
 from entrep.config import load_config
 from entrep.engine import Embedded
-from entrep.report import RERANK_OFFERED, TRACKS, _classify, _pooled, crossfit, track_rankings, tune
+from entrep.report import (RERANK_OFFERED, TRACKS, FoldOOF, crossfit, pooled_classification, pooled_retrieval,
+                           track_rankings, tune)
 
 NAMES = ["a", "b", "c"]
 
@@ -37,7 +38,7 @@ def synthetic_oof(seed=0, folds=3, per_fold=18):
                      class_emb.astype(np.float32))
         cap = np.stack([class_emb[y] + rng.normal(scale=0.8, size=16) for y in range(3)])
         cap = (cap / np.linalg.norm(cap, axis=1, keepdims=True)).astype(np.float32)
-        oof[k] = (images, e, [f"finding {y}" for y in range(3)], cap)
+        oof[k] = FoldOOF(images, e, [f"finding {y}" for y in range(3)], cap)
     return oof, pd.DataFrame(rows)
 
 
@@ -48,25 +49,25 @@ def cfg():
 
 def test_each_fold_is_scored_with_settings_tuned_on_the_other_folds(cfg):
     oof, table = synthetic_oof()
-    report, settings = crossfit(oof, table, NAMES, cfg)
+    report, scored = crossfit(oof, table, NAMES, cfg)
+    others = {k: tune({j: f for j, f in oof.items() if j != k}, table, NAMES, cfg) for k in oof}
     for k in oof:
-        others = tune({j: f for j, f in oof.items() if j != k}, table, NAMES, cfg)
-        assert settings[k]["head_weight"] == others["head_weight"]
+        settings = scored[k].settings
+        assert settings["head_weight"] == others[k]["head_weight"]
         for track in TRACKS:
-            assert settings[k][track]["alpha"] == others[track]["alpha"]
-            assert settings[k][track]["rerank"] == list(others[track]["rerank"]["kept"])
+            assert settings[track]["alpha"] == others[k][track]["alpha"]
+            assert settings[track]["rerank"] == list(others[k][track]["rerank"]["kept"])
     # the pooled figures are exactly those of each fold scored with its own cross-fitted settings
     y_of = dict(zip(table["image"], table["y"]))
     y, pred = [], []
-    for k, (images, e, _, _) in oof.items():
-        y += [y_of[n] for n in images]
-        pred += list(e.probs(settings[k]["head_weight"], False).argmax(1))
+    for k, f in oof.items():
+        y += [y_of[n] for n in f.images]
+        pred += list(f.e.probs(others[k]["head_weight"], False).argmax(1))
     assert report["classification"]["accuracy"] == pytest.approx(np.mean(np.array(y) == np.array(pred)))
     rk, rel = [], []
-    others = {k: tune({j: f for j, f in oof.items() if j != k}, table, NAMES, cfg) for k in oof}
     for k, fold in oof.items():
-        r, s = track_rankings(fold, table, "i2i", others[k]["head_weight"], others[k]["i2i"]["alpha"], False,
-                              others[k]["i2i"]["rerank"]["kept"])
+        view = fold.view(others[k]["head_weight"], False, others[k]["i2i"]["alpha"])
+        r, s = track_rankings(view, table, "i2i", others[k]["i2i"]["rerank"]["kept"])
         rk += r
         rel += s
     mrr = np.mean([1 / (r.index(next(iter(s))) + 1) if next(iter(s)) in r else 0 for r, s in zip(rk, rel)])
@@ -81,12 +82,15 @@ def test_in_sample_tuning_would_flatter_the_report(cfg):
     oof, table = synthetic_oof(seed=4)
     report, _ = crossfit(oof, table, NAMES, cfg)
     t = tune(oof, table, NAMES, cfg)
-    in_sample = _classify(oof, table, NAMES, t["head_weight"], False)["f1_macro"]
-    grid_best = max(_classify(oof, table, NAMES, w, False)["f1_macro"] for w in (0, .25, .5, .75, 1))
-    assert in_sample == grid_best >= report["classification"]["f1_macro"]
+
+    def f1(w):
+        return pooled_classification({k: f.view(w, False) for k, f in oof.items()}, table, NAMES)["f1_macro"]
+
+    in_sample = f1(t["head_weight"])
+    assert in_sample == max(f1(w) for w in (0, .25, .5, .75, 1)) >= report["classification"]["f1_macro"]
     for track in TRACKS:
-        assert _pooled(oof, table, track, t["head_weight"], t[track]["alpha"], False,
-                       t[track]["rerank"]["kept"])["mrr"] >= report[track]["mrr"] - 1e-9
+        views = {k: f.view(t["head_weight"], False, t[track]["alpha"]) for k, f in oof.items()}
+        assert pooled_retrieval(views, table, track, t[track]["rerank"]["kept"])["mrr"] >= report[track]["mrr"] - 1e-9
 
 
 def test_each_track_has_its_own_alpha_and_reranking_and_only_meaningful_methods(cfg):

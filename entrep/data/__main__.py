@@ -21,19 +21,15 @@ def _examples(items, n=3) -> str:
     return "; ".join(" | ".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in items[:n])
 
 
-HASH_DECODE = 128  # px: the pHash reads a 64x64 grayscale image, so a small decode is enough here
-
-
 def near_duplicates(table, ts, max_bits: int) -> tuple[list[list[str]], list[tuple[str, str, int]]]:
     """(near-duplicate clusters within the training data, (test image, training image, bits) leaks),
     by the pHash that groups folds. Byte-identical copies are already merged by the reader."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from entrep.data.folds import near_duplicate_pairs, perceptual_hashes
-    from entrep.data.images import decode_all
+    from entrep.data.folds import file_hashes, near_duplicate_pairs
 
-    h = perceptual_hashes(decode_all(table["path"].tolist(), HASH_DECODE, desc="hashing images"))
+    h = file_hashes(table["path"].tolist())
     pairs = near_duplicate_pairs(h, max_bits=max_bits)
     n = len(table)
     _, comp = connected_components(coo_matrix((np.ones(len(pairs)), ([i for i, _, _ in pairs], [j for _, j, _ in pairs])),
@@ -44,7 +40,7 @@ def near_duplicates(table, ts, max_bits: int) -> tuple[list[list[str]], list[tup
     leaks = []
     if ts is not None and ts.images:
         names = sorted(ts.images)
-        ht = perceptual_hashes(decode_all([str(ts.images[x]) for x in names], HASH_DECODE, desc="hashing test images"))
+        ht = file_hashes([str(ts.images[x]) for x in names], desc="hashing test images")
         best: dict[int, tuple[int, int]] = {}
         for i, j, d in near_duplicate_pairs(ht, h, max_bits=max_bits):
             if i not in best or d < best[i][1]:

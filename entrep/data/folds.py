@@ -37,6 +37,7 @@ def link_groups(df: pd.DataFrame) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
+HASH_DECODE = 128  # px: pHash reads a 64x64 grayscale image; one fixed decode size for every model
 PATIENT = re.compile(r"^(\d+)_\d+_\d+_image\d+\.\w+$", re.IGNORECASE)
 HASH_SIZE = 16  # pHash side: 256 bits (8x8 = 64 bits put unrelated same-class demo frames 2 bits apart)
 
@@ -55,6 +56,14 @@ def perceptual_hashes(pixels) -> np.ndarray:
 
     return np.stack([imagehash.phash(Image.fromarray(np.asarray(pixels[i])), hash_size=HASH_SIZE).hash.ravel()
                      for i in range(len(pixels))]) if len(pixels) else np.zeros((0, HASH_SIZE ** 2), bool)
+
+
+def file_hashes(paths: list[str], desc: str = "hashing images") -> np.ndarray:
+    """pHash of image files decoded at HASH_DECODE px: the same bits whatever model a run trains, so
+    runs with the same data and cv settings get the same folds (and `data check` the same clusters)."""
+    from entrep.data.images import decode_all
+
+    return perceptual_hashes(decode_all(paths, HASH_DECODE, desc=desc))
 
 
 def near_duplicate_pairs(a: np.ndarray, b: np.ndarray | None = None, max_bits: int = 12,
@@ -126,19 +135,31 @@ def make_folds(df: pd.DataFrame, n_splits: int, seed: int, hashes: np.ndarray | 
                          "fold_group": groups, "fold": fold, "sha1": df["sha1"]})  # sha1: infer finds leaks
 
 
-def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, hashes: np.ndarray | None = None,
-                       near_dup_bits: int = 12) -> pd.DataFrame:
-    """Reuse `folds.csv` when it exists (frozen folds), else make and save it."""
+def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, hashes=None, near_dup_bits: int = 12,
+                       source: str | Path = "") -> pd.DataFrame:
+    """The run's folds: its `folds.csv` when it exists (frozen folds); else another run's folds
+    (`source`, cv.folds_from: a run directory or a folds.csv), copied in; else made and saved.
+    `hashes`: the pHash array, or a function that computes it (called only when folds are made)."""
+    if not path.is_file() and source:
+        src = Path(source) / "folds.csv" if Path(source).is_dir() else Path(source)
+        if not src.is_file():
+            raise FoldError(f"cv.folds_from={source}: no folds.csv there (a run directory or a folds.csv file)")
+        check_folds(pd.read_csv(src, keep_default_na=False), df, n_splits, src)
+        atomic_write_csv(path, pd.read_csv(src, keep_default_na=False))
     if path.is_file():
         folds = pd.read_csv(path, keep_default_na=False)
-        if set(folds["image"]) != set(df["image"]):
-            extra = sorted(set(df["image"]) - set(folds["image"]))[:3]
-            gone = sorted(set(folds["image"]) - set(df["image"]))[:3]
-            raise FoldError(f"{path} does not match the data (new: {extra}, gone: {gone}); "
-                            f"use a new --name or delete the file to refold")
-        if folds["fold"].max() + 1 != n_splits:
-            raise FoldError(f"{path} has {folds['fold'].max() + 1} folds but cv.n_splits={n_splits}")
+        check_folds(folds, df, n_splits, path)
         return folds.set_index("image").loc[df["image"]].reset_index()
-    folds = make_folds(df, n_splits, seed, hashes, near_dup_bits)
+    folds = make_folds(df, n_splits, seed, hashes() if callable(hashes) else hashes, near_dup_bits)
     atomic_write_csv(path, folds)
     return folds
+
+
+def check_folds(folds: pd.DataFrame, df: pd.DataFrame, n_splits: int, path: Path) -> None:
+    if set(folds["image"]) != set(df["image"]):
+        extra = sorted(set(df["image"]) - set(folds["image"]))[:3]
+        gone = sorted(set(folds["image"]) - set(df["image"]))[:3]
+        raise FoldError(f"{path} does not match the data (new: {extra}, gone: {gone}); "
+                        f"use a new --name or delete the file to refold")
+    if folds["fold"].max() + 1 != n_splits:
+        raise FoldError(f"{path} has {folds['fold'].max() + 1} folds but cv.n_splits={n_splits}")

@@ -1,0 +1,8 @@
+"""python -m entrep.blend --runs runs/A runs/B [...] --name NAME: see entrep/commands/blend.py."""
+import sys
+
+from entrep.cli import run_main
+from entrep.commands.blend import main
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,234 @@
+"""Blending runs out of fold: several seeds, fusion modes or backbones, one submission
+(`python -m entrep.blend`, entrep/commands/blend.py).
+
+Members share their folds (a blend of runs whose folds differ is refused), so fold k of every member
+held out the same images. Classification mixes the members' class probabilities. Each retrieval
+track mixes their cosine similarities, as a weighted concatenation of the unit embeddings:
+[sqrt(w1) u1, sqrt(w2) u2] . [sqrt(w1) v1, sqrt(w2) v2] = w1 u1.v1 + w2 u2.v2, one matrix product, on
+which every re-ranking method works unchanged.
+
+Weights are chosen per track (classification by macro F1, i2i and t2i by MRR) with greedy ensemble
+selection with replacement (Caruana et al., ICML 2004): start from the best member, add one member
+at a time, keep the best bag. It scales to many members where a weight grid does not. Re-ranking is
+then tuned on the blend as for a run. The reported figures are cross-fitted: fold k is scored with
+weights and re-ranking chosen on the other folds, over member settings (head weight, slerp alpha)
+that were themselves tuned without fold k (each member's report.json).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from entrep.errors import EntrepError
+from entrep.report import (OOF_FILE, TRACKS, FoldOOF, FoldView, Scored, load_fold_oof, pooled_classification,
+                           pooled_retrieval, read_json, score_folds, track_settings, tune_rerank)
+
+log = logging.getLogger("entrep.blend")
+
+BLEND_FILE = "blend.json"
+PARTS = ("cls", *TRACKS)  # what gets its own weights
+HOW = {
+    "weights": "per track, greedy ensemble selection with replacement (Caruana et al. 2004) on the other folds' "
+               "OOF predictions: classification by macro F1 over mixed probabilities, i2i and t2i by MRR over "
+               "mixed similarities (weighted concatenation of unit embeddings)",
+    "members": "each member's own figures, from its report.json (cross-fitted the same way)",
+    "classification": "pooled over folds; fold k mixed with weights chosen on the other folds, each member's head "
+                      "weight tuned without fold k (cross-fitted)",
+    "i2i": "pooled over folds, queries and gallery from one held-out fold; weights and re-ranking chosen on the "
+           "other folds, member slerp alphas tuned without fold k (cross-fitted)",
+    "t2i": "as i2i, with the fold's captions as queries",
+    "tuned": "tuned.json: weights and re-ranking chosen on all folds, member settings from their tuned.json; for "
+             "infer.py, scores none of these figures",
+}
+
+
+class BlendError(EntrepError):
+    pass
+
+
+@dataclass
+class Member:
+    """A finished run, as a blend reads it: its folds' OOF outputs and its tuned settings."""
+    run: Path
+    cfg: object
+    oof: dict[int, FoldOOF]
+    report: dict
+    tuned: dict
+
+    @classmethod
+    def load(cls, run: str | Path) -> Member:
+        from entrep.config import load_config
+
+        run = Path(run)
+        if (run / BLEND_FILE).is_file():
+            raise BlendError(f"{run} is a blend; blend its member runs instead")
+        if not (run / "config.yaml").is_file():
+            raise BlendError(f"{run}: not a run directory (no config.yaml)")
+        cfg = load_config(run / "config.yaml")
+        missing = [f"fold{k}" for k in range(cfg.cv.n_splits) if not (run / f"fold{k}" / OOF_FILE).is_file()]
+        if missing or not (run / "report.json").is_file():
+            raise BlendError(f"{run}: no complete OOF report (missing {missing or 'report.json'}); finish its folds "
+                             f"first: train.py --name {run.name} output_dir={run.parent} train.resume=true")
+        return cls(run, cfg, {k: load_fold_oof(run / f"fold{k}" / OOF_FILE) for k in range(cfg.cv.n_splits)},
+                   read_json(run / "report.json"), read_json(run / "tuned.json"))
+
+    def settings(self, held_out: int | None) -> dict:
+        """head_weight and per-track alpha: tuned without fold `held_out` (the report's cross-fitted
+        settings of that fold), or on all folds (tuned.json) when None."""
+        if held_out is None:
+            return {"head_weight": self.tuned["head_weight"],
+                    **{t: {"alpha": track_settings(self.tuned, t)[0]} for t in TRACKS}}
+        return next(r["settings"] for r in self.report["folds"] if r["fold"] == held_out)
+
+    def views(self, held_out: int | None) -> dict[int, FoldView]:
+        s = self.settings(held_out)
+        tta = self.cfg.infer.tta_flip
+        return {k: f.view(s["head_weight"], tta, {t: s[t]["alpha"] for t in TRACKS}) for k, f in self.oof.items()}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def mix(views: list[FoldView], weights: dict[str, list[float]]) -> FoldView:
+    """The members' views of one fold (or test folder) mixed: probabilities by weights["cls"], each
+    track's embeddings concatenated with sqrt(weight) factors (cosine similarities mixed by
+    weights[track]). Parts without weights are left out (ret) or taken from the first member."""
+    v0 = views[0]
+    for v in views[1:]:
+        if v.images != v0.images or v.captions != v0.captions:
+            raise BlendError("members disagree on the images or captions of a fold; their folds differ")
+
+    def cat(arrays, w):
+        return np.concatenate([np.sqrt(x) * _unit(a) for a, x in zip(arrays, w) if x > 0], axis=1).astype(np.float32)
+
+    probs = sum(x * v.probs for x, v in zip(weights["cls"], views)) if "cls" in weights else v0.probs
+    ret = {t: cat([v.ret[t] for v in views], weights[t]) for t in TRACKS if t in weights}
+    cap, cp = v0.caption_emb, v0.caption_probs
+    if "t2i" in weights and len(v0.captions):
+        cap = cat([v.caption_emb for v in views], weights["t2i"])
+        if all(v.caption_probs is not None for v in views):
+            cp = sum(x * v.caption_probs for x, v in zip(weights["t2i"], views))
+    return FoldView(v0.images, np.asarray(probs, np.float32), ret, v0.captions, cap, cp)
+
+
+def select(score, n: int, rounds: int) -> tuple[list[float], list[dict]]:
+    """Greedy ensemble selection with replacement: each round adds the member whose addition scores
+    best (ties: the first); the weights are the counts of the best bag seen (ties: the earlier bag,
+    so a plateau keeps fewer members). Returns (weights, one trace row per round)."""
+    counts = np.zeros(n, int)
+    best, best_counts, trace = -np.inf, None, []
+    for r in range(rounds):
+        trial = [score((counts + np.eye(n, dtype=int)[i]) / (counts.sum() + 1)) for i in range(n)]
+        i = int(np.argmax(trial))
+        counts[i] += 1
+        trace.append({"round": r + 1, "added": i, "score": float(trial[i])})
+        if trial[i] > best + 1e-12:
+            best, best_counts = trial[i], counts.copy()
+    return [float(x) for x in best_counts / best_counts.sum()], trace
+
+
+def choose(member_views: list[dict[int, FoldView]], folds: list[int], table, names, rcfg, rounds: int) -> dict:
+    """Weights per part and re-ranking per track, chosen on `folds` of the members' views."""
+    n = len(member_views)
+
+    def blended(w: dict) -> dict[int, FoldView]:
+        return {j: mix([mv[j] for mv in member_views], w) for j in folds}
+
+    weights, trace = {}, {}
+    weights["cls"], trace["cls"] = select(
+        lambda w: pooled_classification(blended({"cls": w}), table, names).get("f1_macro", 0.0), n, rounds)
+    for t in TRACKS:
+        weights[t], trace[t] = select(lambda w, t=t: pooled_retrieval(blended({t: w}), table, t)["mrr"], n, rounds)
+    full = blended(weights)
+    return {"weights": weights, "selection": trace, **{t: {"rerank": tune_rerank(full, table, t, rcfg)} for t in TRACKS}}
+
+
+def check_same_folds(members: list[Member]) -> pd.DataFrame:
+    """The members' common folds.csv; refuses members whose folds or classes differ, naming the first
+    image that differs."""
+    first = members[0]
+    folds = pd.read_csv(first.run / "folds.csv", keep_default_na=False)
+    fold_of = dict(zip(folds["image"], folds["fold"]))
+    for m in members[1:]:
+        if list(m.cfg.labels.names) != list(first.cfg.labels.names):
+            raise BlendError(f"{m.run} and {first.run} have different classes")
+        other = pd.read_csv(m.run / "folds.csv", keep_default_na=False)
+        theirs = dict(zip(other["image"], other["fold"]))
+        for img in list(folds["image"]) + sorted(set(theirs) - set(fold_of)):
+            if fold_of.get(img) != theirs.get(img):
+                where = {r: "absent" if f is None else f"fold {f}" for r, f in ((first.run, fold_of.get(img)),
+                                                                                (m.run, theirs.get(img)))}
+                raise BlendError(f"{m.run} and {first.run} have different folds: first difference {img} "
+                                 f"({first.run}: {where[first.run]}, {m.run}: {where[m.run]}). Retrain one with "
+                                 f"cv.folds_from={first.run} (same data and cv settings share folds by default)")
+    return folds
+
+
+def member_figures(report: dict) -> dict:
+    c = report.get("classification", {})
+    return {"classification": {m: c[m] for m in ("accuracy", "f1_macro", "f1_weighted") if m in c},
+            **{t: {m: v for m, v in report[t].items() if m != "relevance"} for t in TRACKS}}
+
+
+def crossfit_blend(members: list[Member], table, names, rounds: int = 20) -> tuple[dict, dict, dict[int, Scored]]:
+    """(report, tuned, scored folds) of the blend of `members`, which must share folds."""
+    rcfg = members[0].cfg.rerank
+    ks = sorted(members[0].oof)
+    scored = {}
+    for k in ks:
+        mv = [m.views(k) for m in members]
+        ch = choose(mv, [j for j in ks if j != k], table, names, rcfg, rounds)
+        scored[k] = Scored(mix([v[k] for v in mv], ch["weights"]), {t: ch[t]["rerank"]["kept"] for t in TRACKS},
+                           {"weights": ch["weights"], **{t: {"rerank": list(ch[t]["rerank"]["kept"])} for t in TRACKS}})
+        log.info("fold %d: weights %s (chosen on folds %s)", k, ch["weights"], [j for j in ks if j != k])
+    tuned = choose([m.views(None) for m in members], ks, table, names, rcfg, rounds)
+    tuned |= {"members": {str(m.run): m.settings(None) for m in members}, "how": HOW["tuned"]}
+    report = score_folds(scored, table, names)
+    report |= {"members": {str(m.run): member_figures(m.report) for m in members}, "tuned": tuned, "how": HOW}
+    return report, tuned, scored
+
+
+def blend(runs: list[str | Path], out: Path, table, names, rounds: int = 20) -> dict:
+    """Blend the finished `runs`; write out/ (blend.json, tuned.json, report.json, oof.csv, folds.csv,
+    plots) and return the report."""
+    from entrep.io import atomic_write_csv, atomic_write_json
+    from entrep.report import write_scored
+
+    members = [Member.load(r) for r in runs]
+    if len({m.run.resolve() for m in members}) < len(members):
+        raise BlendError(f"a run is listed twice in --runs {[str(r) for r in runs]}")
+    folds_df = check_same_folds(members)
+    if missing := sorted(set(folds_df["image"]) - set(table["image"]))[:3]:
+        raise BlendError(f"the runs' folds name images the release does not hold (e.g. {missing}); pass the "
+                         f"release they were trained on with --data")
+    report, tuned, scored = crossfit_blend(members, table, names, rounds)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_csv(out / "folds.csv", folds_df)  # infer.py reads it to name test images that are training images
+    write_scored(out, report, tuned, scored, table, names)
+    atomic_write_json(out / BLEND_FILE, {"members": [os.path.relpath(m.run.resolve(), out.resolve()) for m in members],
+                                         "rounds": rounds, "rerank_config_from": str(members[0].run)})
+    return report
+
+
+@dataclass
+class Blend:
+    """A blend directory as infer.py reads it."""
+    members: list[Path]
+    weights: dict[str, list[float]]
+    rerank: dict[str, dict]
+
+
+def read_blend(path: Path) -> Blend:
+    spec = json.loads((path / BLEND_FILE).read_text(encoding="utf-8"))
+    tuned = read_json(path / "tuned.json")
+    members = [(path / m).resolve() for m in spec["members"]]
+    if missing := [str(m) for m in members if not (m / "config.yaml").is_file()]:
+        raise BlendError(f"{path}: member runs not found: {missing} (blend.json names them relative to the blend)")
+    return Blend(members, tuned["weights"], {t: tuned[t]["rerank"]["kept"] for t in TRACKS})

@@ -1,0 +1,89 @@
+"""Blend finished runs that share folds, with weights chosen out of fold; the blend directory is used
+by infer.py and submit.py like a run directory.
+
+    python -m entrep.blend --runs runs/A runs/B [...] --name NAME [--data DIR] [--rounds 20]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from entrep.cli import console, setup_logging
+
+log = logging.getLogger("entrep.blend")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m entrep.blend", description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--runs", nargs="+", required=True, help="finished run directories (all folds and report.json)")
+    ap.add_argument("--name", required=True, help="the blend directory: OUTPUT_DIR/NAME")
+    ap.add_argument("--output-dir", help="where the blend directory goes (default: the first run's parent)")
+    ap.add_argument("--data", help="the training release (default: the first run's data.root); relevance and "
+                                   "labels come from its annotations")
+    ap.add_argument("--rounds", type=int, default=20,
+                    help="ensemble-selection rounds: weights are multiples of 1/rounds (default 20)")
+    args = ap.parse_args(argv)
+    setup_logging()
+    from entrep.config import validate_run_name
+    from entrep.errors import EntrepError
+    from entrep.io import exclusive_run
+
+    validate_run_name(args.name)
+    if args.rounds < 1:
+        raise EntrepError(f"--rounds {args.rounds}: at least 1")
+    out = Path(args.output_dir or Path(args.runs[0]).parent) / args.name
+    if (out / "config.yaml").is_file():
+        raise EntrepError(f"{out} is a training run; give the blend another --name")
+    with exclusive_run(out, "blend"):
+        report = _blend(args, out)
+    print_blend(report, out)
+    return 0
+
+
+def _blend(args, out: Path) -> dict:
+    from entrep.blending import BLEND_FILE, Member, blend
+    from entrep.data.release import load_release
+    from entrep.errors import EntrepError
+    from entrep.labels import LabelSet
+
+    if (out / BLEND_FILE).is_file():
+        import json
+        import os
+
+        had = json.loads((out / BLEND_FILE).read_text(encoding="utf-8"))["members"]
+        now = [os.path.relpath(Path(r).resolve(), out.resolve()) for r in args.runs]
+        if had != now:
+            raise EntrepError(f"{out} is a blend of {had}; give a blend of {now} another --name")
+    first = Member.load(args.runs[0])
+    labels = LabelSet.from_config(first.cfg.labels)
+    root = args.data or first.cfg.data.root
+    if not Path(root).is_dir():
+        raise EntrepError(f"{root}: the training release is not there (the first run's data.root); pass --data DIR")
+    table, _ = load_release(root, labels.names, False)
+    return blend(args.runs, out, table, list(labels.names), args.rounds)
+
+
+def figure_row(r: dict) -> list[str]:
+    c = r.get("classification", {})
+    cells = [c.get("accuracy"), c.get("f1_macro")]
+    for t in ("i2i", "t2i"):
+        cells += [r.get(t, {}).get("recall@1"), r.get(t, {}).get("mrr")]
+    return ["-" if x is None else f"{x:.4f}" for x in cells]
+
+
+def print_blend(report: dict, out: Path) -> None:
+    from rich.table import Table
+
+    t = Table(title="out-of-fold scores: members and blend")
+    for col in ("", "accuracy", "f1_macro", "i2i R@1", "i2i MRR", "t2i R@1", "t2i MRR"):
+        t.add_column(col, justify="left" if not col else "right")
+    for run, figures in report["members"].items():
+        t.add_row(run, *figure_row(figures))
+    t.add_row(f"blend {out.name}", *figure_row(report), style="bold")
+    w = report["tuned"]["weights"]
+    members = list(report["members"])
+    t.caption = (f"{out}. Every figure cross-fitted (report.json 'how'). Weights for infer.py, chosen on all folds: "
+                 + "; ".join(f"{part} " + ", ".join(f"{Path(m).name} {x:.2f}" for m, x in zip(members, w[part]))
+                             for part in ("cls", "i2i", "t2i")))
+    console.print(t)
