@@ -2,7 +2,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA ?= demo_data
-RUN ?= runs/demo
 
 .PHONY: demo test venv venv-dev clean
 
@@ -20,18 +19,29 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# data -> k-fold training (real `accelerate launch`) -> inference -> submission -> local score
+# data -> k-fold training of two runs (real `accelerate launch`, another seed for the second) -> their
+# blend, out of fold -> inference -> submission -> local score, for each run and the blend.
+# DEMO_GEN / DEMO_TRAIN shrink it for the test that runs this target (tests/test_readme.py).
+DEMO_GEN ?=
+DEMO_TRAIN ?=
+RUNS ?= runs
+ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 demo: venv
 	rm -rf $(DEMO_DATA)
-	$(PY) -m entrep.demo $(DEMO_DATA)
+	$(PY) -m entrep.demo $(DEMO_DATA) $(DEMO_GEN)
 	$(PY) -m entrep.data check $(DEMO_DATA) --test $(DEMO_DATA)/test
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train.py --config configs/demo.yaml --data $(DEMO_DATA) --name demo
-	$(PY) infer.py --run $(RUN) --data $(DEMO_DATA)/test
-	$(PY) submit.py --run $(RUN)
-	$(PY) -m entrep.score --track cls --submission $(RUN)/submission/cls.json --truth $(DEMO_DATA)/truth/track1_cls.json
-	$(PY) -m entrep.score --track i2i --submission $(RUN)/submission/i2i.json --truth $(DEMO_DATA)/truth/track2_i2i.json
-	$(PY) -m entrep.score --track t2i --submission $(RUN)/submission/t2i.json --truth $(DEMO_DATA)/truth/track3_t2i.json
+	$(ACCELERATE) train.py --config configs/demo.yaml --data $(DEMO_DATA) --name demo output_dir=$(RUNS) $(DEMO_TRAIN)
+	$(ACCELERATE) train.py --config configs/demo.yaml --data $(DEMO_DATA) --name demo_seed1 output_dir=$(RUNS) \
+		train.seed=1 $(DEMO_TRAIN)
+	$(PY) -m entrep.blend --runs $(RUNS)/demo $(RUNS)/demo_seed1 --name demo_blend
+	for run in demo demo_seed1 demo_blend; do \
+		$(PY) infer.py --run $(RUNS)/$$run --data $(DEMO_DATA)/test && \
+		$(PY) submit.py --run $(RUNS)/$$run && \
+		for t in cls:track1_cls i2i:track2_i2i t2i:track3_t2i; do \
+			$(PY) -m entrep.score --track $${t%%:*} --submission $(RUNS)/$$run/submission/$${t%%:*}.json \
+				--truth $(DEMO_DATA)/truth/$${t#*:}.json || exit 1; \
+		done || exit 1; \
+	done
 
 test: venv-dev
 	$(PY) -m pytest -q

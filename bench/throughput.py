@@ -204,7 +204,8 @@ def row_infer(kind: str, device: str, quick: bool, folder: str, overrides=()) ->
     from entrep.data.release import file_hash
     from entrep.engine import embed_images
 
-    cfg, acc, labels, model, (mean, std, size), sync = setup(device, quick, overrides)
+    cfg, acc, labels, model, stats, sync = setup(device, quick, overrides)
+    size = stats.size
     paths = sorted(str(p) for p in Path(folder).glob("*.png"))
     model = acc.prepare(model)
     model.eval()
@@ -216,7 +217,7 @@ def row_infer(kind: str, device: str, quick: bool, folder: str, overrides=()) ->
             from entrep.model.lora import merged
 
             merged(acc.unwrap_model(model).clip).__enter__()  # stays merged for the whole row
-        step = lambda: embed_images(model, pixels, acc, bs, False, labels, size, mean, std)  # noqa: E731
+        step = lambda: embed_images(model, pixels, acc, labels, stats, batch_size=bs)  # noqa: E731
         n = len(paths)
     else:
         x = torch.randn(bs, 3, size, size, device=acc.device)

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from entrep.config import Config, flat_dict, load_config, parse_override
+from entrep.config import Config, load_config, parse_override
 from entrep.io import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text
 
 # Keys that change only how finished folds are scored and ensembled, never what is trained.
@@ -140,12 +139,6 @@ def write_table(root: Path, table: pd.DataFrame) -> None:
     with atomic_path(root / "ablation.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-def config_diff(a: Path, b: Path) -> set[str]:
-    """Dotted keys whose values differ between two saved run configs (name/output_dir aside)."""
-    fa, fb = (flat_dict(yaml.safe_load(p.read_text())) for p in (a, b))
-    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k not in ("name",)}
 
 
 def main(argv=None) -> int:

@@ -84,7 +84,11 @@ class Member:
         if held_out is None:
             return {"head_weight": self.tuned["head_weight"],
                     **{t: {"alpha": track_settings(self.tuned, t)[0]} for t in TRACKS}}
-        return next(r["settings"] for r in self.report["folds"] if r["fold"] == held_out)
+        row = next((r for r in self.report.get("folds", []) if r["fold"] == held_out), {})
+        if "settings" not in row:
+            raise BlendError(f"{self.run}/report.json has no cross-fitted settings for fold {held_out} (written by an "
+                             f"older entrep); retrain the run to blend it")
+        return row["settings"]
 
     def views(self, held_out: int | None) -> dict[int, FoldView]:
         s = self.settings(held_out)
@@ -113,8 +117,9 @@ def mix(views: list[FoldView], weights: dict[str, list[float]]) -> FoldView:
     cap, cp = v0.caption_emb, v0.caption_probs
     if "t2i" in weights and len(v0.captions):
         cap = cat([v.caption_emb for v in views], weights["t2i"])
-        if all(v.caption_probs is not None for v in views):
-            cp = sum(x * v.caption_probs for x, v in zip(weights["t2i"], views))
+        # a caption's class distribution comes from the members with class prompts (the class bonus reads it)
+        have = [(x, v.caption_probs) for x, v in zip(weights["t2i"], views) if v.caption_probs is not None and x > 0]
+        cp = sum(x * p for x, p in have) / sum(x for x, _ in have) if have else None
     return FoldView(v0.images, np.asarray(probs, np.float32), ret, v0.captions, cap, cp)
 
 
@@ -187,7 +192,8 @@ def crossfit_blend(members: list[Member], table, names, rounds: int = 20) -> tup
         ch = choose(mv, [j for j in ks if j != k], table, names, rcfg, rounds)
         scored[k] = Scored(mix([v[k] for v in mv], ch["weights"]), {t: ch[t]["rerank"]["kept"] for t in TRACKS},
                            {"weights": ch["weights"], **{t: {"rerank": list(ch[t]["rerank"]["kept"])} for t in TRACKS}})
-        log.info("fold %d: weights %s (chosen on folds %s)", k, ch["weights"], [j for j in ks if j != k])
+        log.info("fold %d: weights %s (chosen on folds %s)", k,
+                 {p: [round(x, 3) for x in w] for p, w in ch["weights"].items()}, [j for j in ks if j != k])
     tuned = choose([m.views(None) for m in members], ks, table, names, rcfg, rounds)
     tuned |= {"members": {str(m.run): m.settings(None) for m in members}, "how": HOW["tuned"]}
     report = score_folds(scored, table, names)

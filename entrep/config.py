@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 import typing
 from dataclasses import dataclass, field
@@ -160,7 +161,6 @@ class TrainConfig:
     resume: bool = opt(False, "skip the folds that finished earlier")
     monitor_metric: Monitor = opt("f1_macro", "held-out score logged per epoch to watch a run; never picks an epoch")
     seed: int = opt(42, "training seed (each fold adds its index)")
-    log_every: int = opt(10, "unused; kept so that older runs' config.yaml still load")
     log_with: list[Tracker] = opt(help="Accelerate trackers, e.g. [tensorboard]; [] = off", factory=list)
 
 
@@ -296,10 +296,18 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+# keys of older versions: ignored (with a log line) so that older runs' config.yaml still load
+REMOVED = {"train.log_every": "every epoch logs one line"}
+
+
 def _apply(obj, data: dict, prefix: str = "") -> None:
     hints = _hints(type(obj))
     for k, v in data.items():
         key = prefix + str(k)
+        if key in REMOVED:
+            logging.getLogger("entrep.config").info("config key '%s' is no longer used (%s); ignored", key,
+                                                    REMOVED[key])
+            continue
         if k not in hints:
             raise _unknown(key)
         tp = hints[k]
@@ -444,7 +452,7 @@ def _validate_lora(lora: LoraConfig) -> None:
 # the train.py calls of one run; every other key defines the run and must stay as first written.
 INVOCATION_KEYS = ("name", "output_dir", "data.root", "data.num_workers", "data.cache_dir", "data.check_images",
                    "train.folds", "train.resume", "train.eval_batch_size", "train.monitor_metric", "train.log_with",
-                   "train.log_every", "infer.",
+                   "infer.",
                    "rerank.", "speed.", "ablation.", "model.slerp.infer", "model.slerp.alpha",
                    "model.slerp.alpha_grid")
 

@@ -102,24 +102,30 @@ class Embedded:
         return combine_probs(head, prompt, head_weight)
 
 
+def eval_loader(pixels: np.ndarray, accelerator, batch_size: int) -> DataLoader:
+    """The eval loader of one image set, prepared (sharded over processes) once: the Accelerator keeps
+    every loader it prepares, so a fold prepares its held-out loader once and embeds with it each epoch."""
+    return accelerator.prepare(DataLoader(EvalDataset(pixels, np.arange(len(pixels))), batch_size=batch_size,
+                                          shuffle=False, collate_fn=collate))
+
+
 @torch.inference_mode()
-def embed_images(model, pixels: np.ndarray, accelerator, batch_size: int, tta_flip: bool, labels: LabelSet,
-                 size: int, mean, std) -> Embedded:
-    """Embed every row of `pixels`; with tta_flip, add a flipped view whose probabilities have the
-    left/right columns swapped before averaging."""
+def embed_images(model, images, accelerator, labels: LabelSet, stats, *, batch_size: int = 128,
+                 tta_flip: bool = False) -> Embedded:
+    """Embed every image of `images` (uint8 pixels, or an `eval_loader`) in order; with tta_flip, add
+    a flipped view whose probabilities have the left/right columns swapped before averaging.
+    stats: the model's ImageStats (mean, std, input size)."""
     m = accelerator.unwrap_model(model)
     m.eval()
-    tf = eval_transform(size, mean, std)
-    views = [False, True] if tta_flip else [False]
+    tf = eval_transform(stats.size, stats.mean, stats.std)
+    loader = images if isinstance(images, DataLoader) else eval_loader(images, accelerator, batch_size)
     results = []
-    for flip in views:
-        ds = EvalDataset(pixels, np.arange(len(pixels)))
-        loader = accelerator.prepare(DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate))
+    for flip in [False, True] if tta_flip else [False]:
         idx, head, prompt, emb = [], [], [], []
         for batch in loader:
-            images = tf(batch["image"].flip(-1) if flip else batch["image"])  # batched, on the device
+            x = tf(batch["image"].flip(-1) if flip else batch["image"])  # batched, on the device
             with accelerator.autocast():
-                out = model(images)
+                out = model(x)
             g = accelerator.gather_for_metrics({"index": batch["index"], "head": out["head_logits"].float(),
                                                 "prompt": out.get("prompt_logits", out["head_logits"]).float(),
                                                 "emb": out["emb"].float()})
@@ -172,7 +178,7 @@ def train_loss(model, m, batch: dict, cfg, acc, class_weights=None, use_slerp: b
         views = slerp(out["emb"].float(), out["class_emb"][y].float(), t)
     out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}  # losses in fp32
     return joint_loss(out, batch["y"], batch["group"], out.get("text_emb"), text_pos, out["scale"], cfg.loss,
-                      class_weights, views)
+                      class_weights=class_weights, slerp_views=views)
 
 
 class TrainStep:
@@ -221,10 +227,11 @@ class FoldTrainer:
         self.cfg, self.acc, self.labels, self.console = cfg, accelerator, labels, console
 
     def fit(self, model, pixels: np.ndarray, table, train_rows: np.ndarray, val_rows: np.ndarray,
-            groups: np.ndarray, image_stats, tag: str = "") -> tuple[dict, list[dict]]:
-        """Train on `train_rows`; returns (last epoch's figures, per-epoch log rows)."""
+            groups: np.ndarray, image_stats, *, val_loader: DataLoader | None = None,
+            tag: str = "") -> tuple[dict, list[dict]]:
+        """Train on `train_rows`; returns (last epoch's figures, per-epoch log rows). `val_loader`
+        (an `eval_loader` of `val_rows`) is embedded after each epoch to watch the run."""
         cfg, acc = self.cfg, self.acc
-        mean, std, size = image_stats
         ds = TrainDataset(pixels[train_rows], table["y"].to_numpy()[train_rows],
                           [table["captions"].iloc[i] for i in train_rows], groups[train_rows], train_rows,
                           self.labels, cfg.train.hflip)
@@ -267,9 +274,8 @@ class FoldTrainer:
                 row = {"epoch": epoch + 1, **{k: v / max(1, len(loader)) for k, v in sums.items()},
                        "img_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                        "lr_head": step.scheduler.get_last_lr()[0]}
-                if len(val_rows) and monitor != "none":
-                    emb = embed_images(model, pixels[val_rows], acc, cfg.train.eval_batch_size, False,
-                                       self.labels, size, mean, std)
+                if val_loader is not None and monitor != "none":
+                    emb = embed_images(model, val_loader, acc, self.labels, image_stats)
                     row["val_" + monitor] = self._monitor_score(emb, table["y"].to_numpy()[val_rows])
                 history.append(row)
                 # Accelerate's trackers (train.log_with; a no-op without them), one series per fold

@@ -201,7 +201,7 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     import torch
 
     from entrep.data.images import ImageCache
-    from entrep.engine import embed_images, embed_texts, make_accelerator, retrieval_embedding
+    from entrep.engine import embed_images, embed_texts, eval_loader, make_accelerator, retrieval_embedding
     from entrep.labels import LabelSet
     from entrep.model.backbone import image_stats
     from entrep.model.checkpoint import check_compatible, load_fold_weights, read_meta
@@ -225,13 +225,13 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(stats.size))
     pixels = cache.pixels([str(test.images[n]) for n in names], hashes)
 
+    loader = eval_loader(pixels, acc, cfg.train.eval_batch_size)  # prepared once, embedded by every fold
     probs_sum, rets, texts, text_probs = 0.0, {"i2i": [], "t2i": []}, [], []
     captions = test.t2i or []
     for d in dirs:
         load_fold_weights(acc.unwrap_model(model), d, adapter_name=d.name)
         with merged(acc.unwrap_model(model).clip) if cfg.infer.merge_lora else contextlib.nullcontext():
-            e = embed_images(model, pixels, acc, cfg.train.eval_batch_size, cfg.infer.tta_flip, labels,
-                             stats.size, stats.mean, stats.std)
+            e = embed_images(model, loader, acc, labels, stats, tta_flip=cfg.infer.tta_flip)
             if captions:
                 texts.append(torch.from_numpy(embed_texts(model, captions, acc)))
         probs = e.probs(settings["head_weight"], cfg.infer.tta_flip)

@@ -60,7 +60,7 @@ def caption_targets(all_captions: list[list[str]]) -> tuple[list[str], torch.Ten
 
 
 def joint_loss(out: dict, y: torch.Tensor, group: torch.Tensor, text_emb: torch.Tensor | None,
-               text_pos: torch.Tensor | None, scale: torch.Tensor, cfg, class_weights: torch.Tensor | None,
+               text_pos: torch.Tensor | None, scale: torch.Tensor, cfg, *, class_weights: torch.Tensor | None = None,
                slerp_views: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The total loss and its parts (floats, for logging). Every λ may be zero.
 

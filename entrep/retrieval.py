@@ -282,7 +282,7 @@ def rerank_scores(q: torch.Tensor, g: torch.Tensor, methods: dict, exclude: torc
     return Reranker(q, g, methods, exclude, pq, pg, q_in_gallery).scores(0, q.shape[0])
 
 
-def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, k: int, rerank: dict | None = None,
+def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, k: int, rerank: dict | None = None, *,
                  exclude: torch.Tensor | None = None, pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
                  max_bytes: int = MAX_SIM_BYTES, search: str = "torch", nprobe: int = 16
                  ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,16 +8,13 @@ A query missing from the submission counts as wrong.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from entrep.errors import EntrepError
 from entrep.labels import ENTREP_CLASSES
 from entrep.metrics import classification_metrics, retrieval_metrics
-from entrep.submission import TRACKS
 
 
 class ScoreError(EntrepError):
@@ -84,38 +81,8 @@ def score(track: str, sub: dict, truth: dict, names=ENTREP_CLASSES, warn=None) -
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m entrep.score", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--track", required=True, choices=list(TRACKS))
-    ap.add_argument("--submission", required=True)
-    ap.add_argument("--truth", required=True)
-    ap.add_argument("--json", action="store_true", help="print the scores as JSON")
-    args = ap.parse_args(argv)
-    from entrep.cli import make_console
-
-    err = make_console(stderr=True)  # warnings on stderr: --json keeps stdout one JSON object
-    result = score(args.track, _load(args.submission), _load(args.truth),
-                   warn=lambda msg: err.print(f"warning: {msg}", highlight=False, soft_wrap=True, markup=False))
-    if args.json:  # strict JSON: a figure that does not exist is null, never NaN
-        print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()},
-                         allow_nan=False))
-        return 0
-    from rich.table import Table
-
-    from entrep.cli import make_console
-
-    t = Table(title=f"{TRACKS[args.track]}: {args.submission}")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in result.items():
-        if k != "confusion":
-            t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    make_console().print(t)
-    return 0
-
-
 if __name__ == "__main__":
     from entrep.cli import run_main
+    from entrep.commands.score import main
 
     sys.exit(run_main(main))

@@ -46,6 +46,22 @@ def demo(tmp_path_factory) -> Path:
                      public_cases=12)
 
 
+@pytest.fixture(scope="session")
+def trained_demo_run(demo, tmp_path_factory) -> Path:
+    """One uninterrupted `python train.py` run on the demo data (demo config, 2 folds of 1 epoch),
+    trained once per session for the slow tests that only read it (copy it before writing into it)."""
+    import os
+    import subprocess
+    import sys
+
+    runs = tmp_path_factory.mktemp("runs")
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml", "cv.n_splits=2", "train.epochs=1",
+                        "--data", str(demo), "--name", "a", f"output_dir={runs}"], cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return runs / "a"
+
+
 @pytest.fixture()
 def tiny_cfg():
     from entrep.config import load_config

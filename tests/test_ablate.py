@@ -2,10 +2,18 @@
 import pandas as pd
 import pytest
 
-from entrep.ablate import config_diff, default_ladder, inference_only, main
-from entrep.config import load_config, parse_override
+from entrep.ablate import default_ladder, inference_only, main
+from entrep.config import flat_dict, load_config, parse_override
 
 pytestmark = pytest.mark.slow
+
+
+def config_diff(a, b) -> set[str]:
+    """Dotted keys whose values differ between two saved run configs (the name aside)."""
+    import yaml
+
+    fa, fb = (flat_dict(yaml.safe_load(p.read_text())) for p in (a, b))
+    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k != "name"}
 
 
 def test_ladder_runs_and_each_rung_flips_exactly_its_switch(demo, tmp_path):

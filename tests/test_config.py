@@ -144,3 +144,19 @@ def test_load_config_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
                        timeout=120)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_a_removed_key_in_an_older_runs_config_is_ignored_not_refused(tmp_path, caplog):
+    import logging
+
+    from entrep.config import REMOVED, save_config
+
+    path = tmp_path / "config.yaml"
+    save_config(load_config(None, ["train.epochs=3"]), path)
+    path.write_text(path.read_text().replace("train:\n", "train:\n  log_every: 10\n", 1))
+    assert "log_every" in path.read_text() and "train.log_every" in REMOVED
+    with caplog.at_level(logging.INFO, logger="entrep.config"):
+        cfg = load_config(path)
+    assert cfg.train.epochs == 3 and "train.log_every" in caplog.text and "ignored" in caplog.text
+    with pytest.raises(ConfigError, match="unknown config key 'train.log_evry'"):
+        load_config(None, ["train.log_evry=1"])

@@ -6,7 +6,7 @@ import pytest
 from rich.console import Console
 
 from conftest import REAL, placeholder
-from entrep.data.__main__ import check
+from entrep.commands.check import check
 from entrep.data.release import DataError, load_release, load_test, read_json_object, read_query_lines
 from entrep.labels import ENTREP_CLASSES
 
@@ -168,7 +168,7 @@ def test_check_command_fails_only_when_training_cannot_proceed(tmp_path):
 
 
 def test_check_command_lists_every_problem_kind(tmp_path):
-    from entrep.data.__main__ import main
+    from entrep.commands.check import main
 
     imgs = tmp_path / "train/imgs"
     for i, n in enumerate(["ok.png", "Case.png", "spare.png"]):

@@ -126,17 +126,19 @@ def test_fold_minus_one_trains_on_everything_and_infers(demo, tmp_path):
     assert json.loads((runs / "full/predictions/meta.json").read_text())["folds"] == ["full"]
 
 
-def test_two_runs_blend_then_infer_and_submit_like_a_run(demo, tmp_path):
+def test_two_runs_blend_then_infer_and_submit_like_a_run(demo, trained_demo_run, tmp_path):
     """Two runs with the same data and cv settings share folds without being told; their blend is
     scored out of fold beside them, and infer/submit treat the blend directory as a run."""
     import numpy as np
 
     import entrep
 
+    import shutil
+
     runs = tmp_path / "runs"
+    shutil.copytree(trained_demo_run, runs / "a")  # conftest: train.py, demo config, 2 folds of 1 epoch
     common = ["--config", "configs/demo.yaml", "--data", demo, f"output_dir={runs}", "cv.n_splits=2",
               "train.epochs=1"]
-    run(sys.executable, "train.py", *common, "--name", "a")
     run(sys.executable, "train.py", *common, "--name", "b", "train.seed=3", "model.lora.rank=8")
     assert (runs / "a/folds.csv").read_bytes() == (runs / "b/folds.csv").read_bytes()
     out = run(sys.executable, "-m", "entrep.blend", "--runs", runs / "a", runs / "b", "--name", "ab", "--rounds", "6")

@@ -37,15 +37,7 @@ def _sha(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def trained(demo, tmp_path_factory):
-    """One uninterrupted 2-fold run on the demo data."""
-    runs = tmp_path_factory.mktemp("runs")
-    py("train.py", *TRAIN, "--data", demo, "--name", "a", f"output_dir={runs}")
-    return runs / "a"
-
-
-def test_killed_run_resumes_to_the_same_result(demo, trained, tmp_path):
+def test_killed_run_resumes_to_the_same_result(demo, trained_demo_run, tmp_path):
     """SIGKILL in the middle of fold 1; resume finishes it, fold 0 stays byte-identical, and the
     final report equals the uninterrupted run's (same config and seed: deterministic on CPU)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -66,13 +58,13 @@ def test_killed_run_resumes_to_the_same_result(demo, trained, tmp_path):
     out = py("train.py", *TRAIN, "--data", demo, "--name", "b", f"output_dir={tmp_path}", "train.resume=true")
     assert "fold 0: finished earlier, skipped" in out.stdout
     assert _sha(run / "fold0") == fold0
-    assert (run / "folds.csv").read_bytes() == (trained / "folds.csv").read_bytes()
-    a, b = (json.loads((r / "report.json").read_text()) for r in (trained, run))
+    assert (run / "folds.csv").read_bytes() == (trained_demo_run / "folds.csv").read_bytes()
+    a, b = (json.loads((r / "report.json").read_text()) for r in (trained_demo_run, run))
     for key in ("classification", "i2i", "t2i", "folds"):
         assert a[key] == b[key], key
 
 
-def test_a_different_seed_gives_different_folds(demo, trained, tmp_path):
+def test_a_different_seed_gives_different_folds(demo, trained_demo_run, tmp_path):
     from entrep.data.folds import make_folds
     from entrep.data.release import load_release
     from entrep.labels import ENTREP_CLASSES
@@ -80,19 +72,17 @@ def test_a_different_seed_gives_different_folds(demo, trained, tmp_path):
     df, _ = load_release(demo, ENTREP_CLASSES)
     import pandas as pd
 
-    from entrep.data.folds import perceptual_hashes
-    from entrep.data.images import ImageCache
+    from entrep.data.folds import file_hashes
 
-    saved = pd.read_csv(trained / "folds.csv")
-    hashes = perceptual_hashes(ImageCache(trained.parent / ".image_cache", 74).pixels(df["path"].tolist(),
-                                                                                    df["sha1"].tolist()))
+    saved = pd.read_csv(trained_demo_run / "folds.csv")
+    hashes = file_hashes(df["path"].tolist())
     assert saved["fold"].tolist() == make_folds(df, 2, 42, hashes)["fold"].tolist()
     assert saved["fold"].tolist() != make_folds(df, 2, 7, hashes)["fold"].tolist()
 
 
-def test_infer_refuses_or_uses_unfinished_folds(demo, trained, tmp_path):
+def test_infer_refuses_or_uses_unfinished_folds(demo, trained_demo_run, tmp_path):
     run = tmp_path / "partial"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_demo_run, run)
     (run / "fold1/metrics.json").unlink()
     r = py("infer.py", "--run", run, "--data", demo / "test", check=False)
     assert r.returncode == 2
@@ -102,17 +92,17 @@ def test_infer_refuses_or_uses_unfinished_folds(demo, trained, tmp_path):
     assert json.loads((run / "predictions/meta.json").read_text())["folds"] == ["fold0"]
 
 
-def test_adapters_on_another_base_are_refused(trained, demo):
-    r = py("infer.py", "--run", trained, "--data", demo / "test", "model.name=ViT-B-32", check=False)
+def test_adapters_on_another_base_are_refused(trained_demo_run, demo):
+    r = py("infer.py", "--run", trained_demo_run, "--data", demo / "test", "model.name=ViT-B-32", check=False)
     assert r.returncode == 2 and "trained on base 'entrep-tiny'" in r.stdout
 
 
-def test_query_image_missing_from_test_folder(trained, demo, tmp_path):
+def test_query_image_missing_from_test_folder(trained_demo_run, demo, tmp_path):
     test = tmp_path / "test"
     shutil.copytree(demo / "test", test)
     with open(test / "i2i.csv", "a") as f:
         f.write("not-there.png\n")
-    r = py("infer.py", "--run", trained, "--data", test, check=False)
+    r = py("infer.py", "--run", trained_demo_run, "--data", test, check=False)
     assert r.returncode == 2 and "query image 'not-there.png' is not in the test folder" in r.stdout
 
 
@@ -257,11 +247,11 @@ def test_a_second_train_on_the_same_run_is_refused_in_one_line(demo, tmp_path):
         first.wait()
 
 
-def test_infer_says_when_test_images_are_training_images(trained, demo, tmp_path):
+def test_infer_says_when_test_images_are_training_images(trained_demo_run, demo, tmp_path):
     """The release root as the test folder puts every training image in the gallery: say so, say
     which gallery is used, and record it for submit.py."""
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_demo_run, run)
     r = py("infer.py", "--run", run, "--data", demo)
     out = " ".join((r.stdout + r.stderr).split())
     assert "test images are training images (by name:" in out and "gallery: every image of" in out
@@ -273,7 +263,7 @@ def test_infer_says_when_test_images_are_training_images(trained, demo, tmp_path
     sub = py("submit.py", "--run", run)
     assert "gallery images are also training images" in " ".join(sub.stdout.split())
     clean = tmp_path / "clean"
-    shutil.copytree(trained, clean)
+    shutil.copytree(trained_demo_run, clean)
     out = py("infer.py", "--run", clean, "--data", demo / "test")
     assert "training images" not in out.stdout + out.stderr
 
@@ -292,9 +282,9 @@ def test_ctrl_c_during_training_says_how_to_resume(demo, tmp_path):
     assert "add train.resume=true to the same train.py command" in " ".join(out.split())
 
 
-def test_infer_on_a_folder_without_queries_leaves_the_predictions_alone(trained, tmp_path):
+def test_infer_on_a_folder_without_queries_leaves_the_predictions_alone(trained_demo_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_demo_run, run)
     (tmp_path / "noq").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "noq/x.png")
     r = py("infer.py", "--run", run, "--data", tmp_path / "noq", check=False)
@@ -334,7 +324,7 @@ def test_folds_trained_in_two_calls_are_one_run_and_its_settings_are_fixed(demo,
     assert r.returncode == 2 and "--config is required for a new run" in r.stdout
 
 
-def test_entrep_predict_is_a_library_call_that_matches_infer_py(trained, demo, tmp_path):
+def test_entrep_predict_is_a_library_call_that_matches_infer_py(trained_demo_run, demo, tmp_path):
     """No subprocess, no file: class probabilities and rankings as data, the same as infer.py writes."""
     import pandas as pd
 
@@ -342,7 +332,7 @@ def test_entrep_predict_is_a_library_call_that_matches_infer_py(trained, demo, t
     from entrep.data.release import read_query_lines
 
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_demo_run, run)
     preds = entrep.predict(run, demo / "test", infer__topk=3)
     assert not (run / "predictions").exists()
     probs = preds.classes.filter(like="p_")

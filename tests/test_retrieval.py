@@ -45,7 +45,7 @@ def test_faiss_exact_index_matches_the_torch_topk_with_exclusion():
     s_t, i_t = topk_cosine(q, gal, 10, exclude)
     s_f, i_f = faiss_topk(faiss_index(gal, "flat"), q, 10, exclude)
     assert torch.equal(i_f, i_t) and torch.allclose(s_f, s_t, atol=1e-5)
-    s_r, i_r = rank_gallery(q, gal, 10, None, exclude, search="faiss-flat")
+    s_r, i_r = rank_gallery(q, gal, 10, None, exclude=exclude, search="faiss-flat")
     assert torch.equal(i_r, i_t)
 
 

@@ -80,8 +80,7 @@ def test_shipped_config_builds_steps_embeds_and_reloads(name, tmp_path, fresh_ac
     assert changed, "one optimizer step changed no trainable parameter"
     assert all(torch.equal(p, base_before[n]) for n, p in m.named_parameters() if not p.requires_grad)
 
-    emb = embed_images(step.model, pixels[:2], acc, cfg.train.eval_batch_size, cfg.infer.tta_flip, labels, size,
-                       mean, std)
+    emb = embed_images(step.model, pixels[:2], acc, labels, image_stats(m.base), tta_flip=cfg.infer.tta_flip)
     assert emb.emb.shape == (2, m.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(emb.emb, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(emb.probs(0.5, cfg.infer.tta_flip).sum(1), 1, atol=1e-5)

@@ -94,8 +94,8 @@ def test_joint_loss_every_lambda_can_be_zero():
     out = {"emb": _unit(4, 8), "head_logits": torch.randn(4, 3), "prompt_logits": torch.randn(4, 3)}
     y, g = torch.tensor([0, 1, -1, 2]), torch.tensor([0, 0, 1, 2])
     zero = LossConfig(ce=0, prompt=0, text=0, image=0)
-    loss, parts = joint_loss(out, y, g, _unit(2, 8), torch.ones(4, 2, dtype=torch.bool), torch.tensor(10.0), zero, None)
+    loss, parts = joint_loss(out, y, g, _unit(2, 8), torch.ones(4, 2, dtype=torch.bool), torch.tensor(10.0), zero)
     assert loss.item() == 0.0 and parts == {}
     full, parts = joint_loss(out, y, g, _unit(2, 8), torch.ones(4, 2, dtype=torch.bool), torch.tensor(10.0),
-                             LossConfig(), None, slerp_views=_unit(4, 8, seed=9))
+                             LossConfig(), slerp_views=_unit(4, 8, seed=9))
     assert set(parts) == {"ce", "prompt", "text", "image"} and torch.isfinite(full)

@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from entrep.score import main as score_main
+from entrep.commands.score import main as score_main
 from entrep.submission import SubmissionError, rankings_to_submission, validate, write_track
 
 

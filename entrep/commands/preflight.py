@@ -143,8 +143,8 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - tb
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    mean, std, size = image_stats(model.base)
-    rows.append(("model", f"{cfg.model.name} at {size} px: {n_train:,} trainable of {n_all:,} parameters "
+    stats = image_stats(model.base)
+    rows.append(("model", f"{cfg.model.name} at {stats.size} px: {n_train:,} trainable of {n_all:,} parameters "
                           f"({100 * n_train / n_all:.2f}%), built in {build_s:.1f} s"))
     precision, why = mixed_precision_reason(cfg.train.mixed_precision)
     rows.append(("mixed precision", f"{'fp32' if precision == 'no' else precision} ({why})"))
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     del model
 
     def try_batch(bs: int, ckpt: bool) -> Trial:
-        return _timed_steps(cfg, labels, acc, bs, ckpt, args.steps, (mean, std, size))
+        return _timed_steps(cfg, labels, acc, bs, ckpt, args.steps, stats)
 
     first, tried = plan_fit(try_batch, cfg.train.batch_size, cfg.train.grad_checkpointing)
     mem = "peak device memory" if acc.device.type == "cuda" else "peak process RSS"
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         rows.append((label, f"{t.img_per_s:,.1f} img/s, {mem} {t.peak_mib:,.0f} MiB" if t.fits else
                      f"out of memory at {t.peak_mib:,.0f} MiB"))
     rows.append(("batch", advice(first, tried)))
-    eval_img_s = _eval_rate(cfg, labels, acc, (mean, std, size))
+    eval_img_s = _eval_rate(cfg, labels, acc, stats)
     rows.append(("eval embedding", f"{eval_img_s:,.1f} img/s at batch {cfg.train.eval_batch_size}"))
     train_img_s = first.img_per_s or next((t.img_per_s for t in tried if t.fits), 0.0)
     est = {}
@@ -287,16 +287,15 @@ def _eval_rate(cfg, labels, acc, stats) -> float:
     from entrep.engine import embed_images
     from entrep.model.entrep_clip import build_model
 
-    mean, std, size = stats
-    work = cfg.data.working_side(size)
+    work = cfg.data.working_side(stats.size)
     model = acc.prepare(build_model(cfg, labels))
     n = cfg.train.eval_batch_size
     pixels = np.random.default_rng(0).integers(0, 256, (n, work, work, 3), dtype=np.uint8)
-    embed_images(model, pixels[: min(n, 8)], acc, n, False, labels, size, mean, std)  # warm-up
+    embed_images(model, pixels[: min(n, 8)], acc, labels, stats, batch_size=n)  # warm-up
     if acc.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    embed_images(model, pixels, acc, n, False, labels, size, mean, std)
+    embed_images(model, pixels, acc, labels, stats, batch_size=n)
     if acc.device.type == "cuda":
         torch.cuda.synchronize()
     rate = n / (time.perf_counter() - t0)

@@ -90,7 +90,7 @@ def _train(cfg) -> int:
     from entrep.data.folds import file_hashes, load_or_make_folds
     from entrep.data.images import ImageCache
     from entrep.data.release import DataError, load_release
-    from entrep.engine import FoldTrainer, embed_images, embed_texts, make_accelerator
+    from entrep.engine import FoldTrainer, embed_images, embed_texts, eval_loader, make_accelerator
     from entrep.labels import LabelSet
     from entrep.model.backbone import image_stats, input_size
     from entrep.model.checkpoint import fold_finished, save_weights
@@ -144,12 +144,12 @@ def _train(cfg) -> int:
         t0 = time.time()
         train_rows = np.flatnonzero(fold_of != k) if k >= 0 else np.arange(len(table))
         val_rows = np.flatnonzero(fold_of == k) if k >= 0 else np.array([], dtype=int)
-        last, history = trainer.fit(model, pixels, table, train_rows, val_rows, groups, stats,
+        val = eval_loader(pixels[val_rows], acc, cfg.train.eval_batch_size) if len(val_rows) else None
+        last, history = trainer.fit(model, pixels, table, train_rows, val_rows, groups, stats, val_loader=val,
                                     tag="all data" if k == -1 else f"fold {k}")
         m = acc.unwrap_model(model)
         if len(val_rows):
-            e = embed_images(model, pixels[val_rows], acc, cfg.train.eval_batch_size, True, labels, stats.size,
-                             stats.mean, stats.std)
+            e = embed_images(model, val, acc, labels, stats, tta_flip=True)
             captions = sorted({c for caps in table["captions"].iloc[val_rows] for c in caps})
             cap_emb = embed_texts(model, captions, acc)
         if acc.is_main_process:

@@ -28,7 +28,7 @@ def eval_transform(size: int, mean, std) -> T.Compose:
 
 
 class TrainDataset(Dataset):
-    """One item per record: the decoded uint8 image (possibly flipped), its label, one sampled caption.
+    """One item per record: the decoded uint8 image (possibly flipped), its label, its captions.
 
     The flip swaps the label (nose-left <-> nose-right) and the words left/right in the caption,
     so image, label and text stay consistent. A flipped view drops its i2i group, because its
@@ -53,8 +53,7 @@ class TrainDataset(Dataset):
             y = int(self.perm[y]) if y >= 0 else y
             caps = [swap_sides(c) for c in caps]
             group = -1
-        caption = random.choice(caps) if caps else ""
-        return {"image": img, "y": y, "caption": caption, "all_captions": caps,
+        return {"image": img, "y": y, "all_captions": caps,
                 "group": group, "index": int(self.index[i])}
 
 
@@ -77,7 +76,6 @@ def collate(items: list[dict]) -> dict:
     if "y" in items[0]:
         out["y"] = torch.tensor([it["y"] for it in items])
         out["group"] = torch.tensor([it["group"] for it in items])
-        out["caption"] = [it["caption"] for it in items]
         out["all_captions"] = [it["all_captions"] for it in items]
     return out
 

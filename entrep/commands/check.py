@@ -1,0 +1,148 @@
+"""python -m entrep.data check DIR [--config C.yaml] [--test TEST_DIR]
+
+Reports what a release folder holds and what is wrong with it, as tables. Exits 1 only where
+training could not proceed (no labelled image, or a file the readers reject); 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from entrep.config import load_config
+from entrep.data.release import DataError, file_hash, load_release, load_test
+
+
+def _examples(items, n=3) -> str:
+    return "; ".join(" | ".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in items[:n])
+
+
+def near_duplicates(table, ts, max_bits: int) -> tuple[list[list[str]], list[tuple[str, str, int]]]:
+    """(near-duplicate clusters within the training data, (test image, training image, bits) leaks),
+    by the pHash that groups folds. Byte-identical copies are already merged by the reader."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from entrep.data.folds import file_hashes, near_duplicate_pairs
+
+    h = file_hashes(table["path"].tolist())
+    pairs = near_duplicate_pairs(h, max_bits=max_bits)
+    n = len(table)
+    _, comp = connected_components(coo_matrix((np.ones(len(pairs)), ([i for i, _, _ in pairs], [j for _, j, _ in pairs])),
+                                              shape=(n, n)), directed=False)
+    members: dict[int, list[str]] = {}
+    for i in sorted({x for p in pairs for x in p[:2]}):
+        members.setdefault(comp[i], []).append(table["image"].iloc[i])
+    leaks = []
+    if ts is not None and ts.images:
+        names = sorted(ts.images)
+        ht = file_hashes([str(ts.images[x]) for x in names], desc="hashing test images")
+        best: dict[int, tuple[int, int]] = {}
+        for i, j, d in near_duplicate_pairs(ht, h, max_bits=max_bits):
+            if i not in best or d < best[i][1]:
+                best[i] = (j, d)
+        leaks = [(names[i], table["image"].iloc[j], d) for i, (j, d) in sorted(best.items())]
+    return sorted(members.values(), key=len, reverse=True), leaks
+
+
+def check(root: str, names, test_dir: str | None, console: Console, near_dup_bits: int = 12) -> int:
+    try:
+        table, rep = load_release(root, names, check_images=True)
+    except DataError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 1
+    counts = Table(title=f"{root}: labelled images per class and source")
+    sources = sorted(set(table["source"]))
+    counts.add_column("class")
+    for s in sources:
+        counts.add_column(s, justify="right")
+    counts.add_column("total", justify="right")
+    for label in list(names) + [None]:
+        sel = table[table["label"].isna()] if label is None else table[table["label"] == label]
+        by = Counter(sel["source"])
+        counts.add_row(label or "(unlabelled)", *[str(by.get(s, 0)) for s in sources], str(len(sel)))
+    console.print(counts)
+
+    issues = Table(title="findings")
+    for col in ("finding", "count", "examples"):
+        issues.add_column(col, overflow="fold")
+    n_captioned = int(table["captions"].map(bool).sum())
+    n_pairs = int(table["partners"].map(len).sum()) // 2
+    rows = [
+        ("images (after merging)", len(table), ""),
+        ("captioned images / i2i links", f"{n_captioned} / {n_pairs}", ""),
+        ("unlabelled images (contrastive losses only)", len(rep.unlabelled), _examples(rep.unlabelled)),
+        ("image files named by no annotation", len(rep.unannotated), _examples(rep.unannotated)),
+        ("labels or links naming missing files", len(rep.missing), _examples(rep.missing)),
+        ("file names fixed by case", len(rep.case_fixes), _examples(rep.case_fixes)),
+        ("duplicate keys in a JSON object", len(rep.duplicate_keys), _examples(rep.duplicate_keys)),
+        ("unknown labels", len(rep.unknown_labels), _examples(rep.unknown_labels)),
+        ("conflicting labels", len(rep.label_conflicts), _examples(rep.label_conflicts)),
+        ("unreadable or corrupt images (skipped)", len(rep.bad_images), _examples(rep.bad_images)),
+        ("empty captions", len(rep.bad_captions), _examples(rep.bad_captions)),
+        ("same picture under two names (merged)", len(rep.content_duplicates), _examples(rep.content_duplicates)),
+    ]
+    ts = None
+    if test_dir:
+        try:
+            ts = load_test(test_dir)
+        except DataError as e:
+            console.print(f"[red]error:[/red] {e}")
+            return 1
+    clusters, leaks = near_duplicates(table, ts, near_dup_bits) if near_dup_bits else ([], [])
+    rows.append((f"near-duplicate clusters (pHash <= {near_dup_bits} of 256 bits; one fold each)",
+                 f"{len(clusters)} ({sum(map(len, clusters))} images)", _examples([" ~ ".join(c) for c in clusters])))
+    if ts is not None:
+        train_names = set(table["image"])
+        by_name = sorted(set(ts.images) & train_names)
+        train_hashes = set(table["sha1"])
+        by_content = sorted(n for n, p in ts.images.items() if file_hash(p) in train_hashes)
+        captions = {c for caps in table["captions"] for c in caps}
+        rows += [
+            ("test images", len(ts.images), ""),
+            ("test queries cls / i2i / t2i", " / ".join(str(len(q or [])) for q in (ts.cls, ts.i2i, ts.t2i)), ""),
+            ("test images also in training (by name)", len(by_name), _examples(by_name)),
+            ("test images also in training (by content)", len(by_content), _examples(by_content)),
+            ("test captions that are training captions", len([c for c in ts.t2i or [] if c in captions]), ""),
+            ("test images near-duplicate of a training image", len(leaks),
+             _examples([f"{a} ~ {b} ({d} bits)" for a, b, d in leaks])),
+            ("duplicate query lines", len(ts.duplicate_queries), _examples(ts.duplicate_queries)),
+        ]
+    for r in rows:
+        issues.add_row(r[0], str(r[1]), r[2])
+    console.print(issues)
+    if clusters:
+        t = Table(title="near-duplicate clusters in the training data (each kept in one fold)")
+        for col in ("size", "images"):
+            t.add_column(col, overflow="fold")
+        for c in clusters:
+            t.add_row(str(len(c)), ", ".join(c))
+        console.print(t)
+    if leaks:
+        t = Table(title="test images that are near-duplicates of a training image (train/test leak)")
+        for col in ("test image", "training image", "label", "pHash bits apart"):
+            t.add_column(col, overflow="fold")
+        label_of = dict(zip(table["image"], table["label"]))
+        for a, b, d in leaks:
+            t.add_row(a, b, str(label_of.get(b) or ""), str(d))
+        console.print(t)
+    if (table["y"] < 0).all():
+        console.print("[red]error:[/red] no labelled image: training cannot proceed")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m entrep.data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="check a release folder")
+    c.add_argument("dir")
+    c.add_argument("--config", help="config whose label set to use (default: ENTRep's seven classes)")
+    c.add_argument("--test", help="a test folder to check too, and to compare with training for overlap")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    return check(args.dir, cfg.labels.names, args.test, Console(width=160), cfg.cv.near_dup_bits)
