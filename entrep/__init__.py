@@ -2,8 +2,8 @@
 
 
 def predict(run, test_dir, overrides=(), **kw):
-    """A run's folds ensembled on a test folder, as data (entrep.inference.predict; imports torch
-    only when called)."""
+    """A run's folds (or a blend's runs) ensembled on a test folder, as data (entrep.inference.predict;
+    imports torch only when called)."""
     from entrep.inference import predict as _predict
 
     return _predict(run, test_dir, overrides, **kw)

@@ -64,6 +64,7 @@ class Member:
     @classmethod
     def load(cls, run: str | Path) -> Member:
         from entrep.config import load_config
+        from entrep.model.checkpoint import fold_dir
 
         run = Path(run)
         if (run / BLEND_FILE).is_file():
@@ -71,11 +72,12 @@ class Member:
         if not (run / "config.yaml").is_file():
             raise BlendError(f"{run}: not a run directory (no config.yaml)")
         cfg = load_config(run / "config.yaml")
-        missing = [f"fold{k}" for k in range(cfg.cv.n_splits) if not (run / f"fold{k}" / OOF_FILE).is_file()]
+        folds = {k: fold_dir(run, k) for k in range(cfg.cv.n_splits)}
+        missing = [d.name for d in folds.values() if not (d / OOF_FILE).is_file()]
         if missing or not (run / "report.json").is_file():
             raise BlendError(f"{run}: no complete OOF report (missing {missing or 'report.json'}); finish its folds "
                              f"first: train.py --name {run.name} output_dir={run.parent} train.resume=true")
-        return cls(run, cfg, {k: load_fold_oof(run / f"fold{k}" / OOF_FILE) for k in range(cfg.cv.n_splits)},
+        return cls(run, cfg, {k: load_fold_oof(d / OOF_FILE) for k, d in folds.items()},
                    read_json(run / "report.json"), read_json(run / "tuned.json"))
 
     def settings(self, held_out: int | None) -> dict:
@@ -201,16 +203,20 @@ def crossfit_blend(members: list[Member], table, names, rounds: int = 20) -> tup
     return report, tuned, scored
 
 
-def blend(runs: list[str | Path], out: Path, table, names, rounds: int = 20) -> dict:
-    """Blend the finished `runs`; write out/ (blend.json, tuned.json, report.json, oof.csv, folds.csv,
-    plots) and return the report."""
-    from entrep.io import atomic_write_csv, atomic_write_json
-    from entrep.report import write_scored
-
+def load_members(runs: list[str | Path]) -> tuple[list[Member], pd.DataFrame]:
+    """The finished runs and their common folds.csv; refuses what cannot be blended."""
     members = [Member.load(r) for r in runs]
     if len({m.run.resolve() for m in members}) < len(members):
         raise BlendError(f"a run is listed twice in --runs {[str(r) for r in runs]}")
-    folds_df = check_same_folds(members)
+    return members, check_same_folds(members)
+
+
+def blend(members: list[Member], folds_df: pd.DataFrame, out: Path, table, names, rounds: int = 20) -> dict:
+    """Blend the finished runs (`load_members`); write out/ (blend.json, tuned.json, report.json,
+    oof.csv, folds.csv, plots) and return the report."""
+    from entrep.io import atomic_write_csv, atomic_write_json
+    from entrep.report import write_scored
+
     if missing := sorted(set(folds_df["image"]) - set(table["image"]))[:3]:
         raise BlendError(f"the runs' folds name images the release does not hold (e.g. {missing}); pass the "
                          f"release they were trained on with --data")
@@ -229,6 +235,14 @@ class Blend:
     members: list[Path]
     weights: dict[str, list[float]]
     rerank: dict[str, dict]
+
+    def used(self) -> tuple[list[Path], dict[str, list[float]]]:
+        """The members with a weight on some part, and their weights: a member the selection never
+        picked is not embedded at all."""
+        keep = [i for i in range(len(self.members)) if any(self.weights[p][i] > 0 for p in PARTS)]
+        for i in set(range(len(self.members))) - set(keep):
+            log.info("%s has weight 0 on every track: not embedded", self.members[i])
+        return [self.members[i] for i in keep], {p: [self.weights[p][i] for i in keep] for p in PARTS}
 
 
 def read_blend(path: Path) -> Blend:

@@ -1,7 +1,6 @@
 """One fold's training and evaluation under Accelerate, and batched embedding for inference."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -215,6 +214,43 @@ def total_steps(loader: DataLoader, cfg) -> int:
     return math.ceil(len(loader) / cfg.train.grad_accum) * cfg.train.epochs
 
 
+class EpochBars:
+    """rich progress bars (epochs, and steps of the current epoch) on the main process; with no
+    console (other processes) every call does nothing."""
+
+    def __init__(self, console, epochs: int):
+        self.bars = None
+        if console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)
+            self.epochs = self.bars.add_task("epochs", total=epochs)
+
+    def __enter__(self):
+        if self.bars is not None:
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bars is not None:
+            self.bars.stop()
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        if self.bars is not None:
+            self.epoch, self.task = epoch, self.bars.add_task(f"epoch {epoch + 1}", total=steps)
+
+    def step(self, img_per_s: float, loss: float) -> None:
+        if self.bars is not None:
+            self.bars.update(self.task, advance=1, description=f"epoch {self.epoch + 1} {img_per_s:,.0f} img/s "
+                                                                f"loss {loss:.3f}")
+
+    def end_epoch(self) -> None:
+        if self.bars is not None:
+            self.bars.remove_task(self.task)
+            self.bars.advance(self.epochs)
+
+
 class FoldTrainer:
     """Fits one fold for exactly `train.epochs` epochs: joint loss, AdamW + warmup/cosine.
 
@@ -251,26 +287,20 @@ class FoldTrainer:
                               f"{cfg.train.batch_size} on each of {acc.num_processes} processes; lower train.batch_size")
 
         history, monitor = [], cfg.train.monitor_metric
-        progress = self._progress()
-        epoch_task = progress.add_task("epochs", total=cfg.train.epochs) if progress else None
+        progress = EpochBars(self.console if acc.is_main_process else None, cfg.train.epochs)
         start = time.perf_counter()
-        with progress or contextlib.nullcontext():
+        with progress:
             for epoch in range(cfg.train.epochs):
                 model.train()
-                step_task = progress.add_task(f"epoch {epoch + 1}", total=len(loader)) if progress else None
+                progress.start_epoch(epoch, len(loader))
                 t0, seen, sums = time.perf_counter(), 0, {}
                 for batch in loader:
                     loss, parts = step(batch)
                     seen += len(batch["y"]) * acc.num_processes
                     for key, v in {"loss": loss, **parts}.items():
                         sums[key] = sums.get(key, 0.0) + v
-                    if progress:
-                        rate = seen / max(time.perf_counter() - t0, 1e-9)
-                        progress.update(step_task, advance=1, description=f"epoch {epoch + 1} {rate:,.0f} img/s "
-                                        f"loss {loss:.3f}")
-                if progress:
-                    progress.remove_task(step_task)
-                    progress.advance(epoch_task)
+                    progress.step(seen / max(time.perf_counter() - t0, 1e-9), loss)
+                progress.end_epoch()
                 row = {"epoch": epoch + 1, **{k: v / max(1, len(loader)) for k, v in sums.items()},
                        "img_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                        "lr_head": step.scheduler.get_last_lr()[0]}
@@ -298,12 +328,4 @@ class FoldTrainer:
             return 0.0
         probs = emb.probs(0.5, tta=False)
         return classification_metrics(y[lab], probs[lab].argmax(1), self.labels.names)[self.cfg.train.monitor_metric]
-
-    def _progress(self):
-        if not self.acc.is_main_process:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=self.console, transient=True)
 

@@ -26,10 +26,10 @@ class RunError(EntrepError):
 def fold_dirs(run: Path, cfg, partial: str) -> list[Path]:
     """The finished models on disk, whichever train.py calls made them: every fold of the run (and an
     all-data model when there is one). Unfinished folds are refused or skipped as infer.partial says."""
-    from entrep.model.checkpoint import fold_finished  # imports torch: kept out of `infer.py --help`
+    from entrep.model.checkpoint import fold_dir, fold_finished  # imports torch: kept out of `infer.py --help`
 
-    folds = [run / f"fold{k}" for k in range(cfg.cv.n_splits)]
-    full = [run / "full"] if fold_finished(run / "full") else []
+    folds = [fold_dir(run, k) for k in range(cfg.cv.n_splits)]
+    full = [fold_dir(run, -1)] if fold_finished(fold_dir(run, -1)) else []
     done = [d for d in folds if fold_finished(d)] + full
     if not done:
         raise RunError(f"{run}: no finished fold (no fold*/metrics.json); train first or resume with train.resume=true")
@@ -103,7 +103,6 @@ class Predictions:
         """classes.csv, i2i.json, t2i.json and meta.json, each written atomically (meta last)."""
         from entrep.io import atomic_write_csv, atomic_write_json
 
-    
         atomic_write_csv(folder / "classes.csv", self.classes)
         atomic_write_json(folder / "i2i.json", self.i2i)
         atomic_write_json(folder / "t2i.json", self.t2i)
@@ -126,7 +125,7 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     blend = read_blend(run) if (run / BLEND_FILE).is_file() else None
     if blend is None and not (run / "config.yaml").is_file():
         raise ConfigError(f"{run}: not a run directory (no config.yaml) nor a blend ({BLEND_FILE})")
-    members = blend.members if blend else [run]
+    members, weights = (blend.used() if blend else ([run], None))
     cfgs = [load_config(m / "config.yaml", overrides) for m in members]
     cfg = cfgs[0]  # the ranking's own settings (infer.topk, infer.gallery, infer.search, ...)
     given = {parse_override(o)[0] for o in overrides}
@@ -161,11 +160,11 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     if blend:
         from entrep.blending import mix
 
-        view = mix(views, blend.weights)
+        view = mix(views, weights)
         rerank = {t: blend.rerank[t] for t in ("i2i", "t2i")}
         if "rerank.methods" in given:
             rerank = {t: offered_methods(cfg, t) for t in rerank}
-        settings = {"members": infos, "weights": blend.weights, **{t: {"rerank": rerank[t]} for t in rerank}}
+        settings = {"members": infos, "weights": weights, **{t: {"rerank": rerank[t]} for t in rerank}}
         folds = [f"{Path(i['run']).name}/{f}" for i in infos for f in i["folds"]]
     else:
         view = views[0]
@@ -180,8 +179,7 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     cls_df = pd.DataFrame({"image": names, "pred": [labels[i] for i in pred], "pred_idx": pred,
                            **{f"p_{c}": view.probs[:, j] for j, c in enumerate(labels)}})
     meta = {
-        "test_dir": str(test_dir.resolve()), "folds": folds, **settings,
-        "tta_flip": cfg.infer.tta_flip, "topk": cfg.infer.topk, "gallery": gallery, "labels": list(labels),
+        "test_dir": str(test_dir.resolve()), "folds": folds, **settings, "topk": cfg.infer.topk, "gallery": gallery, "labels": list(labels),
         "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": test.t2i}, "on_disk": test.on_disk,
         "test_images_in_training": in_training}
     return Predictions(cls_df, i2i, t2i, meta)

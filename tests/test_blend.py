@@ -141,3 +141,13 @@ def test_fold_hashes_do_not_depend_on_the_models_input_size(demo):
     assert h.shape == (40, 256) and (h == file_hashes(paths)).all()
     by_size = [perceptual_hashes(decode_all(paths, s)) for s in (74, 258)]
     assert (by_size[0] != by_size[1]).any()  # what hashing the model-sized pixels used to depend on
+
+
+def test_a_member_never_selected_is_not_embedded_at_inference():
+    from entrep.blending import Blend
+
+    b = Blend([Path("a"), Path("b"), Path("c")], {"cls": [0.5, 0.0, 0.5], "i2i": [1.0, 0.0, 0.0],
+                                                  "t2i": [0.2, 0.0, 0.8]}, {"i2i": {}, "t2i": {}})
+    members, weights = b.used()
+    assert members == [Path("a"), Path("c")]
+    assert weights == {"cls": [0.5, 0.5], "i2i": [1.0, 0.0], "t2i": [0.2, 0.8]}

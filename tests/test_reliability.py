@@ -19,7 +19,6 @@ from entrep.data.images import ImageDecodeError, decode_image
 from entrep.io import atomic_write_json
 
 ROOT = Path(__file__).parents[1]
-pytestmark = pytest.mark.slow
 TRAIN = ["--config", "configs/demo.yaml", "cv.n_splits=2", "train.epochs=1"]
 
 
@@ -37,6 +36,7 @@ def _sha(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(demo, trained_demo_run, tmp_path):
     """SIGKILL in the middle of fold 1; resume finishes it, fold 0 stays byte-identical, and the
     final report equals the uninterrupted run's (same config and seed: deterministic on CPU)."""
@@ -64,6 +64,7 @@ def test_killed_run_resumes_to_the_same_result(demo, trained_demo_run, tmp_path)
         assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 def test_a_different_seed_gives_different_folds(demo, trained_demo_run, tmp_path):
     from entrep.data.folds import make_folds
     from entrep.data.release import load_release
@@ -80,6 +81,7 @@ def test_a_different_seed_gives_different_folds(demo, trained_demo_run, tmp_path
     assert saved["fold"].tolist() != make_folds(df, 2, 7, hashes)["fold"].tolist()
 
 
+@pytest.mark.slow
 def test_infer_refuses_or_uses_unfinished_folds(demo, trained_demo_run, tmp_path):
     run = tmp_path / "partial"
     shutil.copytree(trained_demo_run, run)
@@ -92,11 +94,13 @@ def test_infer_refuses_or_uses_unfinished_folds(demo, trained_demo_run, tmp_path
     assert json.loads((run / "predictions/meta.json").read_text())["folds"] == ["fold0"]
 
 
+@pytest.mark.slow
 def test_adapters_on_another_base_are_refused(trained_demo_run, demo):
     r = py("infer.py", "--run", trained_demo_run, "--data", demo / "test", "model.name=ViT-B-32", check=False)
     assert r.returncode == 2 and "trained on base 'entrep-tiny'" in r.stdout
 
 
+@pytest.mark.slow
 def test_query_image_missing_from_test_folder(trained_demo_run, demo, tmp_path):
     test = tmp_path / "test"
     shutil.copytree(demo / "test", test)
@@ -106,6 +110,7 @@ def test_query_image_missing_from_test_folder(trained_demo_run, demo, tmp_path):
     assert r.returncode == 2 and "query image 'not-there.png' is not in the test folder" in r.stdout
 
 
+@pytest.mark.slow
 def test_corrupt_training_images_are_counted_skips_or_an_error(demo, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo, data)
@@ -119,6 +124,7 @@ def test_corrupt_training_images_are_counted_skips_or_an_error(demo, tmp_path):
     assert r.returncode == 2 and "2 unreadable images" in r.stdout and "data.bad_images=skip" in r.stdout
 
 
+@pytest.mark.slow
 def test_config_errors_through_the_entry_point(demo, tmp_path):
     r = py("train.py", *TRAIN, "--data", demo, "train.epoch=2", check=False)
     assert r.returncode == 2 and "unknown config key 'train.epoch'; did you mean 'train.epochs'?" in r.stdout
@@ -230,6 +236,7 @@ def test_one_writer_per_run_directory_and_a_killed_holder_does_not_block(tmp_pat
     assert not (tmp_path / ".lock.owner").exists()
 
 
+@pytest.mark.slow
 def test_a_second_train_on_the_same_run_is_refused_in_one_line(demo, tmp_path):
     args = ["train.py", *TRAIN, "--data", demo, "--name", "same", f"output_dir={tmp_path}"]
     first = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -247,6 +254,7 @@ def test_a_second_train_on_the_same_run_is_refused_in_one_line(demo, tmp_path):
         first.wait()
 
 
+@pytest.mark.slow
 def test_infer_says_when_test_images_are_training_images(trained_demo_run, demo, tmp_path):
     """The release root as the test folder puts every training image in the gallery: say so, say
     which gallery is used, and record it for submit.py."""
@@ -268,6 +276,7 @@ def test_infer_says_when_test_images_are_training_images(trained_demo_run, demo,
     assert "training images" not in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_says_how_to_resume(demo, tmp_path):
     args = [sys.executable, "train.py", *TRAIN, "--data", str(demo), "--name", "int", f"output_dir={tmp_path}"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -282,6 +291,7 @@ def test_ctrl_c_during_training_says_how_to_resume(demo, tmp_path):
     assert "add train.resume=true to the same train.py command" in " ".join(out.split())
 
 
+@pytest.mark.slow
 def test_infer_on_a_folder_without_queries_leaves_the_predictions_alone(trained_demo_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_demo_run, run)
@@ -304,6 +314,7 @@ def test_an_unwritable_folder_is_one_line(capsys):
     assert "cannot write /ro/runs/x: Permission denied" in out and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_folds_trained_in_two_calls_are_one_run_and_its_settings_are_fixed(demo, tmp_path):
     """train.folds=[0], then train.folds=[1] without --config (the run's own config): infer ensembles
     both; a run-defining change is refused in one line and config.yaml stays as first written."""
@@ -324,6 +335,7 @@ def test_folds_trained_in_two_calls_are_one_run_and_its_settings_are_fixed(demo,
     assert r.returncode == 2 and "--config is required for a new run" in r.stdout
 
 
+@pytest.mark.slow
 def test_entrep_predict_is_a_library_call_that_matches_infer_py(trained_demo_run, demo, tmp_path):
     """No subprocess, no file: class probabilities and rankings as data, the same as infer.py writes."""
     import pandas as pd
@@ -347,6 +359,7 @@ def test_entrep_predict_is_a_library_call_that_matches_infer_py(trained_demo_run
     assert json.loads((run / "predictions/i2i.json").read_text()) == preds.i2i
 
 
+@pytest.mark.slow
 def test_tensorboard_tracker_writes_per_epoch_losses_and_held_out_scores(demo, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -367,3 +380,31 @@ def test_tensorboard_tracker_writes_per_epoch_losses_and_held_out_scores(demo, t
         r = py("train.py", *TRAIN, "--data", demo, "--name", "tb3", f"output_dir={tmp_path}",
                "train.log_with=[dvclive]", check=False)
         assert r.returncode == 2 and "the package is not installed (pip install dvclive)" in " ".join(r.stdout.split())
+
+
+@pytest.mark.slow
+def test_blend_refuses_what_cannot_be_blended_in_one_line(trained_demo_run, tmp_path):
+    import pandas as pd
+
+    runs = tmp_path / "runs"
+    for name in ("a", "b", "partial"):
+        shutil.copytree(trained_demo_run, runs / name)
+    folds = pd.read_csv(runs / "b/folds.csv", keep_default_na=False)
+    first = folds["image"].iloc[0]
+    folds.loc[0, "fold"] = 1 - folds.loc[0, "fold"]
+    folds.to_csv(runs / "b/folds.csv", index=False)
+    (runs / "partial/fold1/oof.npz").unlink()
+
+    def blend(*args):
+        r = py("-m", "entrep.blend", *args, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+        return " ".join(r.stdout.split())
+
+    assert f"first difference {first}" in blend("--runs", runs / "a", runs / "b", "--name", "ab")
+    assert "cv.folds_from" in blend("--runs", runs / "a", runs / "b", "--name", "ab")
+    assert "no complete OOF report (missing ['fold1'])" in blend("--runs", runs / "a", runs / "partial", "--name", "x")
+    assert "listed twice" in blend("--runs", runs / "a", runs / "a", "--name", "aa")
+    assert "at least two runs" in blend("--runs", runs / "a", "--name", "one")
+    assert "is a training run" in blend("--runs", runs / "a", runs / "partial", "--name", "b")
+    assert not (runs / "ab").exists() and not (runs / "aa").exists()  # refused before anything is written
+    assert "not a run directory" in blend("--runs", runs / "a", tmp_path / "nowhere", "--name", "y")

@@ -73,3 +73,30 @@ def test_train_step_under_bf16_autocast(demo, tiny_cfg):
         assert grads and all(torch.isfinite(g).all() for g in grads)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_fold_prepares_its_held_out_loader_once(demo):
+    """Epoch monitoring and the final flip-TTA embedding reuse one prepared eval loader (the
+    Accelerator keeps every loader it prepares): a fold holds 2, whatever its epoch count."""
+    from accelerate.state import AcceleratorState
+
+    from entrep.config import load_config
+    from entrep.engine import FoldTrainer, embed_images, eval_loader, make_accelerator
+
+    cfg = load_config(Path(__file__).parents[1] / "configs/demo.yaml", ["train.epochs=3", "train.batch_size=16"])
+    labels = LabelSet.from_config(cfg.labels)
+    df, _ = load_release(demo, labels.names)
+    df = df.head(48).reset_index(drop=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = make_accelerator(cfg, cpu=True)
+    model = build_model(cfg, labels)
+    stats = image_stats(model.base)
+    pixels = decode_all(df["path"].tolist(), cfg.data.working_side(stats.size))
+    train_rows, val_rows = np.arange(32), np.arange(32, 48)
+    val = eval_loader(pixels[val_rows], acc, 8)
+    _, history = FoldTrainer(cfg, acc, labels).fit(model, pixels, df, train_rows, val_rows, link_groups(df), stats,
+                                                   val_loader=val)
+    e = embed_images(model, val, acc, labels, stats, tta_flip=True)
+    assert len(history) == 3 and all("val_f1_macro" in row for row in history)
+    assert e.emb.shape[0] == 16 and len(e.head) == 2
+    assert len(acc._dataloaders) == 2  # the train loader and the one eval loader

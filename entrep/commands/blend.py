@@ -30,21 +30,15 @@ def main(argv=None) -> int:
     from entrep.io import exclusive_run
 
     validate_run_name(args.name)
+    if len(args.runs) < 2:
+        raise EntrepError(f"--runs {' '.join(args.runs)}: a blend needs at least two runs")
     if args.rounds < 1:
         raise EntrepError(f"--rounds {args.rounds}: at least 1")
     out = Path(args.output_dir or Path(args.runs[0]).parent) / args.name
     if (out / "config.yaml").is_file():
         raise EntrepError(f"{out} is a training run; give the blend another --name")
-    with exclusive_run(out, "blend"):
-        report = _blend(args, out)
-    print_blend(report, out)
-    return 0
-
-
-def _blend(args, out: Path) -> dict:
-    from entrep.blending import BLEND_FILE, Member, blend
+    from entrep.blending import BLEND_FILE, blend, load_members
     from entrep.data.release import load_release
-    from entrep.errors import EntrepError
     from entrep.labels import LabelSet
 
     if (out / BLEND_FILE).is_file():
@@ -55,13 +49,16 @@ def _blend(args, out: Path) -> dict:
         now = [os.path.relpath(Path(r).resolve(), out.resolve()) for r in args.runs]
         if had != now:
             raise EntrepError(f"{out} is a blend of {had}; give a blend of {now} another --name")
-    first = Member.load(args.runs[0])
-    labels = LabelSet.from_config(first.cfg.labels)
-    root = args.data or first.cfg.data.root
+    members, folds = load_members(args.runs)  # every refusal before anything is written
+    labels = LabelSet.from_config(members[0].cfg.labels)
+    root = args.data or members[0].cfg.data.root
     if not Path(root).is_dir():
         raise EntrepError(f"{root}: the training release is not there (the first run's data.root); pass --data DIR")
     table, _ = load_release(root, labels.names, False)
-    return blend(args.runs, out, table, list(labels.names), args.rounds)
+    with exclusive_run(out, "blend"):
+        report = blend(members, folds, out, table, list(labels.names), args.rounds)
+    print_blend(report, out)
+    return 0
 
 
 def figure_row(r: dict) -> list[str]:

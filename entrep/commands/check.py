@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -23,16 +22,11 @@ def _examples(items, n=3) -> str:
 def near_duplicates(table, ts, max_bits: int) -> tuple[list[list[str]], list[tuple[str, str, int]]]:
     """(near-duplicate clusters within the training data, (test image, training image, bits) leaks),
     by the pHash that groups folds. Byte-identical copies are already merged by the reader."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    from entrep.data.folds import file_hashes, near_duplicate_pairs
+    from entrep.data.folds import components, file_hashes, near_duplicate_pairs
 
     h = file_hashes(table["path"].tolist())
     pairs = near_duplicate_pairs(h, max_bits=max_bits)
-    n = len(table)
-    _, comp = connected_components(coo_matrix((np.ones(len(pairs)), ([i for i, _, _ in pairs], [j for _, j, _ in pairs])),
-                                              shape=(n, n)), directed=False)
+    comp = components(len(table), pairs)
     members: dict[int, list[str]] = {}
     for i in sorted({x for p in pairs for x in p[:2]}):
         members.setdefault(comp[i], []).append(table["image"].iloc[i])

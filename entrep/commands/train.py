@@ -93,7 +93,7 @@ def _train(cfg) -> int:
     from entrep.engine import FoldTrainer, embed_images, embed_texts, eval_loader, make_accelerator
     from entrep.labels import LabelSet
     from entrep.model.backbone import image_stats, input_size
-    from entrep.model.checkpoint import fold_finished, save_weights
+    from entrep.model.checkpoint import fold_dir, fold_finished, save_weights
     from entrep.model.entrep_clip import build_model
     from entrep.report import OOF_FILE, load_fold_oof, save_fold_oof, write_report
 
@@ -134,8 +134,8 @@ def _train(cfg) -> int:
     stats = None
     trainer = FoldTrainer(cfg, acc, labels, console)
     for k in fold_ids:
-        fold_dir = run_dir / ("full" if k == -1 else f"fold{k}")
-        if cfg.train.resume and fold_finished(fold_dir):
+        out_dir = fold_dir(run_dir, k)
+        if cfg.train.resume and fold_finished(out_dir):
             log.info("fold %s: finished earlier, skipped (train.resume=true)", k)
             continue
         set_seed(cfg.train.seed + max(k, 0), deterministic=False)
@@ -157,13 +157,13 @@ def _train(cfg) -> int:
                     "labels": list(labels.names), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
                     "written_by": {"process_index": acc.process_index, "num_processes": acc.num_processes,
                                    "distributed_type": acc.distributed_type.value}}
-            save_weights(m, fold_dir, meta)
-            log.info("fold %s: saved to %s by process %d of %d", k, fold_dir, acc.process_index, acc.num_processes)
-            atomic_write_csv(fold_dir / "history.csv", pd.DataFrame(history))
+            save_weights(m, out_dir, meta)
+            log.info("fold %s: saved to %s by process %d of %d", k, out_dir, acc.process_index, acc.num_processes)
+            atomic_write_csv(out_dir / "history.csv", pd.DataFrame(history))
             if len(val_rows):
-                save_fold_oof(fold_dir / OOF_FILE, table["image"].iloc[val_rows].tolist(), e, captions, cap_emb)
+                save_fold_oof(out_dir / OOF_FILE, table["image"].iloc[val_rows].tolist(), e, captions, cap_emb)
             # metrics.json last: its presence marks the fold finished (resume relies on it)
-            atomic_write_json(fold_dir / "metrics.json", {**last, "epochs": history, "seconds": time.time() - t0,
+            atomic_write_json(out_dir / "metrics.json", {**last, "epochs": history, "seconds": time.time() - t0,
                                                           "trainable_params": int(sum(
                                                               p.numel() for p in m.parameters() if p.requires_grad))})
         log.info("fold %s done in %.0fs: %s", k, time.time() - t0, last)
@@ -176,7 +176,7 @@ def _train(cfg) -> int:
 
     if not acc.is_main_process:
         return 0
-    done = {k: run_dir / f"fold{k}" for k in range(cfg.cv.n_splits) if fold_finished(run_dir / f"fold{k}")}
+    done = {k: fold_dir(run_dir, k) for k in range(cfg.cv.n_splits) if fold_finished(fold_dir(run_dir, k))}
     if len(done) < cfg.cv.n_splits:
         if fold_ids != [-1]:  # an all-data model has no held-out images, hence no OOF report
             log.info("OOF report waits for every fold: %d of %d finished", len(done), cfg.cv.n_splits)

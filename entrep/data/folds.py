@@ -7,6 +7,7 @@ training set's UUID names hide the patient, so frames of one exam can only be fo
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
-from entrep.io import atomic_write_csv
+from entrep.io import atomic_path, atomic_write_csv
 from entrep.errors import EntrepError
 
 
@@ -23,18 +24,20 @@ class FoldError(EntrepError):
     pass
 
 
+def components(n: int, pairs) -> np.ndarray:
+    """Connected components of n items joined by (i, j, ...) pairs, one id per item."""
+    rows, cols = [p[0] for p in pairs], [p[1] for p in pairs]
+    return connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)[1]
+
+
+def link_pairs(df: pd.DataFrame) -> list[tuple[int, int]]:
+    pos = {name: i for i, name in enumerate(df["image"])}
+    return [(i, pos[p]) for i, partners in enumerate(df["partners"]) for p in partners if p in pos]
+
+
 def link_groups(df: pd.DataFrame) -> np.ndarray:
     """Connected components of the i2i links (chains a->b->c included), one id per row."""
-    pos = {name: i for i, name in enumerate(df["image"])}
-    rows, cols = [], []
-    for i, partners in enumerate(df["partners"]):
-        for p in partners:
-            if p in pos:
-                rows.append(i)
-                cols.append(pos[p])
-    n = len(df)
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+    return components(len(df), link_pairs(df))
 
 
 HASH_DECODE = 128  # px: pHash reads a 64x64 grayscale image; one fixed decode size for every model
@@ -86,25 +89,14 @@ def near_duplicate_pairs(a: np.ndarray, b: np.ndarray | None = None, max_bits: i
 
 def fold_groups(df: pd.DataFrame, hashes: np.ndarray | None = None, max_bits: int = 12) -> np.ndarray:
     """Connected components of the union of i2i links, same-patient pairs and near-duplicate pairs."""
-    rows, cols = [], []
-    pos = {name: i for i, name in enumerate(df["image"])}
-    for i, partners in enumerate(df["partners"]):
-        for p in partners:
-            if p in pos:
-                rows.append(i)
-                cols.append(pos[p])
+    pairs = link_pairs(df)
     first_of: dict[str, int] = {}
     for i, name in enumerate(df["image"]):
         if (pid := patient_id(name)) is not None:
-            rows.append(first_of.setdefault(pid, i))
-            cols.append(i)
+            pairs.append((first_of.setdefault(pid, i), i))
     if hashes is not None and max_bits > 0:
-        for i, j, _ in near_duplicate_pairs(hashes, max_bits=max_bits):
-            rows.append(i)
-            cols.append(j)
-    n = len(df)
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+        pairs += near_duplicate_pairs(hashes, max_bits=max_bits)
+    return components(len(df), pairs)
 
 
 def make_folds(df: pd.DataFrame, n_splits: int, seed: int, hashes: np.ndarray | None = None,
@@ -145,7 +137,8 @@ def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, h
         if not src.is_file():
             raise FoldError(f"cv.folds_from={source}: no folds.csv there (a run directory or a folds.csv file)")
         check_folds(pd.read_csv(src, keep_default_na=False), df, n_splits, src)
-        atomic_write_csv(path, pd.read_csv(src, keep_default_na=False))
+        with atomic_path(path) as tmp:
+            shutil.copyfile(src, tmp)  # a copy, not a re-serialisation of what pandas read
     if path.is_file():
         folds = pd.read_csv(path, keep_default_na=False)
         check_folds(folds, df, n_splits, path)

@@ -43,6 +43,11 @@ def save_weights(model, fold_dir: Path, meta: dict) -> None:
     atomic_write_json(fold_dir / META_FILE, meta)
 
 
+def fold_dir(run: Path, k: int) -> Path:
+    """A run's model folder for fold k: fold<k>, or `full` for the all-data model (k = -1)."""
+    return Path(run) / ("full" if k == -1 else f"fold{k}")
+
+
 def fold_finished(fold_dir: Path) -> bool:
     """metrics.json is written last in a fold, so its presence means the fold is complete."""
     return (fold_dir / "metrics.json").is_file()
