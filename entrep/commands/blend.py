@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="the training release (default: the first run's data.root); relevance and "
                                    "labels come from its annotations")
     ap.add_argument("--rounds", type=int, default=20,
-                    help="ensemble-selection rounds: weights are multiples of 1/rounds (default 20)")
+                    help="ensemble-selection rounds, one pick each; a member's weight is its share of the picks "
+                         "in the best bag (default 20)")
     args = ap.parse_args(argv)
     setup_logging()
     from entrep.config import validate_run_name
