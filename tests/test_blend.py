@@ -151,3 +151,18 @@ def test_a_member_never_selected_is_not_embedded_at_inference():
     members, weights = b.used()
     assert members == [Path("a"), Path("c")]
     assert weights == {"cls": [0.5, 0.5], "i2i": [1.0, 0.0], "t2i": [0.2, 0.8]}
+
+
+def test_weights_chosen_on_the_scored_folds_would_flatter_a_blend_of_noise(cfg):
+    """Six members without any signal: weights chosen in-sample find a lucky mix, the cross-fitted
+    figure stays at chance. The blend reports the latter."""
+    oof, table = synthetic_oof(seed=2, per_fold=30)
+    members = [member(noise(oof, seed=s), table, cfg, f"n{s}") for s in range(6)]
+    report, tuned, _ = crossfit_blend(members, table, NAMES, rounds=10)
+    in_sample_views = {k: mix([m.views(None)[k] for m in members], tuned["weights"]) for k in oof}
+    from entrep.report import pooled_classification
+
+    in_sample = pooled_classification(in_sample_views, table, NAMES)["accuracy"]
+    crossfit_acc = report["classification"]["accuracy"]
+    assert in_sample > crossfit_acc + 0.03, (in_sample, crossfit_acc)
+    assert abs(crossfit_acc - 1 / 3) < 0.12  # chance, 90 images
