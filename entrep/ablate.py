@@ -17,11 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from entrep.config import Config, load_config, parse_override
+from entrep.config import SCORING_KEYS, Config, load_config, parse_override
 from entrep.io import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text
-
-# Keys that change only how finished folds are scored and ensembled, never what is trained.
-INFERENCE_KEYS = ("model.slerp.infer", "model.slerp.alpha", "infer.", "rerank.")
 
 
 def default_ladder(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
@@ -56,7 +53,7 @@ def rung_config(argv: list[str]) -> dict:
 
 
 def inference_only(overrides: list[str]) -> bool:
-    return bool(overrides) and all(parse_override(o)[0].startswith(INFERENCE_KEYS) for o in overrides)
+    return bool(overrides) and all(parse_override(o)[0].startswith(SCORING_KEYS) for o in overrides)
 
 
 def run_ladder(config: str | None, overrides: list[str], data: str | None, name: str | None) -> pd.DataFrame:

@@ -450,11 +450,12 @@ def _validate_lora(lora: LoraConfig) -> None:
 
 # Keys that steer one invocation (or only inference, or where the files are) and may differ between
 # the train.py calls of one run; every other key defines the run and must stay as first written.
+# Keys that change only how finished folds are scored and ensembled, never what is trained
+# (prefixes end with "."); the ablation re-scores a rung that changes nothing else.
+SCORING_KEYS = ("infer.", "rerank.", "model.slerp.infer", "model.slerp.alpha", "model.slerp.alpha_grid")
 INVOCATION_KEYS = ("name", "output_dir", "data.root", "data.num_workers", "data.cache_dir", "data.check_images",
                    "train.folds", "train.resume", "train.eval_batch_size", "train.monitor_metric", "train.log_with",
-                   "infer.",
-                   "rerank.", "speed.", "ablation.", "model.slerp.infer", "model.slerp.alpha",
-                   "model.slerp.alpha_grid")
+                   "speed.", "ablation.", *SCORING_KEYS)
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:

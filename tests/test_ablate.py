@@ -5,7 +5,6 @@ import pytest
 from entrep.ablate import default_ladder, inference_only, main
 from entrep.config import flat_dict, load_config, parse_override
 
-pytestmark = pytest.mark.slow
 
 
 def config_diff(a, b) -> set[str]:
@@ -16,6 +15,7 @@ def config_diff(a, b) -> set[str]:
     return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k != "name"}
 
 
+@pytest.mark.slow
 def test_ladder_runs_and_each_rung_flips_exactly_its_switch(demo, tmp_path):
     args = ["--config", "configs/demo.yaml", "--data", str(demo), "--name", "abl", f"output_dir={tmp_path}",
             "cv.n_splits=2", "train.epochs=1"]
@@ -53,4 +53,5 @@ def test_ladder_runs_and_each_rung_flips_exactly_its_switch(demo, tmp_path):
 
 def test_inference_only_switches():
     assert inference_only(["infer.tta_flip=true"]) and inference_only(["rerank.methods=[qe]"])
+    assert inference_only(["model.slerp.alpha_grid=[0, 0.5]"])  # tuning only: the folds are reused
     assert not inference_only(["model.slerp.train=true"]) and not inference_only([])

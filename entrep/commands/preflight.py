@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     rows.append(("mixed precision", f"{'fp32' if precision == 'no' else precision} ({why})"))
     acc = make_accelerator(cfg)
     rows.append(("device", _device_name(acc.device)))
+    # the built model serves the eval timing, then leaves the device before the train steps measure their peak
+    eval_img_s = _eval_rate(cfg, labels, acc, stats, model)
     del model
 
     def try_batch(bs: int, ckpt: bool) -> Trial:
@@ -162,7 +164,6 @@ def main(argv=None) -> int:
         rows.append((label, f"{t.img_per_s:,.1f} img/s, {mem} {t.peak_mib:,.0f} MiB" if t.fits else
                      f"out of memory at {t.peak_mib:,.0f} MiB"))
     rows.append(("batch", advice(first, tried)))
-    eval_img_s = _eval_rate(cfg, labels, acc, stats)
     rows.append(("eval embedding", f"{eval_img_s:,.1f} img/s at batch {cfg.train.eval_batch_size}"))
     train_img_s = first.img_per_s or next((t.img_per_s for t in tried if t.fits), 0.0)
     est = {}
@@ -280,15 +281,14 @@ def _timed_steps(cfg, labels, acc, bs: int, ckpt: bool, steps: int, stats) -> Tr
             torch.cuda.empty_cache()
 
 
-def _eval_rate(cfg, labels, acc, stats) -> float:
+def _eval_rate(cfg, labels, acc, stats, model) -> float:
     import numpy as np
     import torch
 
     from entrep.engine import embed_images
-    from entrep.model.entrep_clip import build_model
 
     work = cfg.data.working_side(stats.size)
-    model = acc.prepare(build_model(cfg, labels))
+    model = acc.prepare(model)
     n = cfg.train.eval_batch_size
     pixels = np.random.default_rng(0).integers(0, 256, (n, work, work, 3), dtype=np.uint8)
     embed_images(model, pixels[: min(n, 8)], acc, labels, stats, batch_size=n)  # warm-up
