@@ -6,7 +6,6 @@ from entrep.ablate import default_ladder, inference_only, main
 from entrep.config import flat_dict, load_config, parse_override
 
 
-
 def config_diff(a, b) -> set[str]:
     """Dotted keys whose values differ between two saved run configs (the name aside)."""
     import yaml
