@@ -9,9 +9,8 @@ import pytest
 from entrep.blending import BlendError, Member, check_same_folds, choose, crossfit_blend, mix, select
 from entrep.config import load_config
 from entrep.data.folds import FoldError, load_or_make_folds
-from entrep.engine import Embedded
-from entrep.report import TRACKS, FoldOOF, crossfit, tune
-from test_report import NAMES, synthetic_oof
+from entrep.report import TRACKS, crossfit, tune
+from test_report import NAMES, signal_free, synthetic_oof
 
 
 @pytest.fixture()
@@ -22,22 +21,6 @@ def cfg():
 def member(oof, table, cfg, name="A") -> Member:
     report, _ = crossfit(oof, table, NAMES, cfg)
     return Member(Path(name), cfg, oof, report, tune(oof, table, NAMES, cfg))
-
-
-def noise(oof, seed=9):
-    """The same folds, images and captions, with outputs that carry no signal."""
-    rng = np.random.default_rng(seed)
-
-    def unit(x):
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-    out = {}
-    for k, f in oof.items():
-        n, c = f.e.emb.shape[0], f.e.head[0].shape[1]
-        p = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
-        out[k] = FoldOOF(f.images, Embedded([p], [p], unit(rng.normal(size=f.e.emb.shape)), f.e.class_emb),
-                         f.captions, unit(rng.normal(size=f.caption_emb.shape)))
-    return out
 
 
 def test_the_weighted_concatenation_mixes_cosine_similarities():
@@ -83,7 +66,7 @@ def test_a_run_blended_with_itself_reports_exactly_its_own_figures(cfg):
 
 def test_each_fold_is_scored_with_weights_chosen_on_the_other_folds(cfg):
     oof, table = synthetic_oof(seed=1)
-    a, b = member(oof, table, cfg, "A"), member(noise(oof), table, cfg, "B")
+    a, b = member(oof, table, cfg, "A"), member(signal_free(oof), table, cfg, "B")
     report, tuned, scored = crossfit_blend([a, b], table, NAMES, rounds=6)
     for k in oof:
         mv = [a.views(k), b.views(k)]  # member settings tuned without fold k
@@ -157,7 +140,7 @@ def test_weights_chosen_on_the_scored_folds_would_flatter_a_blend_of_noise(cfg):
     """Six members without any signal: weights chosen in-sample find a lucky mix, the cross-fitted
     figure stays at chance. The blend reports the latter."""
     oof, table = synthetic_oof(seed=2, per_fold=30)
-    members = [member(noise(oof, seed=s), table, cfg, f"n{s}") for s in range(6)]
+    members = [member(signal_free(oof, seed=s), table, cfg, f"n{s}") for s in range(6)]
     report, tuned, _ = crossfit_blend(members, table, NAMES, rounds=10)
     in_sample_views = {k: mix([m.views(None)[k] for m in members], tuned["weights"]) for k in oof}
     from entrep.report import pooled_classification

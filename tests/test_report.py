@@ -76,21 +76,35 @@ def test_each_fold_is_scored_with_settings_tuned_on_the_other_folds(cfg):
     assert "cross-fitted" in report["how"]["classification"] and "other folds" in report["how"]["i2i"]
 
 
+def signal_free(oof, seed=9):
+    """The same folds, images and captions, with head, prompt and embedding outputs that carry no signal."""
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    out = {}
+    for k, f in oof.items():
+        n, c = f.e.emb.shape[0], f.e.head[0].shape[1]
+        head, prompt = (rng.dirichlet(np.ones(c), size=n).astype(np.float32) for _ in range(2))
+        out[k] = FoldOOF(f.images, Embedded([head], [prompt], unit(rng.normal(size=f.e.emb.shape)), f.e.class_emb),
+                         f.captions, unit(rng.normal(size=f.caption_emb.shape)))
+    return out
+
+
 def test_in_sample_tuning_would_flatter_the_report(cfg):
-    """The point of cross-fitting: tuned and scored on the same predictions, the figure can only be
-    at least as good as the cross-fitted one."""
-    oof, table = synthetic_oof(seed=4)
-    report, _ = crossfit(oof, table, NAMES, cfg)
-    t = tune(oof, table, NAMES, cfg)
-
-    def f1(w):
-        return pooled_classification({k: f.view(w, False) for k, f in oof.items()}, table, NAMES)["f1_macro"]
-
-    in_sample = f1(t["head_weight"])
-    assert in_sample == max(f1(w) for w in (0, .25, .5, .75, 1)) >= report["classification"]["f1_macro"]
-    for track in TRACKS:
-        views = {k: f.view(t["head_weight"], False, t[track]["alpha"]) for k, f in oof.items()}
-        assert pooled_retrieval(views, table, track, t[track]["rerank"]["kept"])["mrr"] >= report[track]["mrr"] - 1e-9
+    """The point of cross-fitting, on outputs without any signal: settings tuned and scored on the same
+    predictions find lucky choices (head weight; alpha and re-ranking); cross-fitted, the figures stay
+    at chance."""
+    oof, table = synthetic_oof(seed=2, per_fold=30)
+    noise = signal_free(oof, seed=12)
+    report, _ = crossfit(noise, table, NAMES, cfg)
+    t = tune(noise, table, NAMES, cfg)
+    in_sample = pooled_classification({k: f.view(t["head_weight"], False) for k, f in noise.items()}, table, NAMES)
+    assert in_sample["f1_macro"] > report["classification"]["f1_macro"] + 0.05
+    assert abs(report["classification"]["accuracy"] - 1 / 3) < 0.12  # chance, 90 images
+    views = {k: f.view(t["head_weight"], False, t["i2i"]["alpha"]) for k, f in noise.items()}
+    assert pooled_retrieval(views, table, "i2i", t["i2i"]["rerank"]["kept"])["mrr"] > report["i2i"]["mrr"] + 0.02
 
 
 def test_each_track_has_its_own_alpha_and_reranking_and_only_meaningful_methods(cfg):
