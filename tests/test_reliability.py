@@ -408,3 +408,9 @@ def test_blend_refuses_what_cannot_be_blended_in_one_line(trained_demo_run, tmp_
     assert "is a training run" in blend("--runs", runs / "a", runs / "partial", "--name", "b")
     assert not (runs / "ab").exists() and not (runs / "aa").exists()  # refused before anything is written
     assert "not a run directory" in blend("--runs", runs / "a", tmp_path / "nowhere", "--name", "y")
+    # a finished blend is neither a member nor overwritten by a blend of other runs
+    for name in ("a2", "a3"):
+        shutil.copytree(trained_demo_run, runs / name)
+    py("-m", "entrep.blend", "--runs", runs / "a", runs / "a2", "--name", "ok", "--rounds", "2")
+    assert "is a blend; blend its member runs" in blend("--runs", runs / "ok", runs / "a", "--name", "z")
+    assert "is a blend of ['../a', '../a2']" in blend("--runs", runs / "a", runs / "a3", "--name", "ok")
