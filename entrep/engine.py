@@ -215,12 +215,12 @@ def total_steps(loader: DataLoader, cfg) -> int:
 
 
 class EpochBars:
-    """rich progress bars (epochs, and steps of the current epoch) on the main process; with no
-    console (other processes) every call does nothing."""
+    """rich progress bars (epochs, and steps of the current epoch) on the main process (`enabled`);
+    elsewhere every call does nothing. console None: rich's default console."""
 
-    def __init__(self, console, epochs: int):
+    def __init__(self, console, epochs: int, enabled: bool = True):
         self.bars = None
-        if console is not None:
+        if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -287,7 +287,7 @@ class FoldTrainer:
                               f"{cfg.train.batch_size} on each of {acc.num_processes} processes; lower train.batch_size")
 
         history, monitor = [], cfg.train.monitor_metric
-        progress = EpochBars(self.console if acc.is_main_process else None, cfg.train.epochs)
+        progress = EpochBars(self.console, cfg.train.epochs, enabled=acc.is_main_process)
         start = time.perf_counter()
         with progress:
             for epoch in range(cfg.train.epochs):
