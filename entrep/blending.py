@@ -203,6 +203,12 @@ def crossfit_blend(members: list[Member], table, names, rounds: int = 20) -> tup
     return report, tuned, scored
 
 
+def member_refs(runs: list[str | Path], out: Path) -> list[str]:
+    """How blend.json names its members: relative to the blend directory, so moving the whole
+    runs/ folder keeps a blend working."""
+    return [os.path.relpath(Path(r).resolve(), out.resolve()) for r in runs]
+
+
 def load_members(runs: list[str | Path]) -> tuple[list[Member], pd.DataFrame]:
     """The finished runs and their common folds.csv; refuses what cannot be blended."""
     members = [Member.load(r) for r in runs]
@@ -224,8 +230,8 @@ def blend(members: list[Member], folds_df: pd.DataFrame, out: Path, table, names
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / "folds.csv", folds_df)  # infer.py reads it to name test images that are training images
     write_scored(out, report, tuned, scored, table, names)
-    atomic_write_json(out / BLEND_FILE, {"members": [os.path.relpath(m.run.resolve(), out.resolve()) for m in members],
-                                         "rounds": rounds, "rerank_config_from": str(members[0].run)})
+    atomic_write_json(out / BLEND_FILE, {"members": member_refs([m.run for m in members], out), "rounds": rounds,
+                                         "rerank_config_from": str(members[0].run)})
     return report
 
 

@@ -164,7 +164,9 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         rerank = {t: blend.rerank[t] for t in ("i2i", "t2i")}
         if "rerank.methods" in given:
             rerank = {t: offered_methods(cfg, t) for t in rerank}
-        settings = {"members": infos, "weights": weights, **{t: {"rerank": rerank[t]} for t in rerank}}
+        # a member's own re-ranking is not applied: the blend re-ranks the mix with its own
+        members_used = [{k: ({"alpha": v["alpha"]} if k in rerank else v) for k, v in i.items()} for i in infos]
+        settings = {"members": members_used, "weights": weights, **{t: {"rerank": rerank[t]} for t in rerank}}
         folds = [f"{Path(i['run']).name}/{f}" for i in infos for f in i["folds"]]
     else:
         view = views[0]

@@ -158,6 +158,8 @@ def test_two_runs_blend_then_infer_and_submit_like_a_run(demo, trained_demo_run,
             demo / f"test/{track}.csv")
     meta = json.loads((blend / "predictions/meta.json").read_text())
     assert meta["folds"] == ["a/fold0", "a/fold1", "b/fold0", "b/fold1"]
+    # members keep their own alpha; only the blend's re-ranking is applied (and recorded)
+    assert all(set(m[t]) == {"alpha"} for m in meta["members"] for t in ("i2i", "t2i"))
 
     # the library call: the blend's probabilities are its members' own predictions mixed by the cls weights
     w = meta["weights"]["cls"]

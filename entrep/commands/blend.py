@@ -6,12 +6,9 @@ by infer.py and submit.py like a run directory.
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from entrep.cli import console, setup_logging
-
-log = logging.getLogger("entrep.blend")
 
 
 def main(argv=None) -> int:
@@ -38,16 +35,15 @@ def main(argv=None) -> int:
     out = Path(args.output_dir or Path(args.runs[0]).parent) / args.name
     if (out / "config.yaml").is_file():
         raise EntrepError(f"{out} is a training run; give the blend another --name")
-    from entrep.blending import BLEND_FILE, blend, load_members
+    from entrep.blending import BLEND_FILE, blend, load_members, member_refs
     from entrep.data.release import load_release
     from entrep.labels import LabelSet
 
     if (out / BLEND_FILE).is_file():
         import json
-        import os
 
         had = json.loads((out / BLEND_FILE).read_text(encoding="utf-8"))["members"]
-        now = [os.path.relpath(Path(r).resolve(), out.resolve()) for r in args.runs]
+        now = member_refs(args.runs, out)
         if had != now:
             raise EntrepError(f"{out} is a blend of {had}; give a blend of {now} another --name")
     members, folds = load_members(args.runs)  # every refusal before anything is written
