@@ -72,7 +72,7 @@ def make_pngs(folder: Path, n: int) -> list[str]:
     import numpy as np
     from PIL import Image
 
-    from entrep.demo import _case, render
+    from entrep.data.demo import _case, render
     from entrep.labels import ENTREP_CLASSES
 
     rng = np.random.default_rng(0)
@@ -85,7 +85,7 @@ def make_pngs(folder: Path, n: int) -> list[str]:
     return paths
 
 
-def setup(device: str, quick: bool, overrides=()):
+def setup(device: str, overrides=()):
     import torch
 
     from entrep.config import load_config
@@ -98,12 +98,12 @@ def setup(device: str, quick: bool, overrides=()):
     cfg = load_config("configs/entrep_vitb16.yaml" if big else "configs/demo.yaml",
                       ["model.pretrained=", f"data.num_workers={WORKERS}", "train.batch_size=" + ("64" if big else "32"),
                        "train.mixed_precision=" + ("auto" if big else "no"), *overrides])
-    acc = make_accelerator(cfg, cpu=device == "cpu")
+    accelerator = make_accelerator(cfg, cpu=device == "cpu")
     labels = LabelSet.from_config(cfg.labels)
     model = build_model(cfg, labels)
     stats = image_stats(model.base)
     sync = torch.cuda.synchronize if big else (lambda: None)
-    return cfg, acc, labels, model, stats, sync
+    return cfg, accelerator, labels, model, stats, sync
 
 
 class NaivePixels:
@@ -127,25 +127,24 @@ def row_train(kind: str, device: str, quick: bool, folder: str, overrides=()) ->
 
     from entrep.data.dataset import TrainDataset
     from entrep.data.images import ImageCache
-    from entrep.data.release import file_hash
-    from entrep.engine import TrainStep, train_pipeline
+    from entrep.data.release import file_sha1
+    from entrep.engine import TrainStep
 
     if kind == "tensors":  # the limit is fed model-ready tensors: augmented in the loader, once
         overrides = [*overrides, "speed.augment_on=loader"]
-    cfg, acc, labels, model, (mean, std, size), sync = setup(device, quick, overrides)
+    cfg, accelerator, labels, model, stats, sync = setup(device, overrides)
     paths = sorted(str(p) for p in Path(folder).glob("*.png"))
     n = len(paths)
     y = np.arange(n) % len(labels)
     caps = [["erythema on the vocal cords"] if i % 3 == 0 else [] for i in range(n)]
-    work = cfg.data.working_side(size)
+    work = cfg.data.working_side(stats.size)
     if kind == "naive":
         pixels = NaivePixels(paths, work)
     else:
-        pixels = ImageCache(Path(folder) / "cache", work).pixels(paths, [file_hash(Path(p)) for p in paths])
-    ds = TrainDataset(pixels, y, caps, np.arange(n), np.arange(n), labels, True)
+        pixels = ImageCache(Path(folder) / "cache", work).pixels(paths, [file_sha1(Path(p)) for p in paths])
+    ds = TrainDataset(pixels, y=y, captions=caps, groups=np.arange(n), index=np.arange(n), labels=labels, hflip=True)
     bs = cfg.train.batch_size
-    loader, device_augment = train_pipeline(ds, cfg, acc.device, (mean, std, size))
-    train_step = TrainStep(cfg, acc, model, loader, total_steps=10**6, device_augment=device_augment)
+    train_step = TrainStep.for_dataset(cfg, accelerator, model, ds, stats, steps=10**6)
     train_step.model.train()
     if kind == "tensors":
         fixed = next(iter(train_step.loader))
@@ -201,30 +200,30 @@ def row_infer(kind: str, device: str, quick: bool, folder: str, overrides=()) ->
     import torch
 
     from entrep.data.images import ImageCache
-    from entrep.data.release import file_hash
-    from entrep.engine import embed_images
+    from entrep.data.release import file_sha1
+    from entrep.embedding import embed_images
 
-    cfg, acc, labels, model, stats, sync = setup(device, quick, overrides)
+    cfg, accelerator, labels, model, stats, sync = setup(device, overrides)
     size = stats.size
     paths = sorted(str(p) for p in Path(folder).glob("*.png"))
-    model = acc.prepare(model)
+    model = accelerator.prepare(model)
     model.eval()
     bs = cfg.train.eval_batch_size
     if kind.startswith("kit"):
         pixels = ImageCache(Path(folder) / "cache", cfg.data.working_side(size)).pixels(
-            paths, [file_hash(Path(p)) for p in paths])
+            paths, [file_sha1(Path(p)) for p in paths])
         if kind == "kit merged":
             from entrep.model.lora import merged
 
-            merged(acc.unwrap_model(model).clip).__enter__()  # stays merged for the whole row
-        step = lambda: embed_images(model, pixels, acc, labels, stats, batch_size=bs)  # noqa: E731
+            merged(accelerator.unwrap_model(model).clip).__enter__()  # stays merged for the whole row
+        step = lambda: embed_images(model, pixels, accelerator, labels, stats, batch_size=bs)  # noqa: E731
         n = len(paths)
     else:
-        x = torch.randn(bs, 3, size, size, device=acc.device)
+        x = torch.randn(bs, 3, size, size, device=accelerator.device)
 
         @torch.inference_mode()
         def step():
-            with acc.autocast():
+            with accelerator.autocast():
                 model(x)
         n = bs
     rate = median_rate(step, n, warmup=1, windows=3 if quick else 5, calls=1 if kind.startswith("kit") else 4, sync=sync)

@@ -16,7 +16,6 @@ that were themselves tuned without fold k (each member's report.json).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -25,14 +24,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from entrep.config import load_config
 from entrep.errors import EntrepError
-from entrep.report import (OOF_FILE, TRACKS, FoldOOF, FoldView, Scored, load_fold_oof, pooled_classification,
-                           pooled_retrieval, read_json, score_folds, track_settings, tune_rerank)
+from entrep.io import atomic_write_csv, atomic_write_json, read_json
+from entrep.model.checkpoint import fold_dir
+from entrep.oof import (OOF_FILE, RETRIEVAL_TRACKS, FoldOOF, FoldView, load_fold_oof, pooled_classification,
+                        pooled_retrieval)
+from entrep.report import score_folds, write_scored
+from entrep.tuning import Scored, track_settings, tune_rerank
 
 log = logging.getLogger("entrep.blend")
 
 BLEND_FILE = "blend.json"
-PARTS = ("cls", *TRACKS)  # what gets its own weights
+PARTS = ("cls", *RETRIEVAL_TRACKS)  # what gets its own weights
 HOW = {
     "weights": "per track, greedy ensemble selection with replacement (Caruana et al. 2004) on the other folds' "
                "OOF predictions: classification by macro F1 over mixed probabilities, i2i and t2i by MRR over "
@@ -63,9 +67,6 @@ class Member:
 
     @classmethod
     def load(cls, run: str | Path) -> Member:
-        from entrep.config import load_config
-        from entrep.model.checkpoint import fold_dir
-
         run = Path(run)
         if (run / BLEND_FILE).is_file():
             raise BlendError(f"{run} is a blend; blend its member runs instead")
@@ -85,7 +86,7 @@ class Member:
         settings of that fold), or on all folds (tuned.json) when None."""
         if held_out is None:
             return {"head_weight": self.tuned["head_weight"],
-                    **{t: {"alpha": track_settings(self.tuned, t)[0]} for t in TRACKS}}
+                    **{t: {"alpha": track_settings(self.tuned, t)[0]} for t in RETRIEVAL_TRACKS}}
         row = next((r for r in self.report.get("folds", []) if r["fold"] == held_out), {})
         if "settings" not in row:
             raise BlendError(f"{self.run}/report.json has no cross-fitted settings for fold {held_out} (written by an "
@@ -95,7 +96,7 @@ class Member:
     def views(self, held_out: int | None) -> dict[int, FoldView]:
         s = self.settings(held_out)
         tta = self.cfg.infer.tta_flip
-        return {k: f.view(s["head_weight"], tta, {t: s[t]["alpha"] for t in TRACKS}) for k, f in self.oof.items()}
+        return {k: f.view(s["head_weight"], tta, {t: s[t]["alpha"] for t in RETRIEVAL_TRACKS}) for k, f in self.oof.items()}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -115,7 +116,7 @@ def mix(views: list[FoldView], weights: dict[str, list[float]]) -> FoldView:
         return np.concatenate([np.sqrt(x) * _unit(a) for a, x in zip(arrays, w) if x > 0], axis=1).astype(np.float32)
 
     probs = sum(x * v.probs for x, v in zip(weights["cls"], views)) if "cls" in weights else v0.probs
-    ret = {t: cat([v.ret[t] for v in views], weights[t]) for t in TRACKS if t in weights}
+    ret = {t: cat([v.ret[t] for v in views], weights[t]) for t in RETRIEVAL_TRACKS if t in weights}
     cap, cp = v0.caption_emb, v0.caption_probs
     if "t2i" in weights and len(v0.captions):
         cap = cat([v.caption_emb for v in views], weights["t2i"])
@@ -141,20 +142,21 @@ def select(score, n: int, rounds: int) -> tuple[list[float], list[dict]]:
     return [float(x) for x in best_counts / best_counts.sum()], trace
 
 
-def choose(member_views: list[dict[int, FoldView]], folds: list[int], table, names, rcfg, rounds: int) -> dict:
+def choose(member_views: list[dict[int, FoldView]], folds: list[int], table, names, rerank_cfg, rounds: int) -> dict:
     """Weights per part and re-ranking per track, chosen on `folds` of the members' views."""
     n = len(member_views)
 
     def blended(w: dict) -> dict[int, FoldView]:
-        return {j: mix([mv[j] for mv in member_views], w) for j in folds}
+        return {j: mix([views[j] for views in member_views], w) for j in folds}
 
     weights, trace = {}, {}
     weights["cls"], trace["cls"] = select(
         lambda w: pooled_classification(blended({"cls": w}), table, names).get("f1_macro", 0.0), n, rounds)
-    for t in TRACKS:
+    for t in RETRIEVAL_TRACKS:
         weights[t], trace[t] = select(lambda w, t=t: pooled_retrieval(blended({t: w}), table, t)["mrr"], n, rounds)
     full = blended(weights)
-    return {"weights": weights, "selection": trace, **{t: {"rerank": tune_rerank(full, table, t, rcfg)} for t in TRACKS}}
+    return {"weights": weights, "selection": trace,
+            **{t: {"rerank": tune_rerank(full, table, t, rerank_cfg)} for t in RETRIEVAL_TRACKS}}
 
 
 def check_same_folds(members: list[Member]) -> pd.DataFrame:
@@ -181,22 +183,25 @@ def check_same_folds(members: list[Member]) -> pd.DataFrame:
 def member_figures(report: dict) -> dict:
     c = report.get("classification", {})
     return {"classification": {m: c[m] for m in ("accuracy", "f1_macro", "f1_weighted") if m in c},
-            **{t: {m: v for m, v in report[t].items() if m != "relevance"} for t in TRACKS}}
+            **{t: {m: v for m, v in report[t].items() if m != "relevance"} for t in RETRIEVAL_TRACKS}}
 
 
 def crossfit_blend(members: list[Member], table, names, rounds: int = 20) -> tuple[dict, dict, dict[int, Scored]]:
     """(report, tuned, scored folds) of the blend of `members`, which must share folds."""
-    rcfg = members[0].cfg.rerank
-    ks = sorted(members[0].oof)
+    rerank_cfg = members[0].cfg.rerank
+    folds = sorted(members[0].oof)
     scored = {}
-    for k in ks:
-        mv = [m.views(k) for m in members]
-        ch = choose(mv, [j for j in ks if j != k], table, names, rcfg, rounds)
-        scored[k] = Scored(mix([v[k] for v in mv], ch["weights"]), {t: ch[t]["rerank"]["kept"] for t in TRACKS},
-                           {"weights": ch["weights"], **{t: {"rerank": list(ch[t]["rerank"]["kept"])} for t in TRACKS}})
+    for k in folds:
+        member_views = [m.views(k) for m in members]
+        others = [j for j in folds if j != k]
+        chosen = choose(member_views, others, table, names, rerank_cfg, rounds)
+        scored[k] = Scored(mix([v[k] for v in member_views], chosen["weights"]),
+                           {t: chosen[t]["rerank"]["kept"] for t in RETRIEVAL_TRACKS},
+                           {"weights": chosen["weights"],
+                            **{t: {"rerank": list(chosen[t]["rerank"]["kept"])} for t in RETRIEVAL_TRACKS}})
         log.info("fold %d: weights %s (chosen on folds %s)", k,
-                 {p: [round(x, 3) for x in w] for p, w in ch["weights"].items()}, [j for j in ks if j != k])
-    tuned = choose([m.views(None) for m in members], ks, table, names, rcfg, rounds)
+                 {p: [round(x, 3) for x in w] for p, w in chosen["weights"].items()}, others)
+    tuned = choose([m.views(None) for m in members], folds, table, names, rerank_cfg, rounds)
     tuned |= {"members": {str(m.run): m.settings(None) for m in members}, "how": HOW["tuned"]}
     report = score_folds(scored, table, names)
     report |= {"members": {str(m.run): member_figures(m.report) for m in members}, "tuned": tuned, "how": HOW}
@@ -220,9 +225,6 @@ def load_members(runs: list[str | Path]) -> tuple[list[Member], pd.DataFrame]:
 def blend(members: list[Member], folds_df: pd.DataFrame, out: Path, table, names, rounds: int = 20) -> dict:
     """Blend the finished runs (`load_members`); write out/ (blend.json, tuned.json, report.json,
     oof.csv, folds.csv, plots) and return the report."""
-    from entrep.io import atomic_write_csv, atomic_write_json
-    from entrep.report import write_scored
-
     if missing := sorted(set(folds_df["image"]) - set(table["image"]))[:3]:
         raise BlendError(f"the runs' folds name images the release does not hold (e.g. {missing}); pass the "
                          f"release they were trained on with --data")
@@ -252,9 +254,9 @@ class Blend:
 
 
 def read_blend(path: Path) -> Blend:
-    spec = json.loads((path / BLEND_FILE).read_text(encoding="utf-8"))
+    spec = read_json(path / BLEND_FILE)
     tuned = read_json(path / "tuned.json")
     members = [(path / m).resolve() for m in spec["members"]]
     if missing := [str(m) for m in members if not (m / "config.yaml").is_file()]:
         raise BlendError(f"{path}: member runs not found: {missing} (blend.json names them relative to the blend)")
-    return Blend(members, tuned["weights"], {t: tuned[t]["rerank"]["kept"] for t in TRACKS})
+    return Blend(members, tuned["weights"], {t: tuned[t]["rerank"]["kept"] for t in RETRIEVAL_TRACKS})

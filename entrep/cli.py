@@ -1,4 +1,5 @@
-"""Shared command-line handling: `--config FILE.yaml` plus `key=value` overrides, logging, console."""
+"""What every command line shares: the parser with `--config` and `key=value` overrides, logging,
+the console, progress bars, and `run_main`, which turns the kit's errors into one line."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,10 @@ import os
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
+
+from entrep.errors import EntrepError
+
 
 def make_console(**kwargs) -> Console:
     """rich's console; piped into a log (nohup, SLURM, Kaggle) it would cut every line at 80 columns,
@@ -20,8 +25,14 @@ def make_console(**kwargs) -> Console:
 console = make_console(stderr=False)
 
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=description)
+def parser(prog: str, description: str, *, config: str | None = "YAML config", raw: bool = False
+           ) -> argparse.ArgumentParser:
+    """A command's parser: `key=value` overrides (dotted keys for nesting), and `--config` unless
+    `config` is None (its help text otherwise). `raw`: keep the description's line breaks."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter)
+    if config is not None:
+        ap.add_argument("--config", help=config)
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides, dotted keys for nesting: train.epochs=3 model.lora.rank=8")
     return ap
@@ -34,23 +45,60 @@ def setup_logging(main_process: bool = True) -> None:
     logging.getLogger("entrep").setLevel(logging.INFO if main_process else logging.WARNING)
 
 
-def run_main(main) -> int:
+def print_error(message: str) -> None:
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def run_main(main, argv=None) -> int:
     """Run an entry point; a known user error prints one clear line (no traceback) and exits 2."""
-    from rich.markup import escape
-
-    from entrep.errors import EntrepError
-
     try:
-        return main()
+        return main(argv)
     except EntrepError as e:
-        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        print_error(str(e))
         return 2
     except PermissionError as e:  # an unwritable output_dir, --out or cache folder
-        console.print(f"[bold red]error:[/bold red] cannot write {escape(str(e.filename))}: {e.strerror}; choose a "
-                      f"folder you can write to (output_dir=..., --out ...)", highlight=False, soft_wrap=True)
+        print_error(f"cannot write {e.filename}: {e.strerror}; choose a folder you can write to (output_dir=..., "
+                    f"--out ...)")
         return 2
     except KeyboardInterrupt:
         # every file is written atomically, so what was finished stays finished
         console.print("interrupted. Finished folds are kept: add train.resume=true to the same train.py command "
                       "to continue from the first unfinished fold.", highlight=False, soft_wrap=True)
         return 130
+
+
+class EpochBars:
+    """rich progress bars (epochs, and steps of the current epoch) on the main process (`enabled`);
+    elsewhere every call does nothing. console None: rich's default console."""
+
+    def __init__(self, console, epochs: int, enabled: bool = True):
+        self.bars = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)
+            self.epochs = self.bars.add_task("epochs", total=epochs)
+
+    def __enter__(self):
+        if self.bars is not None:
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bars is not None:
+            self.bars.stop()
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        if self.bars is not None:
+            self.epoch, self.task = epoch, self.bars.add_task(f"epoch {epoch + 1}", total=steps)
+
+    def step(self, img_per_s: float, loss: float) -> None:
+        if self.bars is not None:
+            self.bars.update(self.task, advance=1, description=f"epoch {self.epoch + 1} {img_per_s:,.0f} img/s "
+                                                                f"loss {loss:.3f}")
+
+    def end_epoch(self) -> None:
+        if self.bars is not None:
+            self.bars.remove_task(self.task)
+            self.bars.advance(self.epochs)

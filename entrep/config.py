@@ -235,15 +235,11 @@ class Config:
 
 def _keys(cls, prefix="") -> list[str]:
     out = []
-    for name, tp in _hints(cls).items():
+    for name, tp in typing.get_type_hints(cls).items():
         out.append(prefix + name)
         if dataclasses.is_dataclass(tp):
             out += _keys(tp, prefix + name + ".")
     return out
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
 
 
 def _cast(value, tp, key: str):
@@ -301,7 +297,7 @@ REMOVED = {"train.log_every": "every epoch logs one line"}
 
 
 def _apply(obj, data: dict, prefix: str = "") -> None:
-    hints = _hints(type(obj))
+    hints = typing.get_type_hints(type(obj))
     for k, v in data.items():
         key = prefix + str(k)
         if key in REMOVED:
@@ -448,11 +444,11 @@ def _validate_lora(lora: LoraConfig) -> None:
                           f"target modules only, e.g. model.lora.targets=[attn,mlp.c_fc,mlp.c_proj]")
 
 
-# Keys that steer one invocation (or only inference, or where the files are) and may differ between
-# the train.py calls of one run; every other key defines the run and must stay as first written.
 # Keys that change only how finished folds are scored and ensembled, never what is trained
 # (prefixes end with "."); the ablation re-scores a rung that changes nothing else.
 SCORING_KEYS = ("infer.", "rerank.", "model.slerp.infer", "model.slerp.alpha", "model.slerp.alpha_grid")
+# Keys that steer one invocation (or only inference, or where the files are) and may differ between
+# the train.py calls of one run; every other key defines the run and must stay as first written.
 INVOCATION_KEYS = ("name", "output_dir", "data.root", "data.num_workers", "data.cache_dir", "data.check_images",
                    "train.folds", "train.resume", "train.eval_batch_size", "train.monitor_metric", "train.log_with",
                    "speed.", "ablation.", *SCORING_KEYS)

@@ -1,18 +1,22 @@
-"""One fold's training and evaluation under Accelerate, and batched embedding for inference."""
+"""Optimisation under Accelerate: the one Accelerator, the train step (joint loss, AdamW,
+warmup/cosine) and one fold's epochs (`FoldTrainer.fit`)."""
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import TorchDynamoPlugin
 from torch.utils.data import DataLoader
 
+from entrep.cli import EpochBars
 from entrep.data.augment import BatchAugment
-from entrep.data.dataset import EvalDataset, TrainCollate, TrainDataset, collate, eval_transform
+from entrep.data.dataset import TrainCollate, TrainDataset
+from entrep.embedding import DEFAULT_HEAD_WEIGHT, Embedded, embed_images
+from entrep.errors import EntrepError
 from entrep.labels import LabelSet
 from entrep.losses import caption_targets, joint_loss
 from entrep.metrics import classification_metrics
@@ -30,11 +34,8 @@ def resolve_mixed_precision(choice: str) -> str:
     return "no"
 
 
-def make_accelerator(cfg, **kwargs):
+def make_accelerator(cfg, **kwargs) -> Accelerator:
     """The one Accelerator of a command; `speed.compile` asks Accelerate to torch.compile at prepare()."""
-    from accelerate import Accelerator
-    from accelerate.utils import TorchDynamoPlugin
-
     if cfg.speed.compile:  # off: whatever `accelerate config` says (its default is no compile)
         kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=cfg.speed.compile_mode)
     return Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), **kwargs)
@@ -80,133 +81,30 @@ def param_groups(model, cfg) -> list[dict]:
             for (backbone, decay), ps in sorted(groups.items())]
 
 
-def combine_probs(head: np.ndarray, prompt: np.ndarray | None, head_weight: float) -> np.ndarray:
-    return head if prompt is None else head_weight * head + (1 - head_weight) * prompt
+def class_weights_for(y: np.ndarray, n_classes: int, device) -> torch.Tensor:
+    """Inverse-frequency class weights of the labelled rows (loss.class_weights); 0 for an absent class."""
+    counts = np.bincount(y[y >= 0], minlength=n_classes).astype(np.float32)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0)
+    return torch.tensor(w, dtype=torch.float32, device=device)
 
 
-@dataclass
-class Embedded:
-    """Per-image outputs in the order of the input rows. Probabilities are kept per view
-    ([plain] or [plain, flipped-with-columns-swapped]); the embedding is the plain view only,
-    since a flip changes what laterality the image shows."""
-    head: list[np.ndarray]
-    prompt: list[np.ndarray] | None
-    emb: np.ndarray
-    class_emb: np.ndarray | None
-
-    def probs(self, head_weight: float, tta: bool) -> np.ndarray:
-        n = len(self.head) if tta else 1
-        head = sum(self.head[:n]) / n
-        prompt = None if self.prompt is None else sum(self.prompt[:n]) / n
-        return combine_probs(head, prompt, head_weight)
-
-
-def eval_loader(pixels: np.ndarray, accelerator, batch_size: int) -> DataLoader:
-    """The eval loader of one image set, prepared (sharded over processes) once: the Accelerator keeps
-    every loader it prepares, so a fold prepares its held-out loader once and embeds with it each epoch."""
-    return accelerator.prepare(DataLoader(EvalDataset(pixels, np.arange(len(pixels))), batch_size=batch_size,
-                                          shuffle=False, collate_fn=collate))
-
-
-@torch.inference_mode()
-def embed_images(model, images, accelerator, labels: LabelSet, stats, *, batch_size: int = 128,
-                 tta_flip: bool = False) -> Embedded:
-    """Embed every image of `images` (uint8 pixels, or an `eval_loader`) in order; with tta_flip, add
-    a flipped view whose probabilities have the left/right columns swapped before averaging.
-    stats: the model's ImageStats (mean, std, input size)."""
-    m = accelerator.unwrap_model(model)
-    m.eval()
-    tf = eval_transform(stats.size, stats.mean, stats.std)
-    loader = images if isinstance(images, DataLoader) else eval_loader(images, accelerator, batch_size)
-    results = []
-    for flip in [False, True] if tta_flip else [False]:
-        idx, head, prompt, emb = [], [], [], []
-        for batch in loader:
-            x = tf(batch["image"].flip(-1) if flip else batch["image"])  # batched, on the device
-            with accelerator.autocast():
-                out = model(x)
-            g = accelerator.gather_for_metrics({"index": batch["index"], "head": out["head_logits"].float(),
-                                                "prompt": out.get("prompt_logits", out["head_logits"]).float(),
-                                                "emb": out["emb"].float()})
-            idx.append(g["index"].cpu()); head.append(g["head"].cpu())
-            prompt.append(g["prompt"].cpu()); emb.append(g["emb"].cpu())
-        order = torch.cat(idx).argsort()
-        results.append({"head": torch.cat(head)[order].softmax(-1).numpy(),
-                        "prompt": torch.cat(prompt)[order].softmax(-1).numpy(),
-                        "emb": torch.cat(emb)[order].numpy()})
-    flip = [lambda p: p, labels.flip_probs]
-    has_prompts = m.cfg.prompts
-    class_emb = m.class_embeddings().float().cpu().numpy() if has_prompts else None
-    return Embedded([f(r["head"]) for f, r in zip(flip, results)],
-                    [f(r["prompt"]) for f, r in zip(flip, results)] if has_prompts else None,
-                    results[0]["emb"], class_emb)
-
-
-@torch.inference_mode()
-def embed_texts(model, texts: list[str], accelerator, batch_size: int = 256) -> np.ndarray:
-    m = accelerator.unwrap_model(model)
-    m.eval()
-    out = []
-    for s in range(0, len(texts), batch_size):
-        tokens = m.tokenize(texts[s:s + batch_size]).to(accelerator.device)
-        with accelerator.autocast():
-            out.append(m.encode_text(tokens).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, m.embed_dim), dtype=np.float32)
-
-
-def retrieval_embedding(emb: np.ndarray, probs: np.ndarray, class_emb: np.ndarray | None, alpha: float) -> np.ndarray:
-    """slerp(image emb, normalised probability-weighted class prompt, alpha); emb when off."""
-    if class_emb is None or alpha <= 0:
-        return emb
-    target = F.normalize(torch.from_numpy(probs @ class_emb), dim=-1)
-    return slerp(torch.from_numpy(emb), target, alpha).numpy()
-
-
-def train_loss(model, m, batch: dict, cfg, acc, class_weights=None, use_slerp: bool = True):
+def train_loss(model, batch: dict, cfg, accelerator, *, class_weights=None, use_slerp: bool = True):
     """The joint loss of one batch: one forward for images and the batch's unique captions, plus
     (optionally) a slerp view of each labelled image toward its own class prompt. Everything the
-    loss reads comes out of `model`'s forward (DDP); `m` (unwrapped) only tokenizes."""
+    loss reads comes out of `model`'s forward (DDP); the unwrapped module only tokenizes."""
     captions, text_pos = caption_targets(batch["all_captions"])
-    tokens = m.tokenize(captions).to(acc.device) if captions and cfg.loss.text else None
-    with acc.autocast():
+    tokenize = accelerator.unwrap_model(model).tokenize
+    tokens = tokenize(captions).to(accelerator.device) if captions and cfg.loss.text else None
+    with accelerator.autocast():
         out = model(batch["image"], tokens)
     views = None
     if use_slerp:
         y = batch["y"].clamp(min=0)
-        t = torch.rand(len(y), device=acc.device) * cfg.model.slerp.t_max
+        t = torch.rand(len(y), device=accelerator.device) * cfg.model.slerp.t_max
         views = slerp(out["emb"].float(), out["class_emb"][y].float(), t)
     out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}  # losses in fp32
     return joint_loss(out, batch["y"], batch["group"], out.get("text_emb"), text_pos, out["scale"], cfg.loss,
                       class_weights=class_weights, slerp_views=views)
-
-
-class TrainStep:
-    """The trainer's optimizer step, and the one that preflight, the shipped-config tests and the
-    benchmark run: augmentation on the device where configured, joint loss, backward, gradient
-    clipping, AdamW and the warmup/cosine schedule, under Accelerate's accumulation."""
-
-    def __init__(self, cfg, acc, model, loader, total_steps: int, device_augment=None, class_weights=None):
-        optimizer = torch.optim.AdamW(param_groups(model, cfg))  # each group carries its own weight decay
-        scheduler = cosine_schedule(optimizer, total_steps, cfg.train.warmup_frac)
-        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
-        self.m = acc.unwrap_model(self.model)
-        self.cfg, self.acc, self.device_augment, self.class_weights = cfg, acc, device_augment, class_weights
-        self.use_slerp = cfg.model.slerp.train and cfg.model.prompts and cfg.model.slerp.t_max > 0
-
-    def __call__(self, batch: dict) -> tuple[float, dict]:
-        """One batch; returns the loss and its parts as floats."""
-        acc, model = self.acc, self.model
-        if self.device_augment is not None:
-            batch["image"] = self.device_augment(batch["image"])
-        with acc.accumulate(model):
-            loss, parts = train_loss(model, self.m, batch, self.cfg, acc, self.class_weights, self.use_slerp)
-            acc.backward(loss)
-            if acc.sync_gradients and self.cfg.train.max_grad_norm > 0:
-                acc.clip_grad_norm_(model.parameters(), self.cfg.train.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad()
-        return float(loss.detach()), parts
 
 
 def total_steps(loader: DataLoader, cfg) -> int:
@@ -214,41 +112,44 @@ def total_steps(loader: DataLoader, cfg) -> int:
     return math.ceil(len(loader) / cfg.train.grad_accum) * cfg.train.epochs
 
 
-class EpochBars:
-    """rich progress bars (epochs, and steps of the current epoch) on the main process (`enabled`);
-    elsewhere every call does nothing. console None: rich's default console."""
+class TrainStep:
+    """The trainer's optimizer step, and the one that preflight, the shipped-config tests and the
+    benchmark run: augmentation on the device where configured, joint loss, backward, gradient
+    clipping, AdamW and the warmup/cosine schedule, under Accelerate's accumulation."""
 
-    def __init__(self, console, epochs: int, enabled: bool = True):
-        self.bars = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    def __init__(self, cfg, accelerator, model, loader, total_steps: int, device_augment=None, class_weights=None):
+        optimizer = torch.optim.AdamW(param_groups(model, cfg))  # each group carries its own weight decay
+        scheduler = cosine_schedule(optimizer, total_steps, cfg.train.warmup_frac)
+        self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(model, optimizer, loader,
+                                                                                      scheduler)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        self.cfg, self.accelerator, self.device_augment = cfg, accelerator, device_augment
+        self.class_weights = class_weights
+        self.use_slerp = cfg.model.slerp.train and cfg.model.prompts and cfg.model.slerp.t_max > 0
 
-            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=True)
-            self.epochs = self.bars.add_task("epochs", total=epochs)
+    @classmethod
+    def for_dataset(cls, cfg, accelerator, model, dataset, image_stats, *, steps: int | None = None,
+                    class_weights=None) -> "TrainStep":
+        """The loader over `dataset` (augmentation where `speed.augment_on` puts it) and the step,
+        prepared; `steps` for the schedule, default a fold's (`train.epochs` over the loader)."""
+        loader, device_augment = train_pipeline(dataset, cfg, accelerator.device, image_stats)
+        return cls(cfg, accelerator, model, loader, steps or total_steps(loader, cfg), device_augment, class_weights)
 
-    def __enter__(self):
-        if self.bars is not None:
-            self.bars.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bars is not None:
-            self.bars.stop()
-
-    def start_epoch(self, epoch: int, steps: int) -> None:
-        if self.bars is not None:
-            self.epoch, self.task = epoch, self.bars.add_task(f"epoch {epoch + 1}", total=steps)
-
-    def step(self, img_per_s: float, loss: float) -> None:
-        if self.bars is not None:
-            self.bars.update(self.task, advance=1, description=f"epoch {self.epoch + 1} {img_per_s:,.0f} img/s "
-                                                                f"loss {loss:.3f}")
-
-    def end_epoch(self) -> None:
-        if self.bars is not None:
-            self.bars.remove_task(self.task)
-            self.bars.advance(self.epochs)
+    def __call__(self, batch: dict) -> tuple[float, dict]:
+        """One batch; returns the loss and its parts as floats."""
+        accelerator, model = self.accelerator, self.model
+        if self.device_augment is not None:
+            batch["image"] = self.device_augment(batch["image"])
+        with accelerator.accumulate(model):
+            loss, parts = train_loss(model, batch, self.cfg, accelerator, class_weights=self.class_weights,
+                                     use_slerp=self.use_slerp)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), self.cfg.train.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return float(loss.detach()), parts
 
 
 class FoldTrainer:
@@ -260,34 +161,28 @@ class FoldTrainer:
     """
 
     def __init__(self, cfg, accelerator, labels: LabelSet, console=None):
-        self.cfg, self.acc, self.labels, self.console = cfg, accelerator, labels, console
+        self.cfg, self.accelerator, self.labels, self.console = cfg, accelerator, labels, console
 
     def fit(self, model, pixels: np.ndarray, table, train_rows: np.ndarray, val_rows: np.ndarray,
             groups: np.ndarray, image_stats, *, val_loader: DataLoader | None = None,
             tag: str = "") -> tuple[dict, list[dict]]:
         """Train on `train_rows`; returns (last epoch's figures, per-epoch log rows). `val_loader`
         (an `eval_loader` of `val_rows`) is embedded after each epoch to watch the run."""
-        cfg, acc = self.cfg, self.acc
-        ds = TrainDataset(pixels[train_rows], table["y"].to_numpy()[train_rows],
-                          [table["captions"].iloc[i] for i in train_rows], groups[train_rows], train_rows,
-                          self.labels, cfg.train.hflip)
-        loader, device_augment = train_pipeline(ds, cfg, acc.device, image_stats)
-        class_weights = None
-        if cfg.loss.class_weights:
-            y = table["y"].to_numpy()[train_rows]
-            counts = np.bincount(y[y >= 0], minlength=len(self.labels)).astype(np.float32)
-            w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(self.labels), 0.0)
-            class_weights = torch.tensor(w, dtype=torch.float32, device=acc.device)
-        step = TrainStep(cfg, acc, model, loader, total_steps(loader, cfg), device_augment, class_weights)
+        cfg, accelerator = self.cfg, self.accelerator
+        y = table["y"].to_numpy()
+        ds = TrainDataset(pixels[train_rows], y=y[train_rows], captions=[table["captions"].iloc[i] for i in train_rows],
+                          groups=groups[train_rows], index=train_rows, labels=self.labels, hflip=cfg.train.hflip)
+        weights = class_weights_for(y[train_rows], len(self.labels), accelerator.device) if cfg.loss.class_weights \
+            else None
+        step = TrainStep.for_dataset(cfg, accelerator, model, ds, image_stats, class_weights=weights)
         model, loader = step.model, step.loader
         if len(loader) == 0:  # an epoch of no step would "train" silently
-            from entrep.errors import EntrepError
-
             raise EntrepError(f"{len(train_rows)} training images make no full batch of train.batch_size="
-                              f"{cfg.train.batch_size} on each of {acc.num_processes} processes; lower train.batch_size")
+                              f"{cfg.train.batch_size} on each of {accelerator.num_processes} processes; lower "
+                              f"train.batch_size")
 
         history, monitor = [], cfg.train.monitor_metric
-        progress = EpochBars(self.console, cfg.train.epochs, enabled=acc.is_main_process)
+        progress = EpochBars(self.console, cfg.train.epochs, enabled=accelerator.is_main_process)
         start = time.perf_counter()
         with progress:
             for epoch in range(cfg.train.epochs):
@@ -296,7 +191,7 @@ class FoldTrainer:
                 t0, seen, sums = time.perf_counter(), 0, {}
                 for batch in loader:
                     loss, parts = step(batch)
-                    seen += len(batch["y"]) * acc.num_processes
+                    seen += len(batch["y"]) * accelerator.num_processes
                     for key, v in {"loss": loss, **parts}.items():
                         sums[key] = sums.get(key, 0.0) + v
                     progress.step(seen / max(time.perf_counter() - t0, 1e-9), loss)
@@ -305,19 +200,19 @@ class FoldTrainer:
                        "img_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                        "lr_head": step.scheduler.get_last_lr()[0]}
                 if val_loader is not None and monitor != "none":
-                    emb = embed_images(model, val_loader, acc, self.labels, image_stats)
-                    row["val_" + monitor] = self._monitor_score(emb, table["y"].to_numpy()[val_rows])
+                    emb = embed_images(model, val_loader, accelerator, self.labels, image_stats)
+                    row["val_" + monitor] = self._monitor_score(emb, y[val_rows])
                 history.append(row)
                 # Accelerate's trackers (train.log_with; a no-op without them), one series per fold
-                acc.log({f"{tag.replace(' ', '') or 'train'}/{k}": v for k, v in row.items() if k != "epoch"},
-                        step=epoch + 1)
+                accelerator.log({f"{tag.replace(' ', '') or 'train'}/{k}": v for k, v in row.items() if k != "epoch"},
+                                step=epoch + 1)
                 left = (time.perf_counter() - start) / (epoch + 1) * (cfg.train.epochs - epoch - 1)
                 # one line per epoch: the only progress a log file, nohup or a notebook shows
                 log.info("%sepoch %d/%d: loss %.4f, %.0f img/s%s, fold ends in %.0f s", f"{tag} " if tag else "",
                          epoch + 1, cfg.train.epochs, row.get("loss", float("nan")), row["img_per_s"],
                          f", held-out {monitor} {row['val_' + monitor]:.4f} (watched, not used)"
                          if "val_" + monitor in row else "", left)
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         last = {k: v for k, v in history[-1].items() if k.startswith("val_") or k == "loss"} if history else {}
         return {"trained_epochs": cfg.train.epochs, **{f"last_{k}": v for k, v in last.items()}}, history
 
@@ -326,6 +221,5 @@ class FoldTrainer:
         lab = y >= 0
         if not lab.any():
             return 0.0
-        probs = emb.probs(0.5, tta=False)
+        probs = emb.probs(DEFAULT_HEAD_WEIGHT, tta=False)
         return classification_metrics(y[lab], probs[lab].argmax(1), self.labels.names)[self.cfg.train.monitor_metric]
-

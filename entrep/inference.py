@@ -12,9 +12,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from entrep.blending import BLEND_FILE, mix, read_blend
 from entrep.config import ConfigError, load_config, parse_override
+from entrep.data.images import ImageCache
+from entrep.data.release import file_sha1, load_test
+from entrep.embedding import DEFAULT_HEAD_WEIGHT, embed_images, embed_texts, eval_loader, retrieval_embedding
+from entrep.engine import make_accelerator
 from entrep.errors import EntrepError
+from entrep.io import atomic_write_csv, atomic_write_json, read_json
+from entrep.labels import LabelSet
+from entrep.model.backbone import image_stats, set_offline
+from entrep.model.checkpoint import check_compatible, fold_dir, fold_finished, load_fold_weights, read_meta
+from entrep.model.entrep_clip import build_model
+from entrep.model.lora import merged
+from entrep.oof import RETRIEVAL_TRACKS, FoldView
+from entrep.retrieval import average_embeddings, rank_gallery, text_class_probs
+from entrep.tuning import offered_methods, track_settings
 
 log = logging.getLogger("entrep.infer")
 
@@ -26,8 +41,6 @@ class RunError(EntrepError):
 def fold_dirs(run: Path, cfg, partial: str) -> list[Path]:
     """The finished models on disk, whichever train.py calls made them: every fold of the run (and an
     all-data model when there is one). Unfinished folds are refused or skipped as infer.partial says."""
-    from entrep.model.checkpoint import fold_dir, fold_finished  # imports torch: kept out of `infer.py --help`
-
     folds = [fold_dir(run, k) for k in range(cfg.cv.n_splits)]
     full = [fold_dir(run, -1)] if fold_finished(fold_dir(run, -1)) else []
     done = [d for d in folds if fold_finished(d)] + full
@@ -67,20 +80,18 @@ def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
     """head_weight and per-track slerp alpha and re-ranking: the OOF-tuned values from tuned.json,
     except where the command line sets the key (infer.head_weight, model.slerp.alpha,
     model.slerp.infer, rerank.methods), which always wins."""
-    from entrep.report import track_settings
-
     out = {"head_weight": cfg.infer.head_weight if cfg.infer.head_weight >= 0 or not tuned
-           else tuned.get("head_weight", 0.5)}
+           else tuned.get("head_weight", DEFAULT_HEAD_WEIGHT)}
     if out["head_weight"] < 0:
-        out["head_weight"] = 0.5
-    for track in ("i2i", "t2i"):
+        out["head_weight"] = DEFAULT_HEAD_WEIGHT
+    for track in RETRIEVAL_TRACKS:
         alpha, kept = track_settings(tuned, track) if tuned else (cfg.model.slerp.alpha, {})
         if "model.slerp.alpha" in given:
             alpha = cfg.model.slerp.alpha
         if not cfg.model.slerp.infer:
             alpha = 0.0
         if "rerank.methods" in given:
-            kept = offered_methods(cfg, track)
+            kept = offered_methods(cfg.rerank, track)
         out[track] = {"alpha": alpha, "rerank": kept}
     return out
 
@@ -101,8 +112,6 @@ class Predictions:
 
     def write(self, folder: Path) -> None:
         """classes.csv, i2i.json, t2i.json and meta.json, each written atomically (meta last)."""
-        from entrep.io import atomic_write_csv, atomic_write_json
-
         atomic_write_csv(folder / "classes.csv", self.classes)
         atomic_write_json(folder / "i2i.json", self.i2i)
         atomic_write_json(folder / "t2i.json", self.t2i)
@@ -117,8 +126,6 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     (`predict(run, test, infer__topk=5)`); a key given here beats the value tuned on OOF. On a blend
     they apply to every member.
     """
-    from entrep.blending import BLEND_FILE, read_blend
-
     run, test_dir = Path(run), Path(test_dir)
     overrides = list(overrides) + [f"{k.replace('__', '.')}={json.dumps(v) if not isinstance(v, str) else v}"
                                    for k, v in kw.items()]
@@ -129,11 +136,7 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     cfgs = [load_config(m / "config.yaml", overrides) for m in members]
     cfg = cfgs[0]  # the ranking's own settings (infer.topk, infer.gallery, infer.search, ...)
     given = {parse_override(o)[0] for o in overrides}
-    from entrep.model.backbone import set_offline
-
     set_offline(cfg.model.offline)
-    from entrep.data.release import file_hash, load_test
-
     test = load_test(test_dir)
     if not (test.cls or test.i2i or test.t2i):
         raise RunError(f"{test_dir}: no query list (cls.csv, i2i.csv or t2i.csv) anywhere below it; nothing to "
@@ -142,7 +145,7 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         log.info("%s: query %r resolved to %r", f, listed, disk)
     names = sorted(test.images)
     gallery = read_gallery(cfg.infer.gallery, test.images) if cfg.infer.gallery else names
-    test_hashes = [file_hash(test.images[n]) for n in names]
+    test_hashes = [file_sha1(test.images[n]) for n in names]
     in_training = training_overlap(run, names, test_hashes)
     if in_training["by_name"] or in_training["by_content"]:
         log.warning("%d test images are training images (by name: %d, e.g. %s; by content: %d, e.g. %s): in the "
@@ -158,12 +161,10 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         views.append(v)
         infos.append(info)
     if blend:
-        from entrep.blending import mix
-
         view = mix(views, weights)
-        rerank = {t: blend.rerank[t] for t in ("i2i", "t2i")}
+        rerank = {t: blend.rerank[t] for t in RETRIEVAL_TRACKS}
         if "rerank.methods" in given:
-            rerank = {t: offered_methods(cfg, t) for t in rerank}
+            rerank = {t: offered_methods(cfg.rerank, t) for t in rerank}
         # a member's own re-ranking is not applied: the blend re-ranks the mix with its own
         members_used = [{k: ({"alpha": v["alpha"]} if k in rerank else v) for k, v in i.items()} for i in infos]
         settings = {"members": members_used, "weights": weights, **{t: {"rerank": rerank[t]} for t in rerank}}
@@ -171,11 +172,9 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     else:
         view = views[0]
         settings = {k: v for k, v in infos[0].items() if k not in ("run", "folds")}
-        rerank = {t: settings[t]["rerank"] for t in ("i2i", "t2i")}
+        rerank = {t: settings[t]["rerank"] for t in RETRIEVAL_TRACKS}
         folds = infos[0]["folds"]
     i2i, t2i = rank_test(view, test, gallery, rerank, cfg)
-    from entrep.labels import LabelSet
-
     labels = LabelSet.from_config(cfg.labels).names
     pred = view.probs.argmax(1)
     cls_df = pd.DataFrame({"image": names, "pred": [labels[i] for i in pred], "pred_idx": pred,
@@ -187,29 +186,9 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     return Predictions(cls_df, i2i, t2i, meta)
 
 
-def offered_methods(cfg, track: str) -> dict:
-    """rerank.methods as given, less those not offered for the track."""
-    from entrep.report import RERANK_OFFERED
-    from entrep.retrieval import method_params
-
-    return {m: method_params(m, cfg.rerank) for m in cfg.rerank.methods if m in RERANK_OFFERED[track]}
-
-
 def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: set[str]):
     """(FoldView of the test images and captions, what was used): one run's finished folds and flip TTA,
     averaged; probabilities with the run's head weight, retrieval embeddings with its per-track alpha."""
-    import torch
-
-    from entrep.data.images import ImageCache
-    from entrep.engine import embed_images, embed_texts, eval_loader, make_accelerator, retrieval_embedding
-    from entrep.labels import LabelSet
-    from entrep.model.backbone import image_stats
-    from entrep.model.checkpoint import check_compatible, load_fold_weights, read_meta
-    from entrep.model.entrep_clip import build_model
-    from entrep.model.lora import merged
-    from entrep.report import FoldView, read_json
-    from entrep.retrieval import average_embeddings, text_class_probs
-
     labels = LabelSet.from_config(cfg.labels)
     dirs = fold_dirs(run, cfg, cfg.infer.partial)
     log.info("%s: ensembling %s, the finished models on disk", run, ", ".join(d.name for d in dirs))
@@ -219,24 +198,25 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     settings = inference_settings(cfg, tuned, given)
     if not tuned:
         log.warning("%s has no tuned.json (no complete OOF run): settings from the config: %s", run, settings)
-    acc = make_accelerator(cfg)
-    model = acc.prepare(build_model(cfg, labels))
-    stats = image_stats(acc.unwrap_model(model).base)
+    accelerator = make_accelerator(cfg)
+    model = accelerator.prepare(build_model(cfg, labels))
+    unwrapped = accelerator.unwrap_model(model)
+    stats = image_stats(unwrapped.base)
     cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(stats.size))
     pixels = cache.pixels([str(test.images[n]) for n in names], hashes)
 
-    loader = eval_loader(pixels, acc, cfg.train.eval_batch_size)  # prepared once, embedded by every fold
-    probs_sum, rets, texts, text_probs = 0.0, {"i2i": [], "t2i": []}, [], []
+    loader = eval_loader(pixels, accelerator, cfg.train.eval_batch_size)  # prepared once, embedded by every fold
+    probs_sum, rets, texts, text_probs = 0.0, {t: [] for t in RETRIEVAL_TRACKS}, [], []
     captions = test.t2i or []
     for d in dirs:
-        load_fold_weights(acc.unwrap_model(model), d, adapter_name=d.name)
-        with merged(acc.unwrap_model(model).clip) if cfg.infer.merge_lora else contextlib.nullcontext():
-            e = embed_images(model, loader, acc, labels, stats, tta_flip=cfg.infer.tta_flip)
+        load_fold_weights(unwrapped, d, adapter_name=d.name)
+        with merged(unwrapped.clip) if cfg.infer.merge_lora else contextlib.nullcontext():
+            e = embed_images(model, loader, accelerator, labels, stats, tta_flip=cfg.infer.tta_flip)
             if captions:
-                texts.append(torch.from_numpy(embed_texts(model, captions, acc)))
+                texts.append(torch.from_numpy(embed_texts(model, captions, accelerator)))
         probs = e.probs(settings["head_weight"], cfg.infer.tta_flip)
         probs_sum = probs_sum + probs
-        for track in ("i2i", "t2i"):
+        for track in RETRIEVAL_TRACKS:
             rets[track].append(torch.from_numpy(retrieval_embedding(e.emb, probs, e.class_emb,
                                                                     settings[track]["alpha"])))
         if captions and e.class_emb is not None:
@@ -251,19 +231,15 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
 def rank_test(view, test, gallery: list[str], rerank: dict[str, dict], cfg) -> tuple[dict, dict]:
     """The i2i and t2i rankings of a test folder's queries over `gallery` (i2i queries never retrieve
     themselves)."""
-    import torch
-
-    from entrep.retrieval import rank_gallery
-
     pos = {n: i for i, n in enumerate(view.images)}
     g_idx = [pos[n] for n in gallery]
     g_pos = {n: i for i, n in enumerate(gallery)}
     probs = torch.from_numpy(view.probs).float()
 
-    def rank(track, queries, exclude=None, pq=None):
+    def rank(track, queries, exclude=None, query_probs=None):
         s, i = rank_gallery(queries, torch.from_numpy(view.ret[track][g_idx]), cfg.infer.topk, rerank[track],
-                            exclude=exclude, pq=pq, pg=probs[g_idx], max_bytes=cfg.infer.max_sim_bytes,
-                            search=cfg.infer.search, nprobe=cfg.infer.faiss_nprobe)
+                            exclude=exclude, query_probs=query_probs, gallery_probs=probs[g_idx],
+                            max_bytes=cfg.infer.max_sim_bytes, search=cfg.infer.search, nprobe=cfg.infer.faiss_nprobe)
         return [[{"image": gallery[j], "score": round(float(x), 6)} for x, j in zip(sr, ir)]
                 for sr, ir in zip(s.tolist(), i.tolist())]
 
@@ -273,6 +249,6 @@ def rank_test(view, test, gallery: list[str], rerank: dict[str, dict], cfg) -> t
         exclude = torch.tensor([g_pos.get(test.on_disk[x], -1) for x in test.i2i])
         i2i = dict(zip(test.i2i, rank("i2i", torch.from_numpy(view.ret["i2i"][q]), exclude, probs[q])))
     if view.captions:
-        pt = None if view.caption_probs is None else torch.from_numpy(view.caption_probs).float()
-        t2i = dict(zip(view.captions, rank("t2i", torch.from_numpy(view.caption_emb), None, pt)))
+        caption_probs = None if view.caption_probs is None else torch.from_numpy(view.caption_probs).float()
+        t2i = dict(zip(view.captions, rank("t2i", torch.from_numpy(view.caption_emb), None, caption_probs)))
     return i2i, t2i

@@ -1,12 +1,19 @@
-"""Atomic writes: every file the kit writes goes to a temp file in the same folder, then os.replace."""
+"""Atomic writes (every file the kit writes goes to a temp file in the same folder, then os.replace),
+reading back what the kit wrote, and one writer per run directory."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
+from entrep.errors import EntrepError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -44,25 +51,33 @@ def atomic_write_csv(path: str | Path, df) -> None:
         df.to_csv(tmp, index=False)
 
 
+def read_json(path: str | Path):
+    """A JSON file the kit wrote (tuned.json, report.json, blend.json, ...); a missing, truncated or
+    hand-broken one is one line naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EntrepError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EntrepError(f"{path}: unreadable ({type(e).__name__}: {e}); re-create it with the command that "
+                          f"wrote it") from None
+
+
 @contextlib.contextmanager
 def exclusive_run(run_dir: Path, what: str):
     """Hold `run_dir` for one writer: a second train.py (or ablation) on the same run is refused
     with one line. An OS lock (filelock), so a killed holder leaves nothing that blocks later runs."""
-    import socket
-    import sys
-    import time
-
-    from filelock import FileLock, Timeout
-
-    from entrep.errors import EntrepError
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock, owner = FileLock(run_dir / ".lock"), run_dir / ".lock.owner"
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        held = json.loads(owner.read_text()) if owner.is_file() else {}
+        try:  # the holder may finish (and remove its owner file) meanwhile
+            held = json.loads(owner.read_text())
+        except (OSError, ValueError):
+            held = {}
         raise EntrepError(f"{run_dir} is in use by another {held.get('what', 'process')} (pid {held.get('pid', '?')} "
                           f"on {held.get('host', '?')}, since {held.get('since', '?')}); wait for it, or use "
                           f"another --name") from None

@@ -216,12 +216,6 @@ class KReciprocal:
         return jaccard.mul_(1 - self.lam).add_(orig, alpha=self.lam)
 
 
-def k_reciprocal_distance(q: torch.Tensor, g: torch.Tensor, k1: int = 20, k2: int = 6, lam: float = 0.3
-                          ) -> torch.Tensor:
-    """(Q, N) k-reciprocal distances, dense: for small inputs and tests (rank_gallery goes by blocks)."""
-    return KReciprocal(q, g, k1, k2, lam).distances(0, q.shape[0])
-
-
 def method_params(name: str, cfg) -> dict:
     """The configured parameters of one re-ranking method (cfg: RerankConfig)."""
     return {"dba": {"k": cfg.dba_k}, "qe": {"k": cfg.qe_k, "alpha": cfg.qe_alpha},
@@ -241,10 +235,11 @@ class Reranker:
     DBA and alpha-QE replace the embeddings (chunked neighbour averages); k-reciprocal and the class
     bonus change the scores of each block. Every temporary stays within `max_bytes`.
     q_in_gallery[i] = gallery index of query i (i2i), so DBA moves the query with its gallery copy.
+    query_probs / gallery_probs: (Q, C) / (N, C) class distributions, read by the class bonus.
     """
 
-    def __init__(self, q: torch.Tensor, g: torch.Tensor, methods: dict, exclude: torch.Tensor | None = None,
-                 pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
+    def __init__(self, q: torch.Tensor, g: torch.Tensor, methods: dict, *, exclude: torch.Tensor | None = None,
+                 query_probs: torch.Tensor | None = None, gallery_probs: torch.Tensor | None = None,
                  q_in_gallery: torch.Tensor | None = None, max_bytes: int = MAX_SIM_BYTES):
         q, g = F.normalize(q.float(), dim=-1), F.normalize(g.float(), dim=-1)
         if "dba" in methods:
@@ -257,8 +252,8 @@ class Reranker:
         self.q, self.g, self.exclude, self.max_bytes = q, g, exclude, max_bytes
         p = methods.get("kreciprocal")
         self.kr = KReciprocal(q, g, p["k1"], p["k2"], p["lam"], max_bytes) if p else None
-        self.bonus = (methods["class_bonus"]["beta"], pq.float(), pg.float()) if (
-            "class_bonus" in methods and pq is not None and pg is not None) else None
+        self.bonus = (methods["class_bonus"]["beta"], query_probs.float(), gallery_probs.float()) if (
+            "class_bonus" in methods and query_probs is not None and gallery_probs is not None) else None
 
     def block_rows(self) -> int:
         """Query rows per block: the score block, its one same-sized temporary and topk's workspace."""
@@ -268,24 +263,17 @@ class Reranker:
         """(e - s, N) scores of queries s..e-1, higher is better; excluded pairs get -inf."""
         out = self.kr.distances(s, e).neg_() if self.kr is not None else self.q[s:e] @ self.g.t()
         if self.bonus is not None:
-            beta, pq, pg = self.bonus
-            out.add_(pq[s:e] @ pg.t(), alpha=beta)
+            beta, query_probs, gallery_probs = self.bonus
+            out.add_(query_probs[s:e] @ gallery_probs.t(), alpha=beta)
         if self.exclude is not None:
             _mask(out, self.exclude[s:e])
         return out
 
 
-def rerank_scores(q: torch.Tensor, g: torch.Tensor, methods: dict, exclude: torch.Tensor | None = None,
-                  pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
-                  q_in_gallery: torch.Tensor | None = None) -> torch.Tensor:
-    """All (Q, N) re-ranked scores at once: for small inputs and tests."""
-    return Reranker(q, g, methods, exclude, pq, pg, q_in_gallery).scores(0, q.shape[0])
-
-
 def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, k: int, rerank: dict | None = None, *,
-                 exclude: torch.Tensor | None = None, pq: torch.Tensor | None = None, pg: torch.Tensor | None = None,
-                 max_bytes: int = MAX_SIM_BYTES, search: str = "torch", nprobe: int = 16
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 exclude: torch.Tensor | None = None, query_probs: torch.Tensor | None = None,
+                 gallery_probs: torch.Tensor | None = None, max_bytes: int = MAX_SIM_BYTES, search: str = "torch",
+                 nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores, indices), best first, in blocks of queries that keep every temporary within
     `max_bytes`: re-ranked when methods are given, else cosine (`search`: torch, or faiss-flat|ivf|hnsw).
     `exclude[q]` is also the query's own gallery row (i2i)."""
@@ -293,7 +281,9 @@ def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, k: int, rerank: d
         return faiss_topk(faiss_index(gallery, search.removeprefix("faiss-"), nprobe), queries, k, exclude)
     if not rerank:
         return topk_cosine(queries, gallery, k, exclude, max_bytes)
-    r = Reranker(queries, gallery, rerank, exclude, pq, pg, exclude, max_bytes)
+    # an i2i query's excluded gallery row is its own copy: DBA moves the query with it
+    r = Reranker(queries, gallery, rerank, exclude=exclude, query_probs=query_probs, gallery_probs=gallery_probs,
+                 q_in_gallery=exclude, max_bytes=max_bytes)
     k = min(k, len(gallery) - int(exclude is not None and bool((exclude >= 0).any())))
     rows = r.block_rows()
     blocks = [r.scores(s, min(s + rows, len(queries))).topk(k, dim=1) for s in range(0, len(queries), rows)]

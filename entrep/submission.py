@@ -8,7 +8,7 @@ from pathlib import Path
 from entrep.io import atomic_path, atomic_write_json
 from entrep.errors import EntrepError
 
-TRACKS = {"cls": "Track 1 classification", "i2i": "Track 2 image-to-image", "t2i": "Track 3 text-to-image"}
+TRACK_TITLES = {"cls": "Track 1 classification", "i2i": "Track 2 image-to-image", "t2i": "Track 3 text-to-image"}
 
 
 class SubmissionError(EntrepError):
@@ -18,8 +18,8 @@ class SubmissionError(EntrepError):
 def validate(track: str, sub: dict, queries: list[str], gallery: set[str] | None = None,
              n_classes: int | None = None) -> None:
     """Every query present, no extra key, values of the track's type, retrieved images in the gallery."""
-    if track not in TRACKS:
-        raise SubmissionError(f"unknown track {track!r}; choose one of {list(TRACKS)}")
+    if track not in TRACK_TITLES:
+        raise SubmissionError(f"unknown track {track!r}; choose one of {list(TRACK_TITLES)}")
     problems = []
     missing = [q for q in queries if q not in sub]
     extra = [k for k in sub if k not in set(queries)]
@@ -42,7 +42,7 @@ def validate(track: str, sub: dict, queries: list[str], gallery: set[str] | None
         elif track == "i2i" and q in items:
             problems.append(f"{q!r}: an i2i query retrieved itself")
     if problems:
-        raise SubmissionError(f"{TRACKS[track]} submission is invalid:\n  - " + "\n  - ".join(problems[:20]))
+        raise SubmissionError(f"{TRACK_TITLES[track]} submission is invalid:\n  - " + "\n  - ".join(problems[:20]))
 
 
 def write_track(track: str, sub: dict, out_dir: Path) -> tuple[Path, Path]:

@@ -40,7 +40,7 @@ def real_release(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> Path:
-    from entrep.demo import make_demo
+    from entrep.data.demo import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo") / "data", seed=0, size=64, cases=60, test_cases=16,
                      public_cases=12)

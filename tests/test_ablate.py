@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from entrep.ablate import default_ladder, inference_only, main
+from entrep.commands.ablate import default_ladder, inference_only, main
 from entrep.config import flat_dict, load_config, parse_override
 
 

@@ -9,7 +9,9 @@ import pytest
 from entrep.blending import BlendError, Member, check_same_folds, choose, crossfit_blend, mix, select
 from entrep.config import load_config
 from entrep.data.folds import FoldError, load_or_make_folds
-from entrep.report import TRACKS, crossfit, tune
+from entrep.oof import RETRIEVAL_TRACKS
+from entrep.report import crossfit_figures
+from entrep.tuning import tune
 from test_report import NAMES, signal_free, synthetic_oof
 
 
@@ -19,7 +21,7 @@ def cfg():
 
 
 def member(oof, table, cfg, name="A") -> Member:
-    report, _ = crossfit(oof, table, NAMES, cfg)
+    report, _ = crossfit_figures(oof, table, NAMES, cfg)
     return Member(Path(name), cfg, oof, report, tune(oof, table, NAMES, cfg))
 
 
@@ -59,7 +61,7 @@ def test_a_run_blended_with_itself_reports_exactly_its_own_figures(cfg):
     report, tuned, _ = crossfit_blend([a, a], table, NAMES, rounds=4)
     assert report["classification"]["accuracy"] == pytest.approx(a.report["classification"]["accuracy"])
     assert report["classification"]["f1_macro"] == pytest.approx(a.report["classification"]["f1_macro"])
-    for t in TRACKS:
+    for t in RETRIEVAL_TRACKS:
         assert report[t]["mrr"] == pytest.approx(a.report[t]["mrr"], abs=1e-6)
     assert report["members"]["A"]["i2i"]["mrr"] == a.report["i2i"]["mrr"]
 
@@ -143,7 +145,7 @@ def test_weights_chosen_on_the_scored_folds_would_flatter_a_blend_of_noise(cfg):
     members = [member(signal_free(oof, seed=s), table, cfg, f"n{s}") for s in range(6)]
     report, tuned, _ = crossfit_blend(members, table, NAMES, rounds=10)
     in_sample_views = {k: mix([m.views(None)[k] for m in members], tuned["weights"]) for k in oof}
-    from entrep.report import pooled_classification
+    from entrep.oof import pooled_classification
 
     in_sample = pooled_classification(in_sample_views, table, NAMES)["accuracy"]
     crossfit_acc = report["classification"]["accuracy"]

@@ -4,7 +4,7 @@ import pytest
 from conftest import placeholder
 from entrep.data import images
 from entrep.data.images import ImageCache, decode_image
-from entrep.data.release import file_hash
+from entrep.data.release import file_sha1
 
 
 def test_cache_holds_the_same_pixels_as_a_direct_decode_and_follows_file_changes(tmp_path, monkeypatch):
@@ -12,7 +12,7 @@ def test_cache_holds_the_same_pixels_as_a_direct_decode_and_follows_file_changes
     for i, p in enumerate(paths):
         placeholder(p, i, size=40)
     cache = ImageCache(tmp_path / "cache", 24)
-    px = cache.pixels([str(p) for p in paths], [file_hash(p) for p in paths])
+    px = cache.pixels([str(p) for p in paths], [file_sha1(p) for p in paths])
     for i, p in enumerate(paths):
         assert np.array_equal(px[i], decode_image(p, 24))
     assert np.array_equal(np.asarray(px[np.array([3, 1])]), np.stack([decode_image(paths[3], 24),
@@ -20,10 +20,10 @@ def test_cache_holds_the_same_pixels_as_a_direct_decode_and_follows_file_changes
     calls = []
     real = images.decode_image
     monkeypatch.setattr(images, "decode_image", lambda p, s: calls.append(p) or real(p, s))
-    again = ImageCache(tmp_path / "cache", 24).pixels([str(p) for p in paths], [file_hash(p) for p in paths])
+    again = ImageCache(tmp_path / "cache", 24).pixels([str(p) for p in paths], [file_sha1(p) for p in paths])
     assert calls == [] and np.array_equal(np.asarray(again), np.asarray(px))  # nothing re-decoded
     placeholder(paths[2], 99, size=40)  # the file changes: only it is decoded again
-    fresh = ImageCache(tmp_path / "cache", 24).pixels([str(p) for p in paths], [file_hash(p) for p in paths])
+    fresh = ImageCache(tmp_path / "cache", 24).pixels([str(p) for p in paths], [file_sha1(p) for p in paths])
     assert calls == [str(paths[2])]
     assert np.array_equal(fresh[2], decode_image(paths[2], 24))
     assert np.array_equal(fresh[0], px[0])
@@ -33,7 +33,7 @@ def test_cache_holds_the_same_pixels_as_a_direct_decode_and_follows_file_changes
 
 def _fill(paths, cache_dir, out):
     """In a child process: ask the shared cache for `paths` and report whether it gave true pixels."""
-    px = ImageCache(cache_dir, 24).pixels([str(p) for p in paths], [file_hash(p) for p in paths])
+    px = ImageCache(cache_dir, 24).pixels([str(p) for p in paths], [file_sha1(p) for p in paths])
     out.put(all(np.array_equal(px[i], decode_image(p, 24)) for i, p in enumerate(paths)))
 
 
@@ -59,7 +59,7 @@ def test_concurrent_processes_share_the_cache_without_corrupting_it(tmp_path):
         codes = [p.exitcode for p in procs]
         results = [out.get(timeout=10) for c in codes if c == 0]
         assert codes == [0] * len(procs) and all(results), (round_, codes, results)
-    px = ImageCache(cache_dir, 24).pixels([str(p) for p in paths], [file_hash(p) for p in paths])
+    px = ImageCache(cache_dir, 24).pixels([str(p) for p in paths], [file_sha1(p) for p in paths])
     assert all(np.array_equal(px[i], decode_image(p, 24)) for i, p in enumerate(paths))
     assert not list(cache_dir.glob(".*.tmp"))
 
@@ -69,7 +69,7 @@ def test_a_damaged_segment_is_detected_and_rebuilt_not_read(damage, tmp_path, ca
     paths = [tmp_path / f"{i}.png" for i in range(6)]
     for i, p in enumerate(paths):
         placeholder(p, i, size=40)
-    hashes = [file_hash(p) for p in paths]
+    hashes = [file_sha1(p) for p in paths]
     ImageCache(tmp_path / "cache", 24).pixels([str(p) for p in paths], hashes)
     (seg,) = (tmp_path / "cache").glob("seg-24-*.u8")
     raw = bytearray(seg.read_bytes())

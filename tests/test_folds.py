@@ -94,7 +94,7 @@ def test_near_duplicate_copy_joins_its_source_group_and_unrelated_images_do_not(
 
     from entrep.data.folds import fold_groups, perceptual_hashes
     from entrep.data.images import ImageCache
-    from entrep.demo import make_demo
+    from entrep.data.demo import make_demo
 
     root = make_demo(tmp_path / "d", seed=0, size=160, cases=60, test_cases=4, public_cases=0)
     cls = json.loads((root / "train/cls.json").read_text())

@@ -185,7 +185,7 @@ def test_run_dir_arrays_and_weights_are_never_unpickled(tmp_path):
     from safetensors import SafetensorError
 
     from entrep.model.checkpoint import load_fold_weights
-    from entrep.report import load_fold_oof
+    from entrep.oof import load_fold_oof
 
     with open(tmp_path / "oof.npz", "wb") as f:
         np.savez(f, head=np.array([object()], dtype=object))
@@ -306,7 +306,7 @@ def test_an_unwritable_folder_is_one_line(capsys):
     """CI runs as root, which writes anywhere, so the entry points' handler is exercised directly."""
     from entrep.cli import run_main
 
-    def main():
+    def main(argv=None):
         raise PermissionError(13, "Permission denied", "/ro/runs/x")
 
     assert run_main(main) == 2

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from entrep.config import load_config
-from entrep.engine import Embedded
-from entrep.report import (RERANK_OFFERED, TRACKS, FoldOOF, crossfit, pooled_classification, pooled_retrieval,
-                           track_rankings, tune)
+from entrep.embedding import Embedded
+from entrep.oof import RETRIEVAL_TRACKS, FoldOOF, pooled_classification, pooled_retrieval, track_rankings
+from entrep.report import crossfit_figures
+from entrep.tuning import RERANK_OFFERED, tune
 
 NAMES = ["a", "b", "c"]
 
@@ -49,12 +50,12 @@ def cfg():
 
 def test_each_fold_is_scored_with_settings_tuned_on_the_other_folds(cfg):
     oof, table = synthetic_oof()
-    report, scored = crossfit(oof, table, NAMES, cfg)
+    report, scored = crossfit_figures(oof, table, NAMES, cfg)
     others = {k: tune({j: f for j, f in oof.items() if j != k}, table, NAMES, cfg) for k in oof}
     for k in oof:
         settings = scored[k].settings
         assert settings["head_weight"] == others[k]["head_weight"]
-        for track in TRACKS:
+        for track in RETRIEVAL_TRACKS:
             assert settings[track]["alpha"] == others[k][track]["alpha"]
             assert settings[track]["rerank"] == list(others[k][track]["rerank"]["kept"])
     # the pooled figures are exactly those of each fold scored with its own cross-fitted settings
@@ -62,7 +63,7 @@ def test_each_fold_is_scored_with_settings_tuned_on_the_other_folds(cfg):
     y, pred = [], []
     for k, f in oof.items():
         y += [y_of[n] for n in f.images]
-        pred += list(f.e.probs(others[k]["head_weight"], False).argmax(1))
+        pred += list(f.embedded.probs(others[k]["head_weight"], False).argmax(1))
     assert report["classification"]["accuracy"] == pytest.approx(np.mean(np.array(y) == np.array(pred)))
     rk, rel = [], []
     for k, fold in oof.items():
@@ -85,9 +86,9 @@ def signal_free(oof, seed=9):
 
     out = {}
     for k, f in oof.items():
-        n, c = f.e.emb.shape[0], f.e.head[0].shape[1]
+        n, c = f.embedded.emb.shape[0], f.embedded.head[0].shape[1]
         head, prompt = (rng.dirichlet(np.ones(c), size=n).astype(np.float32) for _ in range(2))
-        out[k] = FoldOOF(f.images, Embedded([head], [prompt], unit(rng.normal(size=f.e.emb.shape)), f.e.class_emb),
+        out[k] = FoldOOF(f.images, Embedded([head], [prompt], unit(rng.normal(size=f.embedded.emb.shape)), f.embedded.class_emb),
                          f.captions, unit(rng.normal(size=f.caption_emb.shape)))
     return out
 
@@ -98,7 +99,7 @@ def test_in_sample_tuning_would_flatter_the_report(cfg):
     at chance."""
     oof, table = synthetic_oof(seed=2, per_fold=30)
     noise = signal_free(oof, seed=12)
-    report, _ = crossfit(noise, table, NAMES, cfg)
+    report, _ = crossfit_figures(noise, table, NAMES, cfg)
     t = tune(noise, table, NAMES, cfg)
     in_sample = pooled_classification({k: f.view(t["head_weight"], False) for k, f in noise.items()}, table, NAMES)
     assert in_sample["f1_macro"] > report["classification"]["f1_macro"] + 0.05
@@ -110,7 +111,7 @@ def test_in_sample_tuning_would_flatter_the_report(cfg):
 def test_each_track_has_its_own_alpha_and_reranking_and_only_meaningful_methods(cfg):
     oof, table = synthetic_oof()
     t = tune(oof, table, NAMES, cfg)
-    for track in TRACKS:
+    for track in RETRIEVAL_TRACKS:
         assert set(t[track]) >= {"alpha", "alpha_grid_mrr", "rerank"}
         tried = [s["method"] for s in t[track]["rerank"]["steps"]]
         assert tried == [m for m in cfg.rerank.methods if m in RERANK_OFFERED[track]]

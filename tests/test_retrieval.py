@@ -6,8 +6,18 @@ import torch
 import torch.nn.functional as F
 
 from entrep.errors import EntrepError
-from entrep.retrieval import (average_embeddings, faiss_index, faiss_topk, k_reciprocal_distance, neighbour_average,
-                              rank_gallery, rerank_scores, topk_cosine, unit)
+from entrep.retrieval import (KReciprocal, Reranker, average_embeddings, faiss_index, faiss_topk, neighbour_average,
+                              rank_gallery, topk_cosine, unit)
+
+
+def rerank_scores(q, g, methods, **kw):
+    """All (Q, N) re-ranked scores at once (rank_gallery goes by blocks)."""
+    return Reranker(q, g, methods, **kw).scores(0, q.shape[0])
+
+
+def k_reciprocal_distance(q, g, k1=20, k2=6, lam=0.3):
+    """(Q, N) k-reciprocal distances, dense."""
+    return KReciprocal(q, g, k1, k2, lam).distances(0, q.shape[0])
 
 
 def _v(*rows):
@@ -100,7 +110,7 @@ def test_class_bonus_breaks_ties_toward_the_same_predicted_class():
     gal = _v([0.8, 0.6], [0.8, -0.6])  # equally close
     pq = torch.tensor([[0.0, 1.0]])
     pg = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    s = rerank_scores(q, gal, {"class_bonus": {"beta": 0.1}}, pq=pq, pg=pg)[0]
+    s = rerank_scores(q, gal, {"class_bonus": {"beta": 0.1}}, query_probs=pq, gallery_probs=pg)[0]
     assert s.argmax() == 1 and torch.isclose(s[1] - s[0], torch.tensor(0.1))
 
 
@@ -185,10 +195,11 @@ def pts(n): return F.normalize(centres[torch.randint(0, 50, (n,), generator=g)] 
 methods = {"dba": {"k": 2}, "qe": {"k": 2, "alpha": 3.0}, "kreciprocal": {"k1": 20, "k2": 6, "lam": 0.3},
            "class_bonus": {"beta": 0.1}}
 small_q, small_g = pts(50), pts(200)
-rank_gallery(small_q, small_g, 10, methods, pq=torch.rand(50, 7), pg=torch.rand(200, 7), max_bytes=16 * 2**20)
+rank_gallery(small_q, small_g, 10, methods, query_probs=torch.rand(50, 7), gallery_probs=torch.rand(200, 7),
+             max_bytes=16 * 2**20)
 q, gal, pq, pg = pts(1000), pts(4000), torch.rand(1000, 7), torch.rand(4000, 7)
 before = rss()
-s, i = rank_gallery(q, gal, 10, methods, pq=pq, pg=pg, max_bytes=16 * 2**20)
+s, i = rank_gallery(q, gal, 10, methods, query_probs=pq, gallery_probs=pg, max_bytes=16 * 2**20)
 assert i.shape == (1000, 10)
 from entrep.retrieval import topk_cosine
 grew = rss() - before

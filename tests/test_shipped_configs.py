@@ -49,7 +49,8 @@ def test_every_config_file_is_listed():
 @pytest.mark.parametrize("name", [*CONFIGS, "Config()"])
 def test_shipped_config_builds_steps_embeds_and_reloads(name, tmp_path, fresh_accelerate_state):
     from entrep.data.dataset import TrainDataset
-    from entrep.engine import TrainStep, embed_images, make_accelerator, total_steps, train_pipeline
+    from entrep.embedding import embed_images
+    from entrep.engine import TrainStep, make_accelerator
     from entrep.labels import LabelSet
     from entrep.model.backbone import image_stats
     from entrep.model.checkpoint import load_fold_weights, save_weights
@@ -65,17 +66,16 @@ def test_shipped_config_builds_steps_embeds_and_reloads(name, tmp_path, fresh_ac
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (4, work, work, 3), dtype=np.uint8)
     captions = [["erythema of the left vocal fold"], [], ["a normal nasal cavity"], []]
-    ds = TrainDataset(pixels, np.array([0, 1, 2, -1]), captions, np.array([0, 0, -1, -1]), np.arange(4), labels,
-                      cfg.train.hflip)
+    ds = TrainDataset(pixels, y=np.array([0, 1, 2, -1]), captions=captions, groups=np.array([0, 0, -1, -1]),
+                      index=np.arange(4), labels=labels, hflip=cfg.train.hflip)
     acc = make_accelerator(cfg, cpu=True)
-    loader, device_augment = train_pipeline(ds, cfg, acc.device, (mean, std, size))
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable_before = _trainable(model)
-    step = TrainStep(cfg, acc, model, loader, total_steps(loader, cfg), device_augment)
+    step = TrainStep.for_dataset(cfg, acc, model, ds, image_stats(model.base))
     step.model.train()
     loss, parts = step(next(iter(step.loader)))
     assert np.isfinite(loss) and parts
-    m = step.m
+    m = step.unwrapped
     changed = [n for n, p in _trainable(m).items() if not torch.equal(p, trainable_before[n])]
     assert changed, "one optimizer step changed no trainable parameter"
     assert all(torch.equal(p, base_before[n]) for n, p in m.named_parameters() if not p.requires_grad)
@@ -158,7 +158,7 @@ def test_grad_checkpointing_keeps_loss_and_gradients(fresh_accelerate_state):
                  "group": torch.tensor([-1, -1, 0, 0]), "all_captions": [["a left ear"], [], ["a throat"], []]}
         acc = Accelerator(cpu=True)
         torch.manual_seed(5)  # the slerp views' random t
-        loss, _ = train_loss(model, model, batch, cfg, acc)
+        loss, _ = train_loss(model, batch, cfg, acc)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = results

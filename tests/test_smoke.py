@@ -20,7 +20,7 @@ def test_three_train_steps_with_every_loss_term_lower_the_loss(demo):
     from accelerate.state import AcceleratorState
 
     from entrep.config import load_config
-    from entrep.engine import TrainStep, make_accelerator, train_pipeline
+    from entrep.engine import TrainStep, make_accelerator
 
     torch.manual_seed(0)
     cfg = load_config(Path(__file__).parents[1] / "configs/demo.yaml", ["train.warmup_frac=0"])  # full lr at once
@@ -32,10 +32,9 @@ def test_three_train_steps_with_every_loss_term_lower_the_loss(demo):
     acc = make_accelerator(cfg, cpu=True)
     model = build_model(cfg, labels)
     stats = image_stats(model.base)
-    ds = TrainDataset(decode_all(df["path"].tolist(), 72), df["y"].to_numpy(), list(df["captions"]),
-                      link_groups(df), np.arange(len(df)), labels, hflip=False)
-    loader, device_augment = train_pipeline(ds, cfg, acc.device, stats)
-    step = TrainStep(cfg, acc, model, loader, total_steps=100, device_augment=device_augment)
+    ds = TrainDataset(decode_all(df["path"].tolist(), 72), y=df["y"].to_numpy(), captions=list(df["captions"]),
+                      groups=link_groups(df), index=np.arange(len(df)), labels=labels, hflip=False)
+    step = TrainStep.for_dataset(cfg, acc, model, ds, stats, steps=100)
     batch = next(iter(step.loader))
     assert len(batch["y"]) == 24 and step.use_slerp
     losses = []
@@ -61,12 +60,12 @@ def test_train_step_under_bf16_autocast(demo, tiny_cfg):
         df = df[df["captions"].map(bool)].head(8).reset_index(drop=True)
         model = build_model(tiny_cfg, labels)
         mean, std, size = image_stats(model.base)
-        ds = TrainDataset(decode_all(df["path"].tolist(), 72), df["y"].to_numpy(), list(df["captions"]),
-                          link_groups(df), np.arange(len(df)), labels, True)
+        ds = TrainDataset(decode_all(df["path"].tolist(), 72), y=df["y"].to_numpy(), captions=list(df["captions"]),
+                          groups=link_groups(df), index=np.arange(len(df)), labels=labels, hflip=True)
         model = acc.prepare(model)
         model.train()
-        loss, parts = train_loss(model, acc.unwrap_model(model), TrainCollate(BatchAugment(size, mean, std))(
-            [ds[i] for i in range(8)]), tiny_cfg, acc)
+        loss, parts = train_loss(model, TrainCollate(BatchAugment(size, mean, std))([ds[i] for i in range(8)]),
+                                 tiny_cfg, acc)
         assert loss.dtype == torch.float32 and torch.isfinite(loss) and "text" in parts
         acc.backward(loss)
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
@@ -81,7 +80,8 @@ def test_a_fold_prepares_its_held_out_loader_once(demo):
     from accelerate.state import AcceleratorState
 
     from entrep.config import load_config
-    from entrep.engine import FoldTrainer, embed_images, eval_loader, make_accelerator
+    from entrep.embedding import embed_images, eval_loader
+    from entrep.engine import FoldTrainer, make_accelerator
 
     cfg = load_config(Path(__file__).parents[1] / "configs/demo.yaml", ["train.epochs=3", "train.batch_size=16"])
     labels = LabelSet.from_config(cfg.labels)

@@ -87,7 +87,8 @@ def test_augmentation_runs_where_speed_augment_on_says(tiny_cfg, where, device, 
     tiny_cfg.train.batch_size = 4
     labels = LabelSet.from_config(tiny_cfg.labels)
     pixels = np.random.default_rng(0).integers(0, 256, (6, 72, 72, 3), dtype=np.uint8)
-    ds = TrainDataset(pixels, np.arange(6) % 7, [[]] * 6, np.arange(6), np.arange(6), labels, True)
+    ds = TrainDataset(pixels, y=np.arange(6) % 7, captions=[[]] * 6, groups=np.arange(6), index=np.arange(6),
+                      labels=labels, hflip=True)
     loader, device_augment = train_pipeline(ds, tiny_cfg, torch.device(device), (MEAN, STD, 64))
     batch = next(iter(loader))
     if on_device:

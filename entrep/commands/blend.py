@@ -9,6 +9,9 @@ import argparse
 from pathlib import Path
 
 from entrep.cli import console, setup_logging
+from entrep.config import validate_run_name
+from entrep.errors import EntrepError
+from entrep.io import exclusive_run, read_json
 
 
 def main(argv=None) -> int:
@@ -23,10 +26,6 @@ def main(argv=None) -> int:
                          "in the best bag (default 20)")
     args = ap.parse_args(argv)
     setup_logging()
-    from entrep.config import validate_run_name
-    from entrep.errors import EntrepError
-    from entrep.io import exclusive_run
-
     validate_run_name(args.name)
     if len(args.runs) < 2:
         raise EntrepError(f"--runs {' '.join(args.runs)}: a blend needs at least two runs")
@@ -35,14 +34,12 @@ def main(argv=None) -> int:
     out = Path(args.output_dir or Path(args.runs[0]).parent) / args.name
     if (out / "config.yaml").is_file():
         raise EntrepError(f"{out} is a training run; give the blend another --name")
-    from entrep.blending import BLEND_FILE, blend, load_members, member_refs
+    from entrep.blending import BLEND_FILE, blend, load_members, member_refs  # the model stack, once args are good
     from entrep.data.release import load_release
     from entrep.labels import LabelSet
 
     if (out / BLEND_FILE).is_file():
-        import json
-
-        had = json.loads((out / BLEND_FILE).read_text(encoding="utf-8"))["members"]
+        had = read_json(out / BLEND_FILE)["members"]
         now = member_refs(args.runs, out)
         if had != now:
             raise EntrepError(f"{out} is a blend of {had}; give a blend of {now} another --name")

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from entrep.config import load_config
-from entrep.data.release import DataError, file_hash, load_release, load_test
+from entrep.data.release import DataError, file_sha1, load_release, load_test
 
 
 def _examples(items, n=3) -> str:
@@ -45,66 +45,20 @@ def near_duplicates(table, ts, max_bits: int) -> tuple[list[list[str]], list[tup
 def check(root: str, names, test_dir: str | None, console: Console, near_dup_bits: int = 12) -> int:
     try:
         table, rep = load_release(root, names, check_images=True)
+        ts = load_test(test_dir) if test_dir else None
     except DataError as e:
         console.print(f"[red]error:[/red] {e}")
         return 1
-    counts = Table(title=f"{root}: labelled images per class and source")
-    sources = sorted(set(table["source"]))
-    counts.add_column("class")
-    for s in sources:
-        counts.add_column(s, justify="right")
-    counts.add_column("total", justify="right")
-    for label in list(names) + [None]:
-        sel = table[table["label"].isna()] if label is None else table[table["label"] == label]
-        by = Counter(sel["source"])
-        counts.add_row(label or "(unlabelled)", *[str(by.get(s, 0)) for s in sources], str(len(sel)))
-    console.print(counts)
-
-    issues = Table(title="findings")
-    for col in ("finding", "count", "examples"):
-        issues.add_column(col, overflow="fold")
-    n_captioned = int(table["captions"].map(bool).sum())
-    n_pairs = int(table["partners"].map(len).sum()) // 2
-    rows = [
-        ("images (after merging)", len(table), ""),
-        ("captioned images / i2i links", f"{n_captioned} / {n_pairs}", ""),
-        ("unlabelled images (contrastive losses only)", len(rep.unlabelled), _examples(rep.unlabelled)),
-        ("image files named by no annotation", len(rep.unannotated), _examples(rep.unannotated)),
-        ("labels or links naming missing files", len(rep.missing), _examples(rep.missing)),
-        ("file names fixed by case", len(rep.case_fixes), _examples(rep.case_fixes)),
-        ("duplicate keys in a JSON object", len(rep.duplicate_keys), _examples(rep.duplicate_keys)),
-        ("unknown labels", len(rep.unknown_labels), _examples(rep.unknown_labels)),
-        ("conflicting labels", len(rep.label_conflicts), _examples(rep.label_conflicts)),
-        ("unreadable or corrupt images (skipped)", len(rep.bad_images), _examples(rep.bad_images)),
-        ("empty captions", len(rep.bad_captions), _examples(rep.bad_captions)),
-        ("same picture under two names (merged)", len(rep.content_duplicates), _examples(rep.content_duplicates)),
-    ]
-    ts = None
-    if test_dir:
-        try:
-            ts = load_test(test_dir)
-        except DataError as e:
-            console.print(f"[red]error:[/red] {e}")
-            return 1
+    console.print(_counts(root, table, names))
     clusters, leaks = near_duplicates(table, ts, near_dup_bits) if near_dup_bits else ([], [])
+    rows = _findings(table, rep)
     rows.append((f"near-duplicate clusters (pHash <= {near_dup_bits} of 256 bits; one fold each)",
                  f"{len(clusters)} ({sum(map(len, clusters))} images)", _examples([" ~ ".join(c) for c in clusters])))
     if ts is not None:
-        train_names = set(table["image"])
-        by_name = sorted(set(ts.images) & train_names)
-        train_hashes = set(table["sha1"])
-        by_content = sorted(n for n, p in ts.images.items() if file_hash(p) in train_hashes)
-        captions = {c for caps in table["captions"] for c in caps}
-        rows += [
-            ("test images", len(ts.images), ""),
-            ("test queries cls / i2i / t2i", " / ".join(str(len(q or [])) for q in (ts.cls, ts.i2i, ts.t2i)), ""),
-            ("test images also in training (by name)", len(by_name), _examples(by_name)),
-            ("test images also in training (by content)", len(by_content), _examples(by_content)),
-            ("test captions that are training captions", len([c for c in ts.t2i or [] if c in captions]), ""),
-            ("test images near-duplicate of a training image", len(leaks),
-             _examples([f"{a} ~ {b} ({d} bits)" for a, b, d in leaks])),
-            ("duplicate query lines", len(ts.duplicate_queries), _examples(ts.duplicate_queries)),
-        ]
+        rows += _test_findings(table, ts, leaks)
+    issues = Table(title="findings")
+    for col in ("finding", "count", "examples"):
+        issues.add_column(col, overflow="fold")
     for r in rows:
         issues.add_row(r[0], str(r[1]), r[2])
     console.print(issues)
@@ -127,6 +81,56 @@ def check(root: str, names, test_dir: str | None, console: Console, near_dup_bit
         console.print("[red]error:[/red] no labelled image: training cannot proceed")
         return 1
     return 0
+
+
+def _counts(root, table, names) -> Table:
+    counts = Table(title=f"{root}: labelled images per class and source")
+    sources = sorted(set(table["source"]))
+    counts.add_column("class")
+    for s in sources:
+        counts.add_column(s, justify="right")
+    counts.add_column("total", justify="right")
+    for label in list(names) + [None]:
+        sel = table[table["label"].isna()] if label is None else table[table["label"] == label]
+        by = Counter(sel["source"])
+        counts.add_row(label or "(unlabelled)", *[str(by.get(s, 0)) for s in sources], str(len(sel)))
+    return counts
+
+
+def _findings(table, rep) -> list[tuple]:
+    n_captioned = int(table["captions"].map(bool).sum())
+    n_pairs = int(table["partners"].map(len).sum()) // 2
+    return [
+        ("images (after merging)", len(table), ""),
+        ("captioned images / i2i links", f"{n_captioned} / {n_pairs}", ""),
+        ("unlabelled images (contrastive losses only)", len(rep.unlabelled), _examples(rep.unlabelled)),
+        ("image files named by no annotation", len(rep.unannotated), _examples(rep.unannotated)),
+        ("labels or links naming missing files", len(rep.missing), _examples(rep.missing)),
+        ("file names fixed by case", len(rep.case_fixes), _examples(rep.case_fixes)),
+        ("duplicate keys in a JSON object", len(rep.duplicate_keys), _examples(rep.duplicate_keys)),
+        ("unknown labels", len(rep.unknown_labels), _examples(rep.unknown_labels)),
+        ("conflicting labels", len(rep.label_conflicts), _examples(rep.label_conflicts)),
+        ("unreadable or corrupt images (skipped)", len(rep.bad_images), _examples(rep.bad_images)),
+        ("empty captions", len(rep.bad_captions), _examples(rep.bad_captions)),
+        ("same picture under two names (merged)", len(rep.content_duplicates), _examples(rep.content_duplicates)),
+    ]
+
+
+def _test_findings(table, ts, leaks) -> list[tuple]:
+    by_name = sorted(set(ts.images) & set(table["image"]))
+    train_hashes = set(table["sha1"])
+    by_content = sorted(n for n, p in ts.images.items() if file_sha1(p) in train_hashes)
+    captions = {c for caps in table["captions"] for c in caps}
+    return [
+        ("test images", len(ts.images), ""),
+        ("test queries cls / i2i / t2i", " / ".join(str(len(q or [])) for q in (ts.cls, ts.i2i, ts.t2i)), ""),
+        ("test images also in training (by name)", len(by_name), _examples(by_name)),
+        ("test images also in training (by content)", len(by_content), _examples(by_content)),
+        ("test captions that are training captions", len([c for c in ts.t2i or [] if c in captions]), ""),
+        ("test images near-duplicate of a training image", len(leaks),
+         _examples([f"{a} ~ {b} ({d} bits)" for a, b, d in leaks])),
+        ("duplicate query lines", len(ts.duplicate_queries), _examples(ts.duplicate_queries)),
+    ]
 
 
 def main(argv=None) -> int:

@@ -6,20 +6,18 @@ The work is `entrep.predict` (entrep/inference.py); this writes what it returns 
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from entrep.cli import console, setup_logging
+from entrep.cli import console, parser, setup_logging
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="infer.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="run directory written by train.py")
+    ap = parser("infer.py", __doc__.splitlines()[0], config=None)
+    ap.add_argument("--run", required=True, help="run directory written by train.py (or a blend's)")
     ap.add_argument("--data", required=True, help="test folder: images + cls.csv / i2i.csv / t2i.csv")
-    ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_intermixed_args(argv)
     setup_logging()
-    from entrep.inference import predict
+    from entrep.inference import predict  # torch and the model stack: after the arguments are known good
 
     preds = predict(args.run, args.data, args.overrides)
     out = Path(args.run) / "predictions"

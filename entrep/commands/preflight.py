@@ -5,14 +5,28 @@ train steps (speed, peak memory, whether the batch fits) and the full run's wall
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import resource
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from rich.table import Table
 
 from entrep.cli import console, parser, setup_logging
 from entrep.config import load_config
+from entrep.data.dataset import TrainDataset
+from entrep.data.release import load_release
+from entrep.embedding import embed_images
+from entrep.engine import TrainStep, make_accelerator, resolve_mixed_precision
+from entrep.io import atomic_write_json
+from entrep.labels import LabelSet
+from entrep.model.backbone import image_stats, resolve_weights, set_offline
+from entrep.model.entrep_clip import build_model
 
 log = logging.getLogger("entrep.preflight")
 
@@ -32,10 +46,6 @@ class Trial:
 
 def mixed_precision_reason(choice: str) -> tuple[str, str]:
     """(what train.py will use, why): the same rule as engine.resolve_mixed_precision."""
-    import torch
-
-    from entrep.engine import resolve_mixed_precision
-
     used = resolve_mixed_precision(choice)
     if choice != "auto":
         return used, f"set by train.mixed_precision={choice}"
@@ -105,27 +115,20 @@ def _clock(seconds: float) -> str:
 
 
 def main(argv=None) -> int:
-    ap = parser("python -m entrep.preflight", " ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--config", required=True)
+    ap = parser("python -m entrep.preflight", " ".join(__doc__.split("\n\n")[0].split()), config="YAML config")
     ap.add_argument("--data", help="training release folder to read and count (optional)")
     ap.add_argument("--steps", type=int, default=3, help="timed train steps after one warm-up (default 3)")
     ap.add_argument("--images", type=int, default=0,
                     help=f"images assumed by the time estimate without --data (default {ENTREP_TRAIN_IMAGES}, ENTRep)")
     ap.add_argument("--json", help="also write the checks and the measured figures to this file")
     args = ap.parse_intermixed_args(argv)
+    if not args.config:
+        ap.error("--config is required")
     cfg = load_config(args.config, list(args.overrides) + ([f"data.root={args.data}"] if args.data else []))
-    from entrep.model.backbone import resolve_weights, set_offline
-
     set_offline(cfg.model.offline)
     setup_logging()
-    from rich.table import Table
-
-    rows: list[tuple[str, str]] = []
     t0 = time.perf_counter()
-    rows.append(("weights", resolve_weights(cfg.model.name, cfg.model.pretrained, cfg.model.offline)))
-
-    from entrep.labels import LabelSet
-
+    rows: list[tuple[str, str]] = [("weights", resolve_weights(cfg.model.name, cfg.model.pretrained, cfg.model.offline))]
     labels = LabelSet.from_config(cfg.labels)
     n_images = args.images or ENTREP_TRAIN_IMAGES
     if args.data:
@@ -133,11 +136,22 @@ def main(argv=None) -> int:
         rows += summary
     else:
         rows.append(("data", f"not read (no --data); the estimate assumes {n_images:,} images"))
+    figures = _measure(cfg, labels, args.steps, n_images, rows)
+    table = Table(title=f"preflight: {args.config}", show_header=False)
+    table.add_column("check", style="bold")
+    table.add_column("result", overflow="fold")
+    for k, v in rows:
+        table.add_row(k, v)
+    table.caption = f"preflight took {time.perf_counter() - t0:.0f} s"
+    console.print(table)
+    if args.json:
+        atomic_write_json(args.json, {"checks": dict(rows), **figures})
+    return 0
 
-    from entrep.engine import make_accelerator
-    from entrep.model.backbone import image_stats
-    from entrep.model.entrep_clip import build_model
 
+def _measure(cfg, labels, steps: int, n_images: int, rows: list) -> dict:
+    """Build the model, time evaluation and the train steps (and smaller batches where the batch does
+    not fit), estimate the run; appends the table's rows and returns the figures for --json."""
     tb = time.perf_counter()
     model = build_model(cfg, labels)
     build_s = time.perf_counter() - tb
@@ -148,17 +162,14 @@ def main(argv=None) -> int:
                           f"({100 * n_train / n_all:.2f}%), built in {build_s:.1f} s"))
     precision, why = mixed_precision_reason(cfg.train.mixed_precision)
     rows.append(("mixed precision", f"{'fp32' if precision == 'no' else precision} ({why})"))
-    acc = make_accelerator(cfg)
-    rows.append(("device", _device_name(acc.device)))
+    accelerator = make_accelerator(cfg)
+    rows.append(("device", _device_name(accelerator.device)))
     # the built model serves the eval timing, then leaves the device before the train steps measure their peak
-    eval_img_s = _eval_rate(cfg, labels, acc, stats, model)
+    eval_img_s = _eval_rate(cfg, labels, accelerator, stats, model)
     del model
-
-    def try_batch(bs: int, ckpt: bool) -> Trial:
-        return _timed_steps(cfg, labels, acc, bs, ckpt, args.steps, stats)
-
-    first, tried = plan_fit(try_batch, cfg.train.batch_size, cfg.train.grad_checkpointing)
-    mem = "peak device memory" if acc.device.type == "cuda" else "peak process RSS"
+    first, tried = plan_fit(lambda bs, ckpt: _timed_steps(cfg, labels, accelerator, bs, ckpt, steps, stats),
+                            cfg.train.batch_size, cfg.train.grad_checkpointing)
+    mem = "peak device memory" if accelerator.device.type == "cuda" else "peak process RSS"
     for t in [first, *tried]:
         label = f"train step, batch {t.batch_size}" + (", grad checkpointing" if t.grad_checkpointing else "")
         rows.append((label, f"{t.img_per_s:,.1f} img/s, {mem} {t.peak_mib:,.0f} MiB" if t.fits else
@@ -172,29 +183,13 @@ def main(argv=None) -> int:
         rows.append(("estimate", f"{est['folds']} folds x {cfg.train.epochs} epochs x {est['steps_per_epoch']} steps "
                                  f"of {cfg.train.batch_size}: {_clock(est['epoch_s'])} per epoch, "
                                  f"{_clock(est['fold_s'])} per fold, {_clock(est['total_s'])} in all on one "
-                                 f"{acc.device.type.upper()} process (N processes: about 1/N of it)"))
-    table = Table(title=f"preflight: {args.config}", show_header=False)
-    table.add_column("check", style="bold")
-    table.add_column("result", overflow="fold")
-    for k, v in rows:
-        table.add_row(k, v)
-    table.caption = f"preflight took {time.perf_counter() - t0:.0f} s"
-    console.print(table)
-    if args.json:
-        from dataclasses import asdict
-
-        from entrep.io import atomic_write_json
-
-        atomic_write_json(args.json, {"checks": dict(rows), "trials": [asdict(t) for t in [first, *tried]],
-                                      "device": _device_name(acc.device), "mixed_precision": precision,
-                                      "train_img_per_s": train_img_s, "eval_img_per_s": eval_img_s,
-                                      "estimate": est})
-    return 0
+                                 f"{accelerator.device.type.upper()} process (N processes: about 1/N of it)"))
+    return {"trials": [asdict(t) for t in [first, *tried]], "device": _device_name(accelerator.device),
+            "mixed_precision": precision, "train_img_per_s": train_img_s, "eval_img_per_s": eval_img_s,
+            "estimate": est}
 
 
 def _device_name(device) -> str:
-    import torch
-
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}"
@@ -203,10 +198,6 @@ def _device_name(device) -> str:
 
 def _data_summary(cfg, labels) -> tuple[int, list[tuple[str, str]]]:
     """What `data check` reports, in short: counts and how many of each problem."""
-    from collections import Counter
-
-    from entrep.data.release import load_release
-
     table, rep = load_release(cfg.data.root, labels.names, cfg.data.check_images)
     per_class = Counter(table["label"].dropna())
     smallest = min(per_class.get(c, 0) for c in labels.names)
@@ -227,38 +218,26 @@ def _data_summary(cfg, labels) -> tuple[int, list[tuple[str, str]]]:
 
 def _synthetic_dataset(cfg, labels, n: int, work: int):
     """n random images at the cache's working size, a third captioned: what the step sees, minus decoding."""
-    import numpy as np
-
-    from entrep.data.dataset import TrainDataset
-
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (n, work, work, 3), dtype=np.uint8)
     caps = [[f"{CAPTION} {i}"] if i % 3 == 0 else [] for i in range(n)]
-    return TrainDataset(pixels, np.arange(n) % len(labels), caps, np.full(n, -1), np.arange(n), labels, True)
+    return TrainDataset(pixels, y=np.arange(n) % len(labels), captions=caps, groups=np.full(n, -1), index=np.arange(n),
+                        labels=labels, hflip=True)
 
 
-def _timed_steps(cfg, labels, acc, bs: int, ckpt: bool, steps: int, stats) -> Trial:
+def _timed_steps(cfg, labels, accelerator, bs: int, ckpt: bool, steps: int, stats) -> Trial:
     """One warm-up and `steps` timed optimizer steps of the trainer's own TrainStep at batch `bs`."""
-    import copy
-
-    import torch
-
-    from entrep.engine import TrainStep, train_pipeline
-    from entrep.model.entrep_clip import build_model
-
     c = copy.deepcopy(cfg)
     c.train.batch_size, c.train.grad_checkpointing, c.train.grad_accum = bs, ckpt, 1
-    mean, std, size = stats
-    work = c.data.working_side(size)
-    cuda = acc.device.type == "cuda"
+    work = c.data.working_side(stats.size)
+    cuda = accelerator.device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     step = None
     try:
-        model = build_model(c, labels)
-        loader, device_augment = train_pipeline(_synthetic_dataset(c, labels, bs, work), c, acc.device, stats)
-        step = TrainStep(c, acc, model, loader, total_steps=steps + 1, device_augment=device_augment)
+        step = TrainStep.for_dataset(c, accelerator, build_model(c, labels), _synthetic_dataset(c, labels, bs, work),
+                                     stats, steps=steps + 1)
         step.model.train()
         loader = step.loader  # one batch of `bs` images; persistent workers serve it again each step
         batches = iter(lambda: next(iter(loader)), None)
@@ -276,36 +255,29 @@ def _timed_steps(cfg, labels, acc, bs: int, ckpt: bool, steps: int, stats) -> Tr
         return Trial(bs, ckpt, False, 0.0, _peak_mib(cuda))
     finally:
         del step
-        acc.free_memory()
+        accelerator.free_memory()
         if cuda:
             torch.cuda.empty_cache()
 
 
-def _eval_rate(cfg, labels, acc, stats, model) -> float:
-    import numpy as np
-    import torch
-
-    from entrep.engine import embed_images
-
+def _eval_rate(cfg, labels, accelerator, stats, model) -> float:
     work = cfg.data.working_side(stats.size)
-    model = acc.prepare(model)
+    model = accelerator.prepare(model)
     n = cfg.train.eval_batch_size
     pixels = np.random.default_rng(0).integers(0, 256, (n, work, work, 3), dtype=np.uint8)
-    embed_images(model, pixels[: min(n, 8)], acc, labels, stats, batch_size=n)  # warm-up
-    if acc.device.type == "cuda":
+    embed_images(model, pixels[: min(n, 8)], accelerator, labels, stats, batch_size=n)  # warm-up
+    if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    embed_images(model, pixels, acc, labels, stats, batch_size=n)
-    if acc.device.type == "cuda":
+    embed_images(model, pixels, accelerator, labels, stats, batch_size=n)
+    if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     rate = n / (time.perf_counter() - t0)
-    acc.free_memory()
+    accelerator.free_memory()
     return rate
 
 
 def _peak_mib(cuda: bool) -> float:
-    import torch
-
     if cuda:
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from entrep.cli import console
-from entrep.submission import TRACKS, SubmissionError, rankings_to_submission, validate, write_track
+from entrep.submission import TRACK_TITLES, SubmissionError, rankings_to_submission, validate, write_track
 
 
 def main(argv=None) -> int:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     if not written:
         raise SubmissionError(f"{meta['test_dir']} had no query lists (cls.csv, i2i.csv, t2i.csv)")
     # one predictions set per folder: a track this test folder lacks must not leave another set's files
-    stale = [p for track in TRACKS if track not in {w[0] for w in written}
+    stale = [p for track in TRACK_TITLES if track not in {w[0] for w in written}
              for p in (out / f"{track}.json", out / f"{track}.zip") if p.is_file()]
     for p in stale:
         p.unlink()
@@ -63,6 +63,6 @@ def main(argv=None) -> int:
     for col in ("track", "queries", "json", "zip"):
         t.add_column(col)
     for track, n, js, zp in written:
-        t.add_row(TRACKS[track], str(n), str(js), str(zp))
+        t.add_row(TRACK_TITLES[track], str(n), str(js), str(zp))
     console.print(t)
     return 0

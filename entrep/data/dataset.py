@@ -36,8 +36,10 @@ class TrainDataset(Dataset):
     (`TrainCollate`, or on the device), where they cost far less than per image.
     """
 
-    def __init__(self, pixels: np.ndarray, y: np.ndarray, captions: list[list[str]], groups: np.ndarray,
+    def __init__(self, pixels: np.ndarray, *, y: np.ndarray, captions: list[list[str]], groups: np.ndarray,
                  index: np.ndarray, labels: LabelSet, hflip: bool):
+        """pixels: (N, H, W, 3) uint8; y: class index or -1 (unlabelled); captions: each image's caption
+        lines; groups: i2i component or -1; index: each row's position in the run's table."""
         self.pixels, self.y, self.captions, self.groups, self.index = pixels, y, captions, groups, index
         self.hflip = hflip
         self.perm = labels.swap_perm

@@ -74,10 +74,6 @@ class CachedPixels:
         return out.astype(dtype) if dtype is not None else out
 
 
-class CacheError(EntrepError):
-    pass
-
-
 class ImageCache:
     """Decoded images on disk, keyed by file content; safe for any number of concurrent processes.
 

@@ -1,6 +1,6 @@
 """Read an ENTRep release folder, in any of its layouts, into one table of records.
 
-Layouts (ENTREP.md): the public sample `data.json` + `images/`; the training set
+Layouts (as the ENTRep organisers distribute them): the public sample `data.json` + `images/`; the training set
 `train/{cls,i2i,t2i}.json` + `train/imgs/`; test folders of images + header-less query CSVs.
 Every problem found is recorded in a `DataReport`, so `check` can show it and training can decide.
 """
@@ -43,17 +43,13 @@ class DataReport:
 
 # ---------------------------------------------------------------- readers
 
-def _pairs_hook(pairs):
-    return _Pairs(pairs)
-
-
 class _Pairs(list):
     """A JSON object kept as its (key, value) pairs, so duplicate keys are seen, not overwritten."""
 
 
 def _load_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_pairs_hook)
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_Pairs)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
     except json.JSONDecodeError as e:
@@ -157,7 +153,7 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-def file_hash(path: Path) -> str:
+def file_sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
@@ -195,125 +191,148 @@ def _image_dir(base: Path, candidates: tuple[str, ...]) -> Path:
     return base
 
 
-def load_release(root: str | Path, label_names, check_images: bool = True) -> tuple[pd.DataFrame, DataReport]:
-    """Every training record under `root`, merged, as a DataFrame, plus what was wrong."""
-    root = Path(root)
-    report = DataReport()
-    label_set = set(label_names)
-    recs: dict[Path, _Rec] = {}
-    train_dirs, public_files = find_train_sources(root)
+class _Reader:
+    """The records of one release folder as they are read, keyed by file path, and what was wrong."""
 
-    def get(folder: ImageFolder, listed: str, ann: Path, source: str) -> _Rec | None:
+    def __init__(self, label_names):
+        self.label_names = list(label_names)
+        self.report = DataReport()
+        self.recs: dict[Path, _Rec] = {}
+        self.folders: list[ImageFolder] = []
+
+    def record(self, folder: ImageFolder, listed: str, ann: Path, source: str) -> _Rec | None:
+        """The record of the image an annotation names (case-insensitively); None when it is missing."""
         name, fixed = folder.resolve(listed)
         if name is None:
-            report.missing.append((str(ann), listed))
+            self.report.missing.append((str(ann), listed))
             return None
         if fixed:
-            report.case_fixes.append((str(ann), listed, name))
+            self.report.case_fixes.append((str(ann), listed, name))
         path = folder.path(name)
-        rec = recs.get(path)
+        rec = self.recs.get(path)
         if rec is None:
-            rec = recs[path] = _Rec(name, path, listed_as=listed if fixed else "")
+            rec = self.recs[path] = _Rec(name, path, listed_as=listed if fixed else "")
         rec.sources.add(source)
         return rec
 
-    def set_label(rec: _Rec, label, ann: Path):
+    def set_label(self, rec: _Rec, label, ann: Path) -> None:
         label = label.strip() if isinstance(label, str) else label
-        if not isinstance(label, str) or label not in label_set:  # a list or number is reported, not hashed
-            report.unknown_labels.append((str(ann), rec.image, str(label)))
+        if not isinstance(label, str) or label not in self.label_names:  # a list or number is reported, not hashed
+            self.report.unknown_labels.append((str(ann), rec.image, str(label)))
             return
         if rec.label is not None and rec.label != label:
-            report.label_conflicts.append((rec.image, rec.label, label))
+            self.report.label_conflicts.append((rec.image, rec.label, label))
             return
         rec.label = label
 
-    def add_caption(rec: _Rec, caption: str, ann: Path):
+    def add_caption(self, rec: _Rec, caption: str, ann: Path) -> None:
         text = caption.strip()
         if not text:
-            report.bad_captions.append((str(ann), rec.image, "empty caption"))
+            self.report.bad_captions.append((str(ann), rec.image, "empty caption"))
         elif text not in rec.captions:
             rec.captions.append(text)
 
-    folders = []
-    for d in train_dirs:
+    def read_train_dir(self, d: Path) -> None:
+        """The training layout: cls.json, and i2i.json / t2i.json where present, over imgs/."""
         folder = ImageFolder(_image_dir(d, ("imgs", "images")))
-        folders.append(folder)
-        report.sources.append(str(d))
-        for name, label in read_json_object(d / "cls.json", report):
-            if (rec := get(folder, name, d / "cls.json", "train")) is not None:
-                set_label(rec, label, d / "cls.json")
+        self.folders.append(folder)
+        self.report.sources.append(str(d))
+        for name, label in read_json_object(d / "cls.json", self.report):
+            if (rec := self.record(folder, name, d / "cls.json", "train")) is not None:
+                self.set_label(rec, label, d / "cls.json")
         if (d / "i2i.json").is_file():
-            for q, t in read_json_object(d / "i2i.json", report):
-                a, b = get(folder, q, d / "i2i.json", "train"), get(folder, t, d / "i2i.json", "train")
+            for q, t in read_json_object(d / "i2i.json", self.report):
+                a, b = self.record(folder, q, d / "i2i.json", "train"), self.record(folder, t, d / "i2i.json", "train")
                 if a is not None and b is not None and a is not b:
                     a.partners.add(b.path)
                     b.partners.add(a.path)
         if (d / "t2i.json").is_file():
-            for caption, target in read_json_object(d / "t2i.json", report):
-                if (rec := get(folder, target, d / "t2i.json", "train")) is not None:
-                    add_caption(rec, caption, d / "t2i.json")
-    for f in public_files:
+            for caption, target in read_json_object(d / "t2i.json", self.report):
+                if (rec := self.record(folder, target, d / "t2i.json", "train")) is not None:
+                    self.add_caption(rec, caption, d / "t2i.json")
+
+    def read_public(self, f: Path) -> None:
+        """The public-sample layout: data.json records over images/."""
         folder = ImageFolder(_image_dir(f.parent, ("images", "imgs")))
-        folders.append(folder)
-        report.sources.append(str(f))
-        for i, r in enumerate(read_json_records(f)):
-            if (rec := get(folder, r["Path"], f, "public")) is None:
+        self.folders.append(folder)
+        self.report.sources.append(str(f))
+        for r in read_json_records(f):
+            if (rec := self.record(folder, r["Path"], f, "public")) is None:
                 continue
-            set_label(rec, r.get("Classification"), f)
+            self.set_label(rec, r.get("Classification"), f)
             for line in split_lines(r.get("DescriptionEN")):
-                add_caption(rec, line, f)
+                self.add_caption(rec, line, f)
             rec.captions_vi += [s for s in split_lines(r.get("Description")) if s not in rec.captions_vi]
 
-    named = set(recs)
-    for folder in folders:
-        report.unannotated += [str(p) for p in folder.files.values() if p not in named]
-
-    if check_images:
-        log.info("decode-checking %d images (data.check_images=false skips this)", len(recs))
-        for path, rec in list(recs.items()):
+    def drop_unreadable(self) -> None:
+        log.info("decode-checking %d images (data.check_images=false skips this)", len(self.recs))
+        for path in list(self.recs):
             if (err := check_image(path)) is not None:
-                report.bad_images.append((str(path), err))
-                del recs[path]
+                self.report.bad_images.append((str(path), err))
+                del self.recs[path]
 
-    # The same picture filed twice (by content) becomes one record.
-    by_hash: dict[str, _Rec] = {}
-    for path, rec in list(recs.items()):
-        h = rec.sha1 = file_hash(path)
-        if h in by_hash:
+    def merge_content_duplicates(self) -> None:
+        """The same picture filed twice (by content) becomes one record."""
+        by_hash: dict[str, _Rec] = {}
+        for path, rec in list(self.recs.items()):
+            h = rec.sha1 = file_sha1(path)
+            if h not in by_hash:
+                by_hash[h] = rec
+                continue
             keep = by_hash[h]
-            report.content_duplicates.append((keep.image, rec.image))
+            self.report.content_duplicates.append((keep.image, rec.image))
             if rec.label is not None:
-                set_label(keep, rec.label, path)
+                self.set_label(keep, rec.label, path)
             keep.captions += [c for c in rec.captions if c not in keep.captions]
             keep.partners |= rec.partners
             keep.sources |= rec.sources
-            del recs[path]
-            for other in recs.values():
+            del self.recs[path]
+            for other in self.recs.values():
                 if path in other.partners:
                     other.partners.discard(path)
                     other.partners.add(keep.path)
-        else:
-            by_hash[h] = rec
 
-    names = {r.path: r.image for r in recs.values()}
-    rows = []
-    for rec in recs.values():
-        if rec.label is None:
-            report.unlabelled.append(rec.image)
-        rows.append(dict(
-            image=rec.image, path=str(rec.path), label=rec.label,
-            y=list(label_names).index(rec.label) if rec.label is not None else -1,
-            captions=list(rec.captions), captions_vi=list(rec.captions_vi),
-            # a link between two copies of one picture would make the merged record its own partner
-            partners=sorted(names[p] for p in rec.partners if p in names and p != rec.path),
-            source="+".join(sorted(rec.sources)), listed_as=rec.listed_as, sha1=rec.sha1,
-        ))
-    df = pd.DataFrame(rows, columns=["image", "path", "label", "y", "captions", "captions_vi",
-                                     "partners", "source", "listed_as", "sha1"])
-    if df["image"].duplicated().any():
-        dup = df.loc[df["image"].duplicated(), "image"].tolist()[:5]
-        raise DataError(f"different images share a file name across sources: {dup}; rename one copy")
-    return df.reset_index(drop=True), report
+    def note_unannotated(self) -> None:
+        """Image files that no annotation names (before unreadable ones and copies are dropped)."""
+        named = set(self.recs)
+        for folder in self.folders:
+            self.report.unannotated += [str(p) for p in folder.files.values() if p not in named]
+
+    def table(self) -> pd.DataFrame:
+        names = {r.path: r.image for r in self.recs.values()}
+        rows = []
+        for rec in self.recs.values():
+            if rec.label is None:
+                self.report.unlabelled.append(rec.image)
+            rows.append(dict(
+                image=rec.image, path=str(rec.path), label=rec.label,
+                y=self.label_names.index(rec.label) if rec.label is not None else -1,
+                captions=list(rec.captions), captions_vi=list(rec.captions_vi),
+                # a link between two copies of one picture would make the merged record its own partner
+                partners=sorted(names[p] for p in rec.partners if p in names and p != rec.path),
+                source="+".join(sorted(rec.sources)), listed_as=rec.listed_as, sha1=rec.sha1,
+            ))
+        df = pd.DataFrame(rows, columns=["image", "path", "label", "y", "captions", "captions_vi",
+                                         "partners", "source", "listed_as", "sha1"])
+        if df["image"].duplicated().any():
+            dup = df.loc[df["image"].duplicated(), "image"].tolist()[:5]
+            raise DataError(f"different images share a file name across sources: {dup}; rename one copy")
+        return df.reset_index(drop=True)
+
+
+def load_release(root: str | Path, label_names, check_images: bool = True) -> tuple[pd.DataFrame, DataReport]:
+    """Every training record under `root`, merged, as a DataFrame, plus what was wrong."""
+    train_dirs, public_files = find_train_sources(Path(root))
+    reader = _Reader(label_names)
+    for d in train_dirs:
+        reader.read_train_dir(d)
+    for f in public_files:
+        reader.read_public(f)
+    reader.note_unannotated()
+    if check_images:
+        reader.drop_unreadable()
+    reader.merge_content_duplicates()
+    return reader.table(), reader.report
 
 
 # ---------------------------------------------------------------- test folders

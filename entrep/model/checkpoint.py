@@ -1,4 +1,6 @@
-"""What a fold saves: peft's adapter folder + the kit's modules as safetensors + metadata.
+"""What a fold saves: peft's adapter folder + the kit's modules as safetensors + metadata, and the
+protocol that marks a fold finished: metrics.json is written last, so a fold folder without it is
+unfinished whatever else it holds (a crash, a kill, a full disk), and resume trains it again.
 
 Nothing is pickled: adapters and kit weights are safetensors, metadata is JSON.
 """
@@ -17,6 +19,7 @@ from entrep.io import atomic_path, atomic_write_json
 KIT_FILE = "kit.safetensors"
 ADAPTER_DIR = "adapter"
 META_FILE = "meta.json"
+METRICS_FILE = "metrics.json"
 
 
 class CheckpointError(EntrepError):
@@ -50,7 +53,12 @@ def fold_dir(run: Path, k: int) -> Path:
 
 def fold_finished(fold_dir: Path) -> bool:
     """metrics.json is written last in a fold, so its presence means the fold is complete."""
-    return (fold_dir / "metrics.json").is_file()
+    return (fold_dir / METRICS_FILE).is_file()
+
+
+def mark_finished(fold_dir: Path, metrics: dict) -> None:
+    """The fold's last write: after its weights and every other file of the fold."""
+    atomic_write_json(fold_dir / METRICS_FILE, metrics)
 
 
 def read_meta(fold_dir: Path) -> dict:

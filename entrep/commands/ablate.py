@@ -1,0 +1,152 @@
+"""The ablation ladder, measured out of fold on the same frozen folds.
+
+    python -m entrep.ablate --config C.yaml [--data DIR] [--name NAME] [key=value ...]
+
+Each rung switches one more component on and writes its own run directory under
+runs/<name>_ablation/<rung>/. Rungs that change only inference settings (slerp retrieval, flip TTA,
+re-ranking) reuse the previous rung's trained folds and are re-scored from its OOF files. Finished
+rungs are reused on a re-run while their resolved config is unchanged, and run again otherwise. The table goes to ablation.md / ablation.csv / ablation.png.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+from rich.table import Table
+
+from entrep.cli import console, parser, setup_logging
+from entrep.commands.train import main as train_main
+from entrep.commands.train import parse
+from entrep.config import SCORING_KEYS, Config, load_config, parse_override, to_dict
+from entrep.io import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text
+
+
+def default_ladder(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
+    """(everything off, cumulative rungs), each rung restoring one component at the config's own values."""
+    c = cfg
+    base = ["model.lora.enabled=false", "model.lora.train_last_blocks=2", "model.fusion.enabled=false",
+            "model.prompts=false", "loss.prompt=0", "loss.text=0", "loss.image=0", "model.slerp.train=false",
+            "model.slerp.infer=false", "infer.tta_flip=false", "rerank.methods=[]"]
+    rungs = {
+        "1_baseline": [],
+        "2_lora": ["model.lora.enabled=true", "model.lora.train_last_blocks=0"],
+        "3_fusion": ["model.fusion.enabled=true"],
+        "4_prompts_joint_loss": ["model.prompts=true", f"loss.prompt={c.loss.prompt}", f"loss.text={c.loss.text}",
+                                 f"loss.image={c.loss.image}"],
+        "5_slerp_train": ["model.slerp.train=true"],
+        "6_slerp_retrieval": ["model.slerp.infer=true"],
+        "7_flip_tta": ["infer.tta_flip=true"],
+        "8_rerank": [f"rerank.methods=[{', '.join(c.rerank.methods)}]"],
+    }
+    return base, rungs
+
+
+def rung_config(argv: list[str]) -> dict:
+    """A rung's resolved config, as train.py will resolve it (JSON types): a finished rung is reused
+    only while this is unchanged."""
+    d = to_dict(parse(argv))
+    d["train"].pop("resume")
+    return json.loads(json.dumps(d))
+
+
+def inference_only(overrides: list[str]) -> bool:
+    return bool(overrides) and all(parse_override(o)[0].startswith(SCORING_KEYS) for o in overrides)
+
+
+def run_ladder(config: str | None, overrides: list[str], data: str | None, name: str | None) -> pd.DataFrame:
+    user = load_config(config, overrides)
+    base, rungs = (user.ablation.base, user.ablation.rungs) if user.ablation.rungs else default_ladder(user)
+    name = name or user.name
+    root = Path(user.output_dir) / f"{name}_ablation"
+    extra = [f"output_dir={root}"] + ([f"data.root={data}"] if data else [])
+    rows, cumulative, previous = [], [], None
+    for rung, switch in rungs.items():
+        cumulative += switch
+        argv = ["--config", config] if config else []
+        argv += ["--name", rung, *overrides, *base, *cumulative, *extra]
+        run = root / rung
+        reuse = previous is not None and inference_only(switch)
+        resolved = rung_config(argv)
+        if (run / "rung.json").is_file() and json.loads((run / "rung.json").read_text()).get("config") != resolved:
+            print(f"{rung}: its resolved config differs from the one it ran with; running it again")
+            shutil.rmtree(run)
+        if not (run / "rung.json").is_file():
+            t0 = time.time()
+            if reuse:  # same trained folds, new inference settings: copy them and re-score from OOF
+                shutil.rmtree(run, ignore_errors=True)
+                shutil.copytree(previous, run, ignore=shutil.ignore_patterns("rung.json", "report.json", "config.yaml"))
+            elif previous is not None and not (run / "folds.csv").exists():
+                run.mkdir(parents=True, exist_ok=True)
+                shutil.copy(previous / "folds.csv", run / "folds.csv")  # the same frozen folds for every rung
+            if rc := train_main(argv + ["train.resume=true"]):
+                raise SystemExit(rc)
+            atomic_write_json(run / "rung.json", {"overrides": switch, "reused_folds_of": previous.name if reuse
+                                                  else None, "wall_s": time.time() - t0, "config": resolved})
+        rows.append(row_for(rung, run))
+        previous = run
+    table = pd.DataFrame(rows)
+    write_table(root, table)
+    return table
+
+
+def row_for(rung: str, run: Path) -> dict:
+    rep = json.loads((run / "report.json").read_text())
+    info = json.loads((run / "rung.json").read_text())
+    metrics = [json.loads(p.read_text()) for p in sorted(run.glob("fold*/metrics.json"))]
+    return {
+        "rung": rung,
+        "accuracy": rep["classification"].get("accuracy"),
+        "f1_macro": rep["classification"].get("f1_macro"),
+        "i2i_R@1": rep["i2i"].get("recall@1"), "i2i_MRR": rep["i2i"].get("mrr"),
+        "t2i_R@1": rep["t2i"].get("recall@1"), "t2i_MRR": rep["t2i"].get("mrr"),
+        "trainable_params": metrics[0].get("trainable_params") if metrics else None,
+        "wall_s": round(info["wall_s"], 1),  # training + OOF scoring; re-scoring only for reused folds
+        "reused_folds_of": info["reused_folds_of"] or "",
+    }
+
+
+def write_table(root: Path, table: pd.DataFrame) -> None:
+    atomic_write_csv(root / "ablation.csv", table)
+    fmt = table.copy()
+    for col in ("accuracy", "f1_macro", "i2i_R@1", "i2i_MRR", "t2i_R@1", "t2i_MRR"):
+        fmt[col] = fmt[col].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.3f}")
+    header = "| " + " | ".join(fmt.columns) + " |\n|" + "---|" * len(fmt.columns) + "\n"
+    body = "".join("| " + " | ".join(str(v) for v in r) + " |\n" for r in fmt.itertuples(index=False))
+    atomic_write_text(root / "ablation.md", header + body)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    cols = ["f1_macro", "i2i_MRR", "t2i_MRR"]
+    width = 0.8 / len(cols)
+    for j, col in enumerate(cols):
+        ax.bar([i + j * width for i in range(len(table))], table[col].astype(float), width, label=col)
+    ax.set_xticks([i + width for i in range(len(table))], table["rung"], rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("out of fold")
+    ax.legend(loc="upper left", ncols=3)
+    fig.tight_layout()
+    with atomic_path(root / "ablation.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = parser("python -m entrep.ablate", __doc__, config="the config every rung starts from", raw=True)
+    ap.add_argument("--data", help="training release folder (overrides data.root)")
+    ap.add_argument("--name", help="the ladder goes to OUTPUT_DIR/NAME_ablation/ (default: the config's name)")
+    args = ap.parse_intermixed_args(argv)
+    setup_logging()
+    table = run_ladder(args.config, list(args.overrides), args.data, args.name)
+    t = Table(title="ablation (out of fold)")
+    for col in table.columns:
+        t.add_column(col, justify="left" if col == "rung" else "right")
+    for r in table.itertuples(index=False):
+        t.add_row(*[f"{v:.3f}" if isinstance(v, float) and abs(v) <= 1 else str(v) for v in r])
+    console.print(t)
+    return 0
