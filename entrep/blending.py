@@ -24,18 +24,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from entrep import rundir
 from entrep.config import load_config
 from entrep.errors import EntrepError
 from entrep.io import atomic_write_csv, atomic_write_json, read_json
 from entrep.model.checkpoint import fold_dir
-from entrep.oof import (OOF_FILE, RETRIEVAL_TRACKS, FoldOOF, FoldView, load_fold_oof, pooled_classification,
-                        pooled_retrieval)
+from entrep.oof import (
+    OOF_FILE,
+    RETRIEVAL_TRACKS,
+    FoldOOF,
+    FoldView,
+    load_fold_oof,
+    pooled_classification,
+    pooled_retrieval,
+)
 from entrep.report import score_folds, write_scored
 from entrep.tuning import Scored, track_settings, tune_rerank
 
 log = logging.getLogger("entrep.blend")
 
-BLEND_FILE = "blend.json"
 PARTS = ("cls", *RETRIEVAL_TRACKS)  # what gets its own weights
 HOW = {
     "weights": "per track, greedy ensemble selection with replacement (Caruana et al. 2004) on the other folds' "
@@ -68,18 +75,18 @@ class Member:
     @classmethod
     def load(cls, run: str | Path) -> Member:
         run = Path(run)
-        if (run / BLEND_FILE).is_file():
+        if (run / rundir.BLEND).is_file():
             raise BlendError(f"{run} is a blend; blend its member runs instead")
-        if not (run / "config.yaml").is_file():
+        if not (run / rundir.CONFIG).is_file():
             raise BlendError(f"{run}: not a run directory (no config.yaml)")
-        cfg = load_config(run / "config.yaml")
+        cfg = load_config(run / rundir.CONFIG)
         folds = {k: fold_dir(run, k) for k in range(cfg.cv.n_splits)}
         missing = [d.name for d in folds.values() if not (d / OOF_FILE).is_file()]
-        if missing or not (run / "report.json").is_file():
+        if missing or not (run / rundir.REPORT).is_file():
             raise BlendError(f"{run}: no complete OOF report (missing {missing or 'report.json'}); finish its folds "
                              f"first: train.py --name {run.name} output_dir={run.parent} train.resume=true")
         return cls(run, cfg, {k: load_fold_oof(d / OOF_FILE) for k, d in folds.items()},
-                   read_json(run / "report.json"), read_json(run / "tuned.json"))
+                   read_json(run / rundir.REPORT), read_json(run / rundir.TUNED))
 
     def settings(self, held_out: int | None) -> dict:
         """head_weight and per-track alpha: tuned without fold `held_out` (the report's cross-fitted
@@ -95,7 +102,7 @@ class Member:
 
     def views(self, held_out: int | None) -> dict[int, FoldView]:
         s = self.settings(held_out)
-        tta = self.cfg.infer.tta_flip
+        tta = self.tuned.get("tta_flip", self.cfg.infer.tta_flip)  # what the member's settings were tuned with
         return {k: f.view(s["head_weight"], tta, {t: s[t]["alpha"] for t in RETRIEVAL_TRACKS}) for k, f in self.oof.items()}
 
 
@@ -163,12 +170,12 @@ def check_same_folds(members: list[Member]) -> pd.DataFrame:
     """The members' common folds.csv; refuses members whose folds or classes differ, naming the first
     image that differs."""
     first = members[0]
-    folds = pd.read_csv(first.run / "folds.csv", keep_default_na=False)
+    folds = pd.read_csv(first.run / rundir.FOLDS, keep_default_na=False)
     fold_of = dict(zip(folds["image"], folds["fold"]))
     for m in members[1:]:
         if list(m.cfg.labels.names) != list(first.cfg.labels.names):
             raise BlendError(f"{m.run} and {first.run} have different classes")
-        other = pd.read_csv(m.run / "folds.csv", keep_default_na=False)
+        other = pd.read_csv(m.run / rundir.FOLDS, keep_default_na=False)
         theirs = dict(zip(other["image"], other["fold"]))
         for img in list(folds["image"]) + sorted(set(theirs) - set(fold_of)):
             if fold_of.get(img) != theirs.get(img):
@@ -230,9 +237,9 @@ def blend(members: list[Member], folds_df: pd.DataFrame, out: Path, table, names
                          f"release they were trained on with --data")
     report, tuned, scored = crossfit_blend(members, table, names, rounds)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(out / "folds.csv", folds_df)  # infer.py reads it to name test images that are training images
+    atomic_write_csv(out / rundir.FOLDS, folds_df)  # infer.py reads it to name test images that are training images
     write_scored(out, report, tuned, scored, table, names)
-    atomic_write_json(out / BLEND_FILE, {"members": member_refs([m.run for m in members], out), "rounds": rounds,
+    atomic_write_json(out / rundir.BLEND, {"members": member_refs([m.run for m in members], out), "rounds": rounds,
                                          "rerank_config_from": str(members[0].run)})
     return report
 
@@ -254,9 +261,9 @@ class Blend:
 
 
 def read_blend(path: Path) -> Blend:
-    spec = read_json(path / BLEND_FILE)
-    tuned = read_json(path / "tuned.json")
+    spec = read_json(path / rundir.BLEND)
+    tuned = read_json(path / rundir.TUNED)
     members = [(path / m).resolve() for m in spec["members"]]
-    if missing := [str(m) for m in members if not (m / "config.yaml").is_file()]:
+    if missing := [str(m) for m in members if not (m / rundir.CONFIG).is_file()]:
         raise BlendError(f"{path}: member runs not found: {missing} (blend.json names them relative to the blend)")
     return Blend(members, tuned["weights"], {t: tuned[t]["rerank"]["kept"] for t in RETRIEVAL_TRACKS})

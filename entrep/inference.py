@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from entrep.blending import BLEND_FILE, mix, read_blend
+from entrep import rundir
+from entrep.blending import mix, read_blend
 from entrep.config import ConfigError, load_config, parse_override
 from entrep.data.images import ImageCache
 from entrep.data.release import file_sha1, load_test
@@ -67,7 +68,7 @@ def read_gallery(path: str, images: dict) -> list[str]:
 
 def training_overlap(run: Path, names: list[str], hashes: list[str]) -> dict:
     """Test images that are also training images, by file name and by content (the run's folds.csv)."""
-    folds = pd.read_csv(run / "folds.csv", keep_default_na=False) if (run / "folds.csv").is_file() else None
+    folds = pd.read_csv(run / rundir.FOLDS, keep_default_na=False) if (run / rundir.FOLDS).is_file() else None
     if folds is None:
         return {"by_name": [], "by_content": []}
     train_names = set(folds["image"])
@@ -77,10 +78,11 @@ def training_overlap(run: Path, names: list[str], hashes: list[str]) -> dict:
 
 
 def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
-    """head_weight and per-track slerp alpha and re-ranking: the OOF-tuned values from tuned.json,
-    except where the command line sets the key (infer.head_weight, model.slerp.alpha,
-    model.slerp.infer, rerank.methods), which always wins."""
-    out = {"head_weight": cfg.infer.head_weight if cfg.infer.head_weight >= 0 or not tuned
+    """flip TTA, head_weight and per-track slerp alpha and re-ranking: the values tuned.json was tuned
+    with and chose, except where the command line sets the key (infer.tta_flip, infer.head_weight,
+    model.slerp.alpha, model.slerp.infer, rerank.methods), which always wins."""
+    tta = cfg.infer.tta_flip if "infer.tta_flip" in given or "tta_flip" not in tuned else tuned["tta_flip"]
+    out = {"tta_flip": bool(tta), "head_weight": cfg.infer.head_weight if cfg.infer.head_weight >= 0 or not tuned
            else tuned.get("head_weight", DEFAULT_HEAD_WEIGHT)}
     if out["head_weight"] < 0:
         out["head_weight"] = DEFAULT_HEAD_WEIGHT
@@ -129,11 +131,11 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     run, test_dir = Path(run), Path(test_dir)
     overrides = list(overrides) + [f"{k.replace('__', '.')}={json.dumps(v) if not isinstance(v, str) else v}"
                                    for k, v in kw.items()]
-    blend = read_blend(run) if (run / BLEND_FILE).is_file() else None
-    if blend is None and not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run}: not a run directory (no config.yaml) nor a blend ({BLEND_FILE})")
+    blend = read_blend(run) if (run / rundir.BLEND).is_file() else None
+    if blend is None and not (run / rundir.CONFIG).is_file():
+        raise ConfigError(f"{run}: not a run directory (no config.yaml) nor a blend ({rundir.BLEND})")
     members, weights = (blend.used() if blend else ([run], None))
-    cfgs = [load_config(m / "config.yaml", overrides) for m in members]
+    cfgs = [load_config(m / rundir.CONFIG, overrides) for m in members]
     cfg = cfgs[0]  # the ranking's own settings (infer.topk, infer.gallery, infer.search, ...)
     given = {parse_override(o)[0] for o in overrides}
     set_offline(cfg.model.offline)
@@ -194,7 +196,7 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     log.info("%s: ensembling %s, the finished models on disk", run, ", ".join(d.name for d in dirs))
     for d in dirs:
         check_compatible(read_meta(d), cfg, d)
-    tuned = read_json(run / "tuned.json") if (run / "tuned.json").is_file() else {}
+    tuned = read_json(run / rundir.TUNED) if (run / rundir.TUNED).is_file() else {}
     settings = inference_settings(cfg, tuned, given)
     if not tuned:
         log.warning("%s has no tuned.json (no complete OOF run): settings from the config: %s", run, settings)
@@ -211,10 +213,10 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     for d in dirs:
         load_fold_weights(unwrapped, d, adapter_name=d.name)
         with merged(unwrapped.clip) if cfg.infer.merge_lora else contextlib.nullcontext():
-            e = embed_images(model, loader, accelerator, labels, stats, tta_flip=cfg.infer.tta_flip)
+            e = embed_images(model, loader, accelerator, labels, stats, tta_flip=settings["tta_flip"])
             if captions:
                 texts.append(torch.from_numpy(embed_texts(model, captions, accelerator)))
-        probs = e.probs(settings["head_weight"], cfg.infer.tta_flip)
+        probs = e.probs(settings["head_weight"], settings["tta_flip"])
         probs_sum = probs_sum + probs
         for track in RETRIEVAL_TRACKS:
             rets[track].append(torch.from_numpy(retrieval_embedding(e.emb, probs, e.class_emb,
@@ -225,7 +227,7 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     view = FoldView(names, probs_sum / len(dirs), {t: average_embeddings(r).numpy() for t, r in rets.items()},
                     captions, average_embeddings(texts).numpy() if captions else np.zeros((0, 1), np.float32),
                     (sum(text_probs) / len(text_probs)).numpy() if text_probs else None)
-    return view, {"run": str(run), "folds": [d.name for d in dirs], **settings, "tta_flip": cfg.infer.tta_flip}
+    return view, {"run": str(run), "folds": [d.name for d in dirs], **settings}
 
 
 def rank_test(view, test, gallery: list[str], rerank: dict[str, dict], cfg) -> tuple[dict, dict]:

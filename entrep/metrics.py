@@ -9,11 +9,15 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 KS = (1, 5, 10)
 
 
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: Sequence[str]) -> dict:
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: Sequence[str],
+                           present_only: bool = False) -> dict:
+    """Accuracy, macro and weighted precision/recall/F1, per class, confusion. `present_only`: the
+    macro and weighted averages cover the classes present in y_true only (a fold's own figures)."""
     labels = list(range(len(names)))
+    averaged = sorted({int(v) for v in y_true}) if present_only else labels
     out = {"accuracy": float(accuracy_score(y_true, y_pred)), "n": int(len(y_true))}
     for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=averaged, average=avg, zero_division=0)
         out |= {f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)}
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
     out["per_class"] = {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}

@@ -28,8 +28,12 @@ OOF_TOPK = 10  # ranked answers kept per OOF query: Recall@10 is the deepest fig
 RELEVANCE = {
     "i2i": "pair: a query's relevant set is its i2i partners (train/i2i.json links); gallery = the query's "
            "held-out fold minus the query",
-    "t2i": "caption: a caption's relevant set is every held-out image carrying that caption line; gallery = "
-           "the fold's held-out images",
+    "t2i": "one target per caption, as the challenge scores it: each (caption line, image) pair of the held-out "
+           "fold is one query whose only relevant image is that image, so a caption carried by k images is k "
+           "queries and a ranker that cannot tell its carriers apart scores about 1/k; gallery = the fold's "
+           "held-out images",
+    "t2i_any": "NOT the challenge's rule, for comparison only: one query per caption line, answered by any held-out "
+               "image carrying it; gallery = the fold's held-out images",
 }
 
 
@@ -91,8 +95,11 @@ def _rank(queries: np.ndarray, gallery: np.ndarray, names: list[str], rerank: di
     return [[names[j] for j in row] for row in idx.tolist()]
 
 
-def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict | None = None) -> tuple[list, list]:
-    """(rankings, relevant sets) of one held-out fold's queries for one track."""
+def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict | None = None,
+                   rule: str | None = None) -> tuple[list, list]:
+    """(rankings, relevant sets) of one held-out fold's queries for one track. t2i follows the
+    challenge's rule (one query per (caption, image) pair); rule="t2i_any" scores the easier one
+    (one query per caption, any carrier relevant) for comparison."""
     images = view.images
     info = table.set_index("image").loc[images]
     ret = view.ret[track]
@@ -106,26 +113,31 @@ def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict
     carriers: dict = {}
     for n, caps in zip(images, info["captions"]):
         for c in caps:
-            carriers.setdefault(c, set()).add(n)
+            carriers.setdefault(c, []).append(n)
     keep = [i for i, c in enumerate(view.captions) if c in carriers]
     query_probs = torch.from_numpy(view.caption_probs[keep]) if view.caption_probs is not None and keep else None
-    return ((_rank(view.caption_emb[keep], ret, images, rerank or {}, query_probs=query_probs,
-                   gallery_probs=gallery_probs) if keep else []),
-            [carriers[view.captions[i]] for i in keep])
+    ranked = (_rank(view.caption_emb[keep], ret, images, rerank or {}, query_probs=query_probs,
+                    gallery_probs=gallery_probs) if keep else [])
+    if rule == "t2i_any":
+        return ranked, [set(carriers[view.captions[i]]) for i in keep]
+    # identical caption text ranks the same list once; each of its carriers is its own query
+    pairs = [(r, n) for r, i in zip(ranked, keep) for n in carriers[view.captions[i]]]
+    return [r for r, _ in pairs], [{n} for _, n in pairs]
 
 
-def pooled_retrieval(views: dict, table, track: str, rerank: dict | None = None) -> dict:
+def pooled_retrieval(views: dict, table, track: str, rerank: dict | None = None, rule: str | None = None) -> dict:
     """One track's retrieval metrics over the given folds' views, queries pooled."""
     rankings, relevant = [], []
     for v in views.values():
-        r, s = track_rankings(v, table, track, rerank)
+        r, s = track_rankings(v, table, track, rerank, rule)
         rankings += r
         relevant += s
     return retrieval_metrics(rankings, relevant) if rankings else {"n_queries": 0, "mrr": 0.0}
 
 
-def pooled_classification(views: dict, table, names) -> dict:
-    """Classification metrics over the labelled images of the given folds' views."""
+def pooled_classification(views: dict, table, names, present_only: bool = False) -> dict:
+    """Classification metrics over the labelled images of the given folds' views; `present_only`:
+    macro averages over the classes present in their truth only."""
     y_of = dict(zip(table["image"], table["y"]))
     y, pred = [], []
     for v in views.values():
@@ -133,4 +145,4 @@ def pooled_classification(views: dict, table, names) -> dict:
         p = v.probs.argmax(1)
         y += list(yy[yy >= 0])
         pred += list(p[yy >= 0])
-    return classification_metrics(y, pred, names) if y else {}
+    return classification_metrics(y, pred, names, present_only=present_only) if y else {}

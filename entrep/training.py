@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+from entrep import rundir
 from entrep.config import flat_dict, load_config, run_defining_diff, save_config, to_dict
 from entrep.data.folds import file_hashes, load_or_make_folds
 from entrep.data.images import CachedPixels, ImageCache
@@ -80,7 +81,7 @@ def check_launch(accelerator) -> None:
 def claim_run(cfg) -> None:
     """Write the run's defining config once; a later train.py on the run must match it (only the keys
     that steer one invocation may differ), else it is refused and config.yaml is left as it is."""
-    path = cfg.run_dir / "config.yaml"
+    path = cfg.run_dir / rundir.CONFIG
     if not path.is_file():
         save_config(cfg, path)
         return
@@ -134,7 +135,7 @@ def load_run_data(cfg, accelerator) -> RunData:
     with accelerator.main_process_first():
         pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
         hashes = (lambda: file_hashes(table["path"].tolist())) if cfg.cv.near_dup_bits else None
-        folds = load_or_make_folds(cfg.run_dir / "folds.csv", table, cfg.cv.n_splits, cfg.cv.seed, hashes,
+        folds = load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, hashes,
                                    cfg.cv.near_dup_bits, cfg.cv.folds_from)
     log.info("%d images (%d labelled) from %s; %d folds over %d groups of alike images (i2i links, patients, "
              "near-duplicates)", len(table), int((table["y"] >= 0).sum()), cfg.data.root, cfg.cv.n_splits,

@@ -19,7 +19,7 @@ def test_cache_holds_the_same_pixels_as_a_direct_decode_and_follows_file_changes
                                                                       decode_image(paths[1], 24)]))
     calls = []
     real = images.decode_image
-    monkeypatch.setattr(images, "decode_image", lambda p, s: calls.append(p) or real(p, s))
+    monkeypatch.setattr(images, "decode_image", lambda p, s, *data: calls.append(p) or real(p, s, *data))
     again = ImageCache(tmp_path / "cache", 24).pixels([str(p) for p in paths], [file_sha1(p) for p in paths])
     assert calls == [] and np.array_equal(np.asarray(again), np.asarray(px))  # nothing re-decoded
     placeholder(paths[2], 99, size=40)  # the file changes: only it is decoded again

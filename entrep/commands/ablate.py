@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 from rich.table import Table
 
+from entrep import rundir
 from entrep.cli import console, parser, setup_logging
 from entrep.commands.train import main as train_main
 from entrep.commands.train import parse
@@ -78,9 +79,9 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
             if reuse:  # same trained folds, new inference settings: copy them and re-score from OOF
                 shutil.rmtree(run, ignore_errors=True)
                 shutil.copytree(previous, run, ignore=shutil.ignore_patterns("rung.json", "report.json", "config.yaml"))
-            elif previous is not None and not (run / "folds.csv").exists():
+            elif previous is not None and not (run / rundir.FOLDS).exists():
                 run.mkdir(parents=True, exist_ok=True)
-                shutil.copy(previous / "folds.csv", run / "folds.csv")  # the same frozen folds for every rung
+                shutil.copy(previous / rundir.FOLDS, run / rundir.FOLDS)  # the same frozen folds for every rung
             if rc := train_main(argv + ["train.resume=true"]):
                 raise SystemExit(rc)
             atomic_write_json(run / "rung.json", {"overrides": switch, "reused_folds_of": previous.name if reuse
@@ -93,7 +94,7 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
 
 
 def row_for(rung: str, run: Path) -> dict:
-    rep = json.loads((run / "report.json").read_text())
+    rep = json.loads((run / rundir.REPORT).read_text())
     info = json.loads((run / "rung.json").read_text())
     metrics = [json.loads(p.read_text()) for p in sorted(run.glob("fold*/metrics.json"))]
     return {

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from entrep import rundir
 from entrep.cli import console, setup_logging
 from entrep.config import validate_run_name
 from entrep.errors import EntrepError
@@ -32,14 +33,14 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         raise EntrepError(f"--rounds {args.rounds}: at least 1")
     out = Path(args.output_dir or Path(args.runs[0]).parent) / args.name
-    if (out / "config.yaml").is_file():
+    if (out / rundir.CONFIG).is_file():
         raise EntrepError(f"{out} is a training run; give the blend another --name")
-    from entrep.blending import BLEND_FILE, blend, load_members, member_refs  # the model stack, once args are good
+    from entrep.blending import blend, load_members, member_refs  # the model stack, once args are good
     from entrep.data.release import load_release
     from entrep.labels import LabelSet
 
-    if (out / BLEND_FILE).is_file():
-        had = read_json(out / BLEND_FILE)["members"]
+    if (out / rundir.BLEND).is_file():
+        had = read_json(out / rundir.BLEND)["members"]
         now = member_refs(args.runs, out)
         if had != now:
             raise EntrepError(f"{out} is a blend of {had}; give a blend of {now} another --name")

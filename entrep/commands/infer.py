@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from entrep import rundir
 from entrep.cli import console, parser, setup_logging
 
 
@@ -20,7 +21,7 @@ def main(argv=None) -> int:
     from entrep.inference import predict  # torch and the model stack: after the arguments are known good
 
     preds = predict(args.run, args.data, args.overrides)
-    out = Path(args.run) / "predictions"
+    out = Path(args.run) / rundir.PREDICTIONS
     preds.write(out)
     console.print(f"predictions for {len(preds.classes)} images, {len(preds.i2i)} i2i and {len(preds.t2i)} t2i "
                   f"queries from {len(preds.meta['folds'])} folds -> {out}")

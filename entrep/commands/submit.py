@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from entrep import rundir
 from entrep.cli import console
 from entrep.submission import TRACK_TITLES, SubmissionError, rankings_to_submission, validate, write_track
 
@@ -20,14 +21,14 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=1, help="1: one image per query (the challenge form); >1: ranked lists")
     ap.add_argument("--out", help="output folder (default: RUN/submission)")
     args = ap.parse_args(argv)
-    pred = Path(args.run) / "predictions"
+    pred = Path(args.run) / rundir.PREDICTIONS
     if not (pred / "meta.json").is_file():
         raise SubmissionError(f"{pred}: no predictions; run infer.py --run {args.run} --data TEST_DIR first")
     meta = json.loads((pred / "meta.json").read_text())
     if args.topk > meta.get("topk", args.topk):
         raise SubmissionError(f"--topk {args.topk}, but {pred} holds top-{meta['topk']} rankings; re-run infer.py "
                               f"--run {args.run} --data {meta['test_dir']} infer.topk={args.topk}, or lower --topk")
-    out = Path(args.out) if args.out else Path(args.run) / "submission"
+    out = Path(args.out) if args.out else Path(args.run) / rundir.SUBMISSION
     if out.exists() and not out.is_dir():
         raise SubmissionError(f"--out {out} is a file; give a folder (it will hold cls|i2i|t2i .json and .zip)")
     gallery = set(meta["gallery"])

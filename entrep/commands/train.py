@@ -8,8 +8,10 @@ import contextlib
 import os
 from pathlib import Path
 
+from entrep import rundir
 from entrep.cli import console, parser, setup_logging
 from entrep.config import Config, ConfigError, describe, load_config, parse_override
+from entrep.errors import EntrepError
 from entrep.io import exclusive_run
 
 
@@ -28,9 +30,9 @@ def parse(argv):
     if base is None:
         given = dict(parse_override(o) for o in args.overrides)
         run = Path(str(given.get("output_dir", Config.output_dir))) / (args.name or Config.name)
-        if not (run / "config.yaml").is_file():
+        if not (run / rundir.CONFIG).is_file():
             raise ConfigError(f"--config is required for a new run ({run} has no config.yaml)")
-        base = run / "config.yaml"
+        base = run / rundir.CONFIG
     cfg = load_config(base, list(args.overrides) + extra)
     if args.print_config:
         print(describe(cfg))
@@ -43,9 +45,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def refuse_run_dir(cfg) -> None:
+    """Before anything is written: a blend's folder is not a run, and a run folder inside the release
+    would be read back as training data (its submission/cls.json is a cls.json)."""
+    if rundir.is_blend(cfg.run_dir):
+        raise EntrepError(f"{cfg.run_dir} is a blend (it holds {rundir.BLEND}), not a training run; give the run "
+                          f"another --name")
+    data, out = Path(cfg.data.root).resolve(), Path(cfg.output_dir).resolve()
+    if out == data or data in out.parents:
+        raise EntrepError(f"output_dir={cfg.output_dir} lies inside the training release {cfg.data.root}: the kit would "
+                          f"read its own outputs (submission/cls.json) as annotations; put runs elsewhere, e.g. "
+                          f"output_dir=runs")
+
+
 def run_in_process(argv) -> list:
     """train.py's work in this process (what `entrep.train_fold` calls too): the folds it trained."""
     cfg = parse(argv)
+    refuse_run_dir(cfg)
     from entrep.model.backbone import set_offline
 
     set_offline(cfg.model.offline)  # before anything imports huggingface_hub
@@ -86,6 +102,9 @@ def print_report(rep: dict, run_dir) -> None:
             if m in r:
                 t.add_row(track, m, f"{r[m]:.4f}")
         t.add_row(track, "queries", str(r.get("n_queries", 0)))
+    if "recall@1" in rep.get("t2i_any", {}):
+        t.add_row("t2i, any carrier", "recall@1 / mrr", f"{rep['t2i_any']['recall@1']:.4f} / {rep['t2i_any']['mrr']:.4f} "
+                                                        f"(not the leaderboard's rule)")
     tuned = rep.get("tuned", {})
     per_track = "; ".join(f"{tr}: alpha={track_settings(tuned, tr)[0]} re-ranking "
                           f"{list(track_settings(tuned, tr)[1]) or 'none'}" for tr in ("i2i", "t2i"))

@@ -16,8 +16,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
-from entrep.io import atomic_path, atomic_write_csv
+from entrep import rundir
 from entrep.errors import EntrepError
+from entrep.io import atomic_path, atomic_write_csv
 
 
 class FoldError(EntrepError):
@@ -133,7 +134,7 @@ def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, h
     (`source`, cv.folds_from: a run directory or a folds.csv), copied in; else made and saved.
     `hashes`: the pHash array, or a function that computes it (called only when folds are made)."""
     if not path.is_file() and source:
-        src = Path(source) / "folds.csv" if Path(source).is_dir() else Path(source)
+        src = Path(source) / rundir.FOLDS if Path(source).is_dir() else Path(source)
         if not src.is_file():
             raise FoldError(f"cv.folds_from={source}: no folds.csv there (a run directory or a folds.csv file)")
         check_folds(pd.read_csv(src, keep_default_na=False), df, n_splits, src)

@@ -5,6 +5,8 @@ for it: every epoch's augmentations start from these decoded pixels.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,10 +22,11 @@ class ImageDecodeError(EntrepError):
     pass
 
 
-def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 RGB. Grayscale, palette, RGBA and 16-bit files are converted."""
+def decode_image(path: str | Path, size: int, data: bytes | None = None) -> np.ndarray:
+    """(size, size, 3) uint8 RGB of the file at `path` (or of its bytes `data`, already read).
+    Grayscale, palette, RGBA and 16-bit files are converted."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             im.load()
             if im.mode.startswith("I"):  # 16/32-bit grayscale
                 arr = np.asarray(im, dtype=np.float32)
@@ -39,14 +42,26 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
         raise ImageDecodeError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def decode_all(paths: list[str], size: int, workers: int = 4, desc: str = "decoding images") -> np.ndarray:
-    """(N, size, size, 3) uint8, decoded in a thread pool (PIL releases the GIL while decoding)."""
+def decode_all(paths: list[str], size: int, workers: int = 4, desc: str = "decoding images",
+               sha1: list[str] | None = None) -> np.ndarray:
+    """(N, size, size, 3) uint8, decoded in a thread pool (PIL releases the GIL while decoding).
+    With `sha1`, each file's bytes must still hash to it: the pixels are decoded from the very bytes
+    that were hashed, so a file rewritten since it was hashed is an error, never wrong pixels."""
     from rich.progress import Progress
+
+    def one(i: int) -> np.ndarray:
+        if sha1 is None:
+            return decode_image(paths[i], size)
+        data = Path(paths[i]).read_bytes()
+        if hashlib.sha1(data).hexdigest() != sha1[i]:
+            raise ImageDecodeError(f"{paths[i]}: changed on disk since it was read (its content hash differs); "
+                                   f"run the command again on a release that is not being written to")
+        return decode_image(paths[i], size, data)
 
     out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=workers) as pool, Progress(transient=True) as progress:
         task = progress.add_task(desc, total=len(paths))
-        for i, arr in enumerate(pool.map(lambda p: decode_image(p, size), paths)):
+        for i, arr in enumerate(pool.map(one, range(len(paths)))):
             out[i] = arr
             progress.advance(task)
     return out
@@ -75,7 +90,8 @@ class CachedPixels:
 
 
 class ImageCache:
-    """Decoded images on disk, keyed by file content; safe for any number of concurrent processes.
+    """Decoded images on disk, keyed by the SHA-1 of the bytes they were decoded from; safe for any
+    number of concurrent processes.
 
     `index-<size>.json` maps a content hash to (segment, row). A segment `seg-<size>-<uuid>.u8` holds
     the images one writer decoded; it is written under a unique temp name, checksummed, renamed into
@@ -158,7 +174,7 @@ class ImageCache:
                 try:
                     new = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(todo), self.size, self.size, 3))
                     new[:] = decode_all(list(todo.values()), self.size, workers,
-                                        desc=f"caching {len(todo)} images at {self.size}px")
+                                        desc=f"caching {len(todo)} images at {self.size}px", sha1=list(todo))
                     new.flush()
                     del new
                     with open(tmp, "rb") as f:
@@ -171,7 +187,7 @@ class ImageCache:
                 idx["slots"].update({h: [name, i] for i, h in enumerate(todo)})
                 atomic_write_text(self.index_path, json.dumps(idx))
                 self._verified.add(name)
-                log.info("image cache %s: decoded %d new images (%d cached)", self.folder, len(todo),
+                log.info("image cache %s: decoded %d new images; it now holds %d", self.folder, len(todo),
                          len(idx["slots"]))
             return idx
         finally:
