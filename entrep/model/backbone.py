@@ -219,10 +219,27 @@ def _cache_hint(code: str) -> str:
     return f'or cache it once on a machine with network: python -c "{code}"'
 
 
-def load_tokenizer(name: str, pretrained: str = "", spec: str = "", offline: bool = False):
+def _hub_tokenizer(name: str, pretrained: str, text_cfg: dict, offline: bool) -> str:
+    """'cached' / 'reachable' for a tokenizer open_clip takes from the hub, '' for a local one."""
+    repo = text_cfg.get("hf_tokenizer_name", "")
+    if not repo or pretrained.startswith("local-dir:") or Path(repo).is_dir():
+        return ""
+    try:
+        return _hub_files(repo, ("tokenizer_config.json", "tokenizer.json"), offline)
+    except OSError as e:
+        raise TokenizerError(
+            f"model.tokenizer: '{name}' tokenizes with the Hugging Face tokenizer '{repo}', which is {e}; give "
+            f"its files locally with model.tokenizer=local-dir:/folder (tokenizer.json, tokenizer_config.json), "
+            + _cache_hint(f"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{repo}')")
+        ) from None
+
+
+def load_tokenizer(name: str, pretrained: str = "", spec: str = "", offline: bool = False,
+                   before_model: bool = False):
     """The tokenizer of the model: open_clip's own (`model.tokenizer` empty) or Hugging Face tokenizer files
     in `model.tokenizer=local-dir:/folder`, with the model's context length and tokenizer options.
-    Anything that cannot load is one TokenizerError line naming model.tokenizer."""
+    Anything that cannot load is one TokenizerError line naming model.tokenizer. `before_model`: only check
+    that it can come from where it must (a build then fails before it spends minutes on the weights)."""
     from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
 
     set_offline(offline)
@@ -238,6 +255,8 @@ def load_tokenizer(name: str, pretrained: str = "", spec: str = "", offline: boo
             raise TokenizerError(f"model.tokenizer={spec!r}: give local-dir:/folder holding Hugging Face tokenizer "
                                  f"files (tokenizer.json, tokenizer_config.json), or leave it empty for open_clip's "
                                  f"tokenizer of '{name}'")
+        if before_model:
+            return None
         try:
             return HFTokenizer(str(folder), context_length=text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH),
                                tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
@@ -245,17 +264,10 @@ def load_tokenizer(name: str, pretrained: str = "", spec: str = "", offline: boo
             raise TokenizerError(f"model.tokenizer={spec}: not a Hugging Face tokenizer folder ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:160] if str(e) else ''}); save one with "
                                  f"PreTrainedTokenizerFast(...).save_pretrained(folder)") from None
-    repo = text_cfg.get("hf_tokenizer_name", "")
-    if repo and source == name and not Path(repo).is_dir():
-        try:
-            if _hub_files(repo, ("tokenizer_config.json", "tokenizer.json"), offline) == "cached":
-                set_offline(True)  # the model is built by now: nothing else will ask the hub
-        except OSError as e:
-            raise TokenizerError(
-                f"model.tokenizer: '{name}' tokenizes with the Hugging Face tokenizer '{repo}', which is {e}; give "
-                f"its files locally with model.tokenizer=local-dir:/folder (tokenizer.json, tokenizer_config.json), "
-                + _cache_hint(f"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{repo}')")
-            ) from None
+    if _hub_tokenizer(name, pretrained, text_cfg, offline) == "cached" and not before_model:
+        set_offline(True)  # the model is built by now: nothing else will ask the hub
+    if before_model:
+        return None
     try:
         return open_clip.get_tokenizer(source)
     except Exception as e:
@@ -279,14 +291,14 @@ def check_tokenizer(cfg) -> str:
     return describe_tokenizer(load_tokenizer(m.name, m.pretrained, m.tokenizer, m.offline))
 
 
-def _check_hf_text(name: str, pretrained: str, model_cfg: dict, offline: bool, weights_need_hub: bool) -> None:
-    """An HF text tower is built from its hub config.json (AutoConfig), even with random weights."""
+def _hf_text_source(name: str, model_cfg: dict, offline: bool) -> str:
+    """'cached' / 'reachable' for an HF text tower's config.json (AutoConfig reads it even for random
+    weights), '' when the tower is not HF or names a local folder; one WeightsError line otherwise."""
     repo = model_cfg.get("text_cfg", {}).get("hf_model_name", "")
     if not repo or Path(repo).is_dir():
-        return
+        return ""
     try:
-        if _hub_files(repo, ("config.json",), offline) == "cached" and not weights_need_hub:
-            set_offline(True)
+        return _hub_files(repo, ("config.json",), offline)
     except OSError as e:
         raise WeightsError(
             f"'{name}': its text tower is the Hugging Face model '{repo}', whose config.json is {e}; give it locally: "
@@ -306,9 +318,12 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False, tokenize
     force_quick_gelu = "quickgelu" in name.lower()
     kwargs = dict(force_quick_gelu=force_quick_gelu)
     model_cfg = model_config(name, pretrained)
+    hf_text = _hf_text_source(name, model_cfg, offline)
+    load_tokenizer(name, pretrained, tokenizer, offline, before_model=True)
     try:
         if pretrained.startswith("local-dir:"):
-            _check_hf_text(name, pretrained, model_cfg, offline, weights_need_hub=False)
+            if hf_text == "cached":
+                set_offline(True)
             model = open_clip.create_model(pretrained, **kwargs)
             return model, load_tokenizer(name, pretrained, tokenizer, offline)
         if pretrained and not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
@@ -324,7 +339,8 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False, tokenize
                 set_offline(True)
             else:
                 weights_need_hub = True
-        _check_hf_text(name, pretrained, model_cfg, offline, weights_need_hub)
+        if hf_text == "cached" and not weights_need_hub:
+            set_offline(True)  # the hub client would ask the network first, and retry for a minute without one
         if pretrained:
             model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
         else:

@@ -68,7 +68,6 @@ class VisionFamily:
     level: LevelKind
     head: tuple[str, ...]  # the tower's final head, from the root (train_last_blocks unfreezes it)
     lora: tuple[str, ...]  # preset inside a block: modules, or parameters (names ending _weight/.weight)
-    lora_head: tuple[str, ...] = ()  # preset outside the blocks: full parameter paths
     has_cls: bool = False
     token_head: Callable | None = None  # level == "tokens": (visual, (B, N, C) tokens) -> embedding
     widths: Callable | None = None  # level == "stages": channels of each level
@@ -207,10 +206,10 @@ VISION: tuple[VisionFamily, ...] = (
     VisionFamily(
         "openclip-resnet", "RN50, RN101, RN50x4 .. RN50x64, entrep-tiny-rn",
         lambda v: isinstance(v, _oc("modified_resnet", "ModifiedResNet")),
+        # the attention pool stays frozen: it hands its Linear weights to F.multi_head_attention_forward and
+        # never calls the modules, so neither a module adapter nor peft's parameter wrapper (active only in
+        # the wrapped module's forward) would ever run there
         r"visual\.layer[1-4]\.\d+", lambda v: 5, "stages", ("visual.attnpool",), ("conv1", "conv2", "conv3"),
-        # AttentionPool2d hands its weights to F.multi_head_attention_forward and never calls the Linear
-        # modules, so a module adapter there would be dead: parameter targets instead
-        lora_head=tuple(f"visual.attnpool.{p}_proj.weight" for p in "qkvc"),
         widths=_resnet_widths, output_fmt="NCHW", extra_tokens=False),
 )
 
@@ -322,33 +321,41 @@ def text_family(name: str) -> TextFamily:
     return next(f for f in TEXT if f.name == name)
 
 
-def classify_config(model_cfg: dict) -> tuple[str, str]:
-    """(vision family, text family) of an open_clip model config without building it.
+# timm module -> the record group of the classes it defines (the records detect those classes)
+TIMM_MODULES = {"vision_transformer": "timm-vit", "vision_transformer_hybrid": "timm-vit",
+                "vision_transformer_relpos": "timm-vit", "vitamin": "timm-vit", "eva": "timm-eva",
+                "convnext": "timm-convnext", "fastvit": "timm-fastvit", "swin_transformer": "timm-swin"}
 
-    The rule mirrors open_clip's factory: a `timm_model_name` builds a TimmModel (its trunk class is read
-    from timm on the meta device, which allocates nothing), a list of `layers` a ModifiedResNet, else a
-    VisionTransformer; `hf_model_name` builds an HFTextEncoder whose architecture only the hub config tells
-    (so it maps to the HF records as a group), and `custom_text` / timm / HF put the text tower under `text`.
+
+def classify_config(model_cfg: dict) -> tuple[tuple[str, ...], str]:
+    """(candidate vision records, text record) of an open_clip model config, without building it.
+
+    The rule mirrors open_clip's factory: a `timm_model_name` builds a TimmModel around the timm class of
+    the module that registers the name (a ViT's pool, token or not, decides between the -cls and -pooled
+    records; an empty `timm_pool` keeps the timm model's default, so both stay candidates), a list of
+    `layers` a ModifiedResNet, else a VisionTransformer. `hf_model_name` builds an HFTextEncoder whose
+    architecture only its hub config names ("hf": see HF_ARCHS); `custom_text`, a timm tower or a CoCa
+    puts the text tower under `text`. An unknown timm module gives no candidate.
     """
     v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     if v.get("timm_model_name"):
-        import timm
+        import timm.models
 
-        with torch.device("meta"):
-            pool = v.get("timm_pool", "avg")  # open_clip's CLIPVisionCfg default
-        trunk = timm.create_model(v["timm_model_name"], pretrained=False, **({"global_pool": pool} if pool else {}))
-        pool = getattr(trunk, "global_pool", None)
-        by_class = [(_timm_vit_classes(), "timm-vit"), ((_timm("eva", "Eva"),), "timm-eva"),
-                    ((_timm("convnext", "ConvNeXt"),), "timm-convnext"), ((_timm("fastvit", "FastVit"),), "timm-fastvit"),
-                    ((_timm("swin_transformer", "SwinTransformer"),), "timm-swin")]
-        vision = next((n for classes, n in by_class if isinstance(trunk, classes)), f"unknown timm {type(trunk).__name__}")
-        if vision in ("timm-vit", "timm-eva"):
-            vision += "-cls" if pool == "token" else "-pooled"
+        from entrep.model.backbone import TINY_TIMM
+
+        timm_name = TINY_TIMM.get(v["timm_model_name"], (v["timm_model_name"],))[0]  # a tiny one: its base's module
+        group = next((g for mod, g in TIMM_MODULES.items() if timm.models.is_model_in_modules(timm_name, [mod])), None)
+        pool = v.get("timm_pool", "avg")  # open_clip's CLIPVisionCfg default
+        if group in ("timm-vit", "timm-eva"):
+            vision = ((f"{group}-cls",) if pool == "token" else (f"{group}-pooled",) if pool
+                      else (f"{group}-cls", f"{group}-pooled"))
+        else:
+            vision = (group,) if group else ()
     elif isinstance(v.get("layers"), (list, tuple)):
-        vision = "openclip-resnet"
+        vision = ("openclip-resnet",)
     else:
         pooled = v.get("attentional_pool") or v.get("pool_type", "tok") != "tok"
-        vision = "openclip-vit-pooled" if pooled else "openclip-vit-cls"
+        vision = ("openclip-vit-pooled",) if pooled else ("openclip-vit-cls",)
     if t.get("hf_model_name"):
         text = "hf"
     elif model_cfg.get("custom_text") or v.get("timm_model_name") or "multimodal_cfg" in model_cfg:

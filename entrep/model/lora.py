@@ -26,13 +26,12 @@ def _is_auto(targets) -> bool:
     return list(targets) == ["auto"]
 
 
-def tower_targets(family: Family, cfg) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
-    """tower -> (block regex, targets inside a block, full-path targets outside) for the adapted towers."""
+def tower_targets(family: Family, cfg) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """tower -> (block regex, targets inside a block) for the adapted towers."""
     auto = _is_auto(cfg.targets)
-    out = {"vision": (family.vision.blocks, family.vision.lora if auto else tuple(cfg.targets),
-                      family.vision.lora_head if auto else ())}
+    out = {"vision": (family.vision.blocks, family.vision.lora if auto else tuple(cfg.targets))}
     if cfg.text:
-        out["text"] = (family.text.blocks, family.text.lora if auto else tuple(cfg.targets), ())
+        out["text"] = (family.text.blocks, family.text.lora if auto else tuple(cfg.targets))
     return out
 
 
@@ -43,14 +42,13 @@ def plan(clip: nn.Module, family: Family, cfg) -> tuple[list[str], list[str], di
     modules = dict(clip.named_modules())
     params = [n for n, _ in clip.named_parameters()]
     mod_names, param_names, counts = [], [], {}
-    for tower, (block, inside, outside) in tower_targets(family, cfg).items():
+    for tower, (block, inside) in tower_targets(family, cfg).items():
         mods = "|".join(re.escape(t) for t in inside if not is_param_target(t))
         ps = "|".join(re.escape(t) for t in inside if is_param_target(t))
         m_rx = re.compile(rf"{block}\.({mods})") if mods else None
         p_rx = re.compile(rf"{block}\.({ps})") if ps else None
         found_m = [n for n in modules if m_rx and m_rx.fullmatch(n)]
-        found_m += [t for t in outside if not is_param_target(t) and t in modules]
-        found_p = [n for n in params if (p_rx and p_rx.fullmatch(n)) or (n in outside and is_param_target(n))]
+        found_p = [n for n in params if p_rx and p_rx.fullmatch(n)]
         for n in found_m:
             parent, _, leaf = n.rpartition(".")
             if leaf == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention):
