@@ -117,9 +117,19 @@ def resolve_weights(name: str, pretrained: str, offline: bool = False, timeout: 
     """Where `model.pretrained` will come from, checked without building the model (preflight).
 
     A tag must be in the local hub cache or reachable; a file must be readable weights; a
-    `local-dir:` folder must hold open_clip_config.json and a weights file. Otherwise one WeightsError
-    line with the fix.
+    `local-dir:` folder must hold open_clip_config.json and a weights file; a Hugging Face text tower's
+    config.json must be local, cached or reachable. Otherwise one WeightsError line with the fix.
     """
+    where = _resolve_clip_weights(name, pretrained, offline, timeout)
+    try:
+        model_cfg = model_config(name, pretrained)
+    except WeightsError:
+        return where
+    hf = _hf_text_source(name, model_cfg, offline, timeout)
+    return where + (f"; text tower {model_cfg['text_cfg']['hf_model_name']}: {hf}" if hf else "")
+
+
+def _resolve_clip_weights(name: str, pretrained: str, offline: bool, timeout: float) -> str:
     set_offline(offline)
     if not pretrained:
         return "random initialisation (model.pretrained is empty): for tests and smoke runs only"
@@ -291,14 +301,14 @@ def check_tokenizer(cfg) -> str:
     return describe_tokenizer(load_tokenizer(m.name, m.pretrained, m.tokenizer, m.offline))
 
 
-def _hf_text_source(name: str, model_cfg: dict, offline: bool) -> str:
+def _hf_text_source(name: str, model_cfg: dict, offline: bool, timeout: float = 10.0) -> str:
     """'cached' / 'reachable' for an HF text tower's config.json (AutoConfig reads it even for random
     weights), '' when the tower is not HF or names a local folder; one WeightsError line otherwise."""
     repo = model_cfg.get("text_cfg", {}).get("hf_model_name", "")
     if not repo or Path(repo).is_dir():
         return ""
     try:
-        return _hub_files(repo, ("config.json",), offline)
+        return _hub_files(repo, ("config.json",), offline, timeout)
     except OSError as e:
         raise WeightsError(
             f"'{name}': its text tower is the Hugging Face model '{repo}', whose config.json is {e}; give it locally: "

@@ -14,7 +14,7 @@ from entrep.labels import LabelSet
 from entrep.model.families import Family, detect
 from entrep.model.fusion import CLSFusion, StageProjection
 
-LOGIT_SCALE_MAX = math.log(100.0)  # the softmax (CLIP) family's cap; families.OBJECTIVES holds each family's
+LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's cap; each family's is in families.OBJECTIVES
 SIGLIP_INIT_BIAS = -10.0  # SigLIP's (and open_clip_train --siglip's) logit_bias init, for a base without one
 SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -108,7 +108,7 @@ class EntrepCLIP(nn.Module):
         return self.logit_scale.clamp(max=self.logit_scale_max).exp()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The (unnormalised) image embedding: fused over CLS levels, or CLIP's own when fusion is off."""
+        """The (unnormalised) image embedding: fused over the family's levels, or CLIP's own when fusion is off."""
         base = self.base
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -243,10 +243,10 @@ def build_model(cfg, labels: LabelSet) -> EntrepCLIP:
         model = EntrepCLIP(clip, tokenizer, labels, cfg.model, cfg.speed, contrastive=cfg.loss.contrastive)
     except EntrepError:  # already one line naming the key (tokenizer, unknown tower family)
         raise
-    except ValueError as e:  # what only the architecture can tell: layer indices, targets, unknown towers
+    except ValueError as e:  # what only the architecture can tell: layer indices, LoRA targets
         raise ConfigError(f"{cfg.model.name}: {e}") from None
     if cfg.speed.channels_last:
-        model.to(memory_format=torch.channels_last)  # only 4-D weights change: the patch embedding conv
+        model.to(memory_format=torch.channels_last)  # only 4-D weights change: a ViT's patch embedding, a CNN's convs
     return model
 
 

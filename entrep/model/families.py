@@ -334,8 +334,8 @@ def classify_config(model_cfg: dict) -> tuple[tuple[str, ...], str]:
     the module that registers the name (a ViT's pool, token or not, decides between the -cls and -pooled
     records; an empty `timm_pool` keeps the timm model's default, so both stay candidates), a list of
     `layers` a ModifiedResNet, else a VisionTransformer. `hf_model_name` builds an HFTextEncoder whose
-    architecture only its hub config names ("hf": see HF_ARCHS); `custom_text`, a timm tower or a CoCa
-    puts the text tower under `text`. An unknown timm module gives no candidate.
+    architecture only its hub config names ("hf": see HF_ARCHS); `custom_text` (CustomTextCLIP, CoCa) puts
+    the text tower under `text`. An unknown timm module gives no candidate.
     """
     v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     if v.get("timm_model_name"):
@@ -358,7 +358,7 @@ def classify_config(model_cfg: dict) -> tuple[tuple[str, ...], str]:
         vision = ("openclip-vit-pooled",) if pooled else ("openclip-vit-cls",)
     if t.get("hf_model_name"):
         text = "hf"
-    elif model_cfg.get("custom_text") or v.get("timm_model_name") or "multimodal_cfg" in model_cfg:
+    elif model_cfg.get("custom_text"):  # CustomTextCLIP, or CoCa with a multimodal_cfg
         text = "openclip-text"
     else:
         text = "openclip-text-root"
