@@ -46,6 +46,7 @@ def opt(default=None, help: str = "", factory=None):
 # Every choice lives in its type: `_cast` checks a Literal field's value against its arguments.
 BadImages = Literal["skip", "error"]
 FusionMode = Literal["softmax", "concat"]
+Contrastive = Literal["auto", "softmax", "sigmoid"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
 Monitor = Literal["f1_macro", "accuracy", "f1_weighted", "none"]
 Partial = Literal["refuse", "use"]
@@ -98,9 +99,11 @@ class LoraConfig:
     alpha: int = opt(32, "LoRA alpha (the adapter is scaled by alpha / rank)")
     dropout: float = opt(0.0, "peft lora_dropout; module targets only (a parameter target has no input to drop)")
     text: bool = opt(True, "also adapt the text tower")
-    targets: list[str] = opt(help="attn.in_proj_weight (parameter target) and/or attn, mlp.c_fc, mlp.c_proj (modules)",
-                             factory=lambda: ["attn.in_proj_weight", "mlp.c_fc", "mlp.c_proj"])
-    train_last_blocks: int = opt(0, "without LoRA: unfreeze the last N vision blocks (the ablation baseline)")
+    targets: list[str] = opt(help="auto: the tower family's preset (open_clip ViT: attn.in_proj_weight, mlp.c_fc, "
+                                  "mlp.c_proj); or names inside a block: modules, or parameters ending in _weight",
+                             factory=lambda: ["auto"])
+    train_last_blocks: int = opt(0, "without LoRA: unfreeze the last N vision blocks and the tower's head "
+                                    "(the ablation baseline)")
 
 
 @dataclass
@@ -126,6 +129,8 @@ class ModelConfig:
     name: str = opt("ViT-B-16-quickgelu", "open_clip model name (a name with quickgelu forces QuickGELU)")
     pretrained: str = opt("openai", "open_clip tag, a weights file, local-dir:/folder, or empty for random weights")
     offline: bool = opt(False, "HF_HUB_OFFLINE=1: fail at once instead of reaching a hub")
+    tokenizer: str = opt("", "empty: open_clip's tokenizer of the model; local-dir:/folder: Hugging Face tokenizer "
+                             "files (tokenizer.json ...) for a model whose tokenizer lives on the hub")
     prompts: bool = opt(True, "class-prompt logits and prompt-guided retrieval")
     lora: LoraConfig = opt(help="LoRA adapters", factory=LoraConfig)
     fusion: FusionConfig = opt(help="multi-level CLS fusion", factory=FusionConfig)
@@ -138,6 +143,8 @@ class LossConfig:
     prompt: float = opt(1.0, "lambda_p: cross-entropy of the class-prompt logits")
     text: float = opt(1.0, "lambda_t: multi-positive image-text InfoNCE")
     image: float = opt(0.5, "lambda_i: supervised contrastive loss between images")
+    contrastive: Contrastive = opt("auto", "image-text loss: softmax (CLIP's InfoNCE), sigmoid (SigLIP's, with a "
+                                           "learned logit_bias), auto: sigmoid where the base has a logit_bias")
     label_smoothing: float = opt(0.1, "label smoothing of both cross-entropies")
     class_weights: bool = opt(False, "inverse-frequency class weights in the cross-entropies")
 
@@ -366,9 +373,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'train.{name}' must be >= 1")
     _validate_ranges(cfg)
     _validate_lora(cfg.model.lora)
-    if any(t.endswith("out_proj") for t in cfg.model.lora.targets):
-        raise ConfigError("model.lora.targets: 'out_proj' alone never runs in open_clip's attention (a dead "
-                          "adapter); use 'attn.in_proj_weight' or 'attn'")
     if not cfg.model.fusion.layers:
         raise ConfigError("model.fusion.layers is empty")
     from entrep.labels import LabelSet
@@ -435,7 +439,10 @@ def _validate_lora(lora: LoraConfig) -> None:
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"model.lora.dropout = {lora.dropout}; must lie in [0, 1)")
     if not lora.targets:
-        raise ConfigError("model.lora.targets is empty; e.g. [attn.in_proj_weight, mlp.c_fc, mlp.c_proj]")
+        raise ConfigError("model.lora.targets is empty; auto (the tower family's preset) or e.g. "
+                          "[attn.in_proj_weight, mlp.c_fc, mlp.c_proj]")
+    if "auto" in lora.targets and lora.targets != ["auto"]:
+        raise ConfigError(f"model.lora.targets {lora.targets}: 'auto' (the family's preset) stands alone")
     # peft's ParamWrapper (target_parameters) adds B @ A to the weight itself, so there is no input to drop out.
     param_targets = [t for t in lora.targets if is_param_target(t)]
     if lora.dropout and param_targets:

@@ -1,4 +1,5 @@
-"""The joint objective: CE(head) + λp·CE(prompt logits) + λt·multi-positive InfoNCE + λi·SupCon."""
+"""The joint objective: CE(head) + λp·CE(prompt logits) + λt·multi-positive InfoNCE (or SigLIP's sigmoid
+loss) + λi·SupCon."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +26,23 @@ def multi_positive_infonce(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tens
     logits = scale * img @ txt.t()
     cols = pos.any(0)
     return (multi_positive_ce(logits, pos) + multi_positive_ce(logits.t()[cols], pos.t()[cols])) / 2
+
+
+def multi_positive_sigmoid(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor, scale, bias) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss where pos[i, u] marks every caption u that image i carries.
+
+    Each (image, caption) pair is a binary decision: label +1 for a positive, -1 otherwise, loss
+    -log sigmoid(label * (scale * cos + bias)), summed over the captions and averaged over the images, as
+    in SigLIP. Shared captions are one column, positive for every image carrying them. Only images that
+    carry a caption take part, as in multi_positive_infonce.
+    """
+    keep = pos.any(1)
+    img, pos = img[keep], pos[keep]
+    if img.shape[0] == 0:
+        return img.sum() * 0
+    logits = scale * img @ txt.t() + bias
+    labels = pos.to(logits.dtype) * 2 - 1
+    return -F.logsigmoid(labels * logits).sum() / img.shape[0]
 
 
 def supcon(emb: torch.Tensor, pos: torch.Tensor, scale) -> torch.Tensor:
@@ -66,6 +84,8 @@ def joint_loss(out: dict, y: torch.Tensor, group: torch.Tensor, text_emb: torch.
 
     `slerp_views`: (B, D) extra unit embeddings (image slerped toward its class prompt), or None;
     rows of unlabelled images are ignored. They join both contrastive losses with their image's targets.
+    The image-text loss is SigLIP's sigmoid loss when the forward returned a `bias` (the model resolved
+    loss.contrastive to sigmoid), else the multi-positive InfoNCE.
     """
     parts = {}
     total = out["emb"].new_zeros(())
@@ -88,7 +108,9 @@ def joint_loss(out: dict, y: torch.Tensor, group: torch.Tensor, text_emb: torch.
         if tpos is not None:
             tpos = torch.cat([tpos, tpos[v]])
     if cfg.text and text_emb is not None and text_emb.shape[0] > 0:
-        parts["text"] = multi_positive_infonce(emb, text_emb, tpos, scale)
+        bias = out.get("bias")
+        parts["text"] = (multi_positive_infonce(emb, text_emb, tpos, scale) if bias is None
+                         else multi_positive_sigmoid(emb, text_emb, tpos, scale, bias))
         total = total + cfg.text * parts["text"]
     if cfg.image:
         pos = positive_mask(y_all, g_all)

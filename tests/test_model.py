@@ -12,7 +12,6 @@ from entrep.labels import LabelSet
 from entrep.model.backbone import CONFIG_DIR, create_clip
 from entrep.model.checkpoint import load_fold_weights, read_meta, save_weights
 from entrep.model.entrep_clip import build_model
-from entrep.model.lora import lora_target_regex
 
 
 def _cfg(*overrides):
@@ -67,8 +66,9 @@ def test_lora_targets_and_dead_out_proj_rejected():
     assert any(".transformer.resblocks" in n and "visual" not in n for n in lora_mods)  # text tower too
     no_text = _model("model.lora.text=false")
     assert all("visual" in n for n, _ in no_text.named_modules() if n.endswith("lora_A"))
-    with pytest.raises(ValueError, match="out_proj"):
-        lora_target_regex(["attn.out_proj"], True)
+    assert m.lora_counts == {"vision": 18, "text": 12} and no_text.lora_counts == {"vision": 18, "text": 0}
+    with pytest.raises(ValueError, match="out_proj"):  # open_clip's MHA never calls out_proj: a dead adapter
+        _model("model.lora.targets=[attn.out_proj]")
 
 
 @pytest.mark.parametrize("attn", ["attn.in_proj_weight", "attn"])

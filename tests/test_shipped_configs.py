@@ -98,8 +98,17 @@ def test_shipped_config_builds_steps_embeds_and_reloads(name, tmp_path, fresh_ac
 
 
 def test_lora_dropout_on_a_parameter_target_is_refused_with_the_fix():
+    # an explicit parameter target: refused by validation
     with pytest.raises(ConfigError, match=r"model\.lora\.dropout.*model\.lora\.dropout=0"):
-        load_config(ROOT / "configs/entrep_vitb16.yaml", ["model.lora.dropout=0.1"])
+        load_config(ROOT / "configs/entrep_vitb16.yaml",
+                    ["model.lora.dropout=0.1", "model.lora.targets=[attn.in_proj_weight,mlp.c_fc]"])
+    # targets: auto, whose open_clip ViT preset holds attn.in_proj_weight: refused when the model is built
+    from entrep.labels import LabelSet
+    from entrep.model.entrep_clip import build_model
+
+    cfg = shipped("demo.yaml", "model.lora.dropout=0.1")
+    with pytest.raises(ConfigError, match=r"model\.lora\.dropout.*model\.lora\.dropout=0"):
+        build_model(cfg, LabelSet.from_config(cfg.labels))
 
 
 def test_lora_dropout_on_module_targets_builds_and_is_used():

@@ -19,6 +19,10 @@ class WeightsError(EntrepError):
     pass
 
 
+class TokenizerError(EntrepError):
+    pass
+
+
 def set_offline(offline: bool) -> None:
     """HF_HUB_OFFLINE is read when huggingface_hub is imported, so set it before importing open_clip."""
     if not offline:
@@ -36,8 +40,35 @@ def _open_clip():
     import open_clip
 
     if "entrep-tiny" not in open_clip.list_models():
+        _register_tiny_timm()
         open_clip.add_model_config(CONFIG_DIR)
     return open_clip
+
+
+# The tiny configs' timm towers: a real family member's timm entrypoint at toy sizes. open_clip's TimmModel
+# passes no architecture arguments to timm, so a size has to be a registered timm name.
+TINY_TIMM = {
+    "entrep_tiny_sig_vit": ("vit_base_patch16_siglip_224",
+                            dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2)),
+    "entrep_tiny_eva02": ("eva02_base_patch16_clip_224",
+                          dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2, ref_feat_shape=(8, 8))),
+    "entrep_tiny_fastvit_mci": ("fastvit_mci1", dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128))),
+}
+
+
+def _register_tiny_timm() -> None:
+    import timm
+    from timm.models import register_model
+
+    for name, (base, sizes) in TINY_TIMM.items():
+        if timm.is_model(name):
+            continue
+
+        def entrypoint(pretrained=False, _base=base, _sizes=sizes, **kwargs):
+            return timm.create_model(_base, pretrained=False, **dict(_sizes, **kwargs))
+
+        entrypoint.__name__ = entrypoint.__qualname__ = name
+        register_model(entrypoint)
 
 
 def offline_hint(name: str, pretrained: str) -> str:
@@ -86,9 +117,19 @@ def resolve_weights(name: str, pretrained: str, offline: bool = False, timeout: 
     """Where `model.pretrained` will come from, checked without building the model (preflight).
 
     A tag must be in the local hub cache or reachable; a file must be readable weights; a
-    `local-dir:` folder must hold open_clip_config.json and a weights file. Otherwise one WeightsError
-    line with the fix.
+    `local-dir:` folder must hold open_clip_config.json and a weights file; a Hugging Face text tower's
+    config.json must be local, cached or reachable. Otherwise one WeightsError line with the fix.
     """
+    where = _resolve_clip_weights(name, pretrained, offline, timeout)
+    try:
+        model_cfg = model_config(name, pretrained)
+    except WeightsError:
+        return where
+    hf = _hf_text_source(name, model_cfg, offline, timeout)
+    return where + (f"; text tower {model_cfg['text_cfg']['hf_model_name']}: {hf}" if hf else "")
+
+
+def _resolve_clip_weights(name: str, pretrained: str, offline: bool, timeout: float) -> str:
     set_offline(offline)
     if not pretrained:
         return "random initialisation (model.pretrained is empty): for tests and smoke runs only"
@@ -151,8 +192,133 @@ def _no_random_init_warning():
         root.removeFilter(keep)
 
 
-def create_clip(name: str, pretrained: str = "", offline: bool = False):
-    """An open_clip CLIP model in fp32 on CPU, plus its tokenizer.
+def model_config(name: str, pretrained: str = "") -> dict:
+    """The open_clip config the model is built from: a `local-dir:` folder's, or the registered name's."""
+    import json
+
+    if pretrained.startswith("local-dir:"):
+        path = Path(pretrained[len("local-dir:"):]) / "open_clip_config.json"
+        try:
+            return json.loads(path.read_text())["model_cfg"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise WeightsError(f"{path}: missing or without 'model_cfg' ({type(e).__name__}); a local-dir: folder "
+                               f"holds open_clip_config.json beside the weights") from None
+    cfg = _open_clip().get_model_config(name)
+    if cfg is None:
+        raise WeightsError(f"model.name={name!r} is not an open_clip model config (open_clip.list_models())")
+    return cfg
+
+
+def _hub_files(repo: str, files: tuple[str, ...], offline: bool, timeout: float = 10.0) -> str:
+    """'cached' or 'reachable' for a Hugging Face repo's files; otherwise OSError with the reason. Asked
+    before transformers is, since its hub client retries for about a minute before it gives up."""
+    import huggingface_hub as hf
+
+    if any(isinstance(hf.try_to_load_from_cache(repo, f), str) for f in files):
+        return "cached"
+    if offline:
+        raise OSError("not in the local hub cache, and model.offline=true")
+    try:
+        hf.get_hf_file_metadata(hf.hf_hub_url(repo, files[0]), timeout=timeout)
+    except Exception as e:  # DNS, proxy, timeout, HTTP errors: all mean "not from here"
+        raise OSError(f"neither in the local hub cache nor reachable ({type(e).__name__})") from None
+    return "reachable"
+
+
+def _cache_hint(code: str) -> str:
+    return f'or cache it once on a machine with network: python -c "{code}"'
+
+
+def _hub_tokenizer(name: str, pretrained: str, text_cfg: dict, offline: bool) -> str:
+    """'cached' / 'reachable' for a tokenizer open_clip takes from the hub, '' for a local one."""
+    repo = text_cfg.get("hf_tokenizer_name", "")
+    if not repo or pretrained.startswith("local-dir:") or Path(repo).is_dir():
+        return ""
+    try:
+        return _hub_files(repo, ("tokenizer_config.json", "tokenizer.json"), offline)
+    except OSError as e:
+        raise TokenizerError(
+            f"model.tokenizer: '{name}' tokenizes with the Hugging Face tokenizer '{repo}', which is {e}; give "
+            f"its files locally with model.tokenizer=local-dir:/folder (tokenizer.json, tokenizer_config.json), "
+            + _cache_hint(f"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{repo}')")
+        ) from None
+
+
+def load_tokenizer(name: str, pretrained: str = "", spec: str = "", offline: bool = False,
+                   before_model: bool = False):
+    """The tokenizer of the model: open_clip's own (`model.tokenizer` empty) or Hugging Face tokenizer files
+    in `model.tokenizer=local-dir:/folder`, with the model's context length and tokenizer options.
+    Anything that cannot load is one TokenizerError line naming model.tokenizer. `before_model`: only check
+    that it can come from where it must (a build then fails before it spends minutes on the weights)."""
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
+
+    set_offline(offline)
+    open_clip = _open_clip()
+    source = pretrained if pretrained.startswith("local-dir:") else name
+    try:
+        text_cfg = model_config(name, pretrained).get("text_cfg", {})
+    except WeightsError as e:
+        raise TokenizerError(f"model.tokenizer: no model config to take the context length from ({e})") from None
+    if spec:
+        folder = Path(spec[len("local-dir:"):])
+        if not spec.startswith("local-dir:") or not folder.is_dir():
+            raise TokenizerError(f"model.tokenizer={spec!r}: give local-dir:/folder holding Hugging Face tokenizer "
+                                 f"files (tokenizer.json, tokenizer_config.json), or leave it empty for open_clip's "
+                                 f"tokenizer of '{name}'")
+        if before_model:
+            return None
+        try:
+            return HFTokenizer(str(folder), context_length=text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH),
+                               tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad folder
+            raise TokenizerError(f"model.tokenizer={spec}: not a Hugging Face tokenizer folder ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:160] if str(e) else ''}); save one with "
+                                 f"PreTrainedTokenizerFast(...).save_pretrained(folder)") from None
+    if _hub_tokenizer(name, pretrained, text_cfg, offline) == "cached" and not before_model:
+        set_offline(True)  # the model is built by now: nothing else will ask the hub
+    if before_model:
+        return None
+    try:
+        return open_clip.get_tokenizer(source)
+    except Exception as e:
+        raise TokenizerError(f"model.tokenizer: open_clip's tokenizer of '{source}' did not load ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''}); give one with "
+                             f"model.tokenizer=local-dir:/folder") from None
+
+
+def describe_tokenizer(tokenizer) -> str:
+    inner = getattr(tokenizer, "tokenizer", None)
+    vocab = len(inner) if inner is not None else getattr(tokenizer, "vocab_size", "?")
+    source = getattr(inner, "name_or_path", "") if inner is not None else ""
+    return (f"{type(tokenizer).__name__}{f' {source}' if source else ''}: vocabulary {vocab}, "
+            f"context {getattr(tokenizer, 'context_length', '?')}")
+
+
+def check_tokenizer(cfg) -> str:
+    """What `model.tokenizer` resolves to, loaded without building the model (preflight); one TokenizerError
+    line when it cannot load."""
+    m = cfg.model
+    return describe_tokenizer(load_tokenizer(m.name, m.pretrained, m.tokenizer, m.offline))
+
+
+def _hf_text_source(name: str, model_cfg: dict, offline: bool, timeout: float = 10.0) -> str:
+    """'cached' / 'reachable' for an HF text tower's config.json (AutoConfig reads it even for random
+    weights), '' when the tower is not HF or names a local folder; one WeightsError line otherwise."""
+    repo = model_cfg.get("text_cfg", {}).get("hf_model_name", "")
+    if not repo or Path(repo).is_dir():
+        return ""
+    try:
+        return _hub_files(repo, ("config.json",), offline, timeout)
+    except OSError as e:
+        raise WeightsError(
+            f"'{name}': its text tower is the Hugging Face model '{repo}', whose config.json is {e}; give it locally: "
+            f"model.pretrained=local-dir:/folder whose open_clip_config.json names local folders (config.json, "
+            f"tokenizer files) in text_cfg.hf_model_name and hf_tokenizer_name, "
+            + _cache_hint(f"from transformers import AutoConfig; AutoConfig.from_pretrained('{repo}')")) from None
+
+
+def create_clip(name: str, pretrained: str = "", offline: bool = False, tokenizer: str = ""):
+    """An open_clip CLIP model in fp32 on CPU, plus its tokenizer (`tokenizer`: model.tokenizer).
 
     `ViT-B-16` from a weights file silently builds GELU; OpenAI weights need QuickGELU, so any
     name containing 'quickgelu' forces it, whatever the weight source.
@@ -161,17 +327,19 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False):
     open_clip = _open_clip()
     force_quick_gelu = "quickgelu" in name.lower()
     kwargs = dict(force_quick_gelu=force_quick_gelu)
+    model_cfg = model_config(name, pretrained)
+    hf_text = _hf_text_source(name, model_cfg, offline)
+    load_tokenizer(name, pretrained, tokenizer, offline, before_model=True)
     try:
         if pretrained.startswith("local-dir:"):
-            folder = Path(pretrained[len("local-dir:"):])
-            if not (folder / "open_clip_config.json").is_file():
-                raise WeightsError(f"{folder}: a local-dir: folder needs open_clip_config.json beside the weights")
+            if hf_text == "cached":
+                set_offline(True)
             model = open_clip.create_model(pretrained, **kwargs)
-            tokenizer = open_clip.get_tokenizer(pretrained)
-            return model, tokenizer
+            return model, load_tokenizer(name, pretrained, tokenizer, offline)
         if pretrained and not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             raise WeightsError(f"model.pretrained={pretrained!r} is neither a file nor an open_clip tag of "
                                f"'{name}' (tags: {open_clip.list_pretrained_tags_by_model(name)})")
+        weights_need_hub = False
         if pretrained and Path(pretrained).is_file():
             check_weights_file(Path(pretrained))
         elif pretrained:
@@ -179,15 +347,20 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False):
             # for about a minute), and read a cached copy without asking the network again
             if resolve_weights(name, pretrained, offline).startswith(f"tag {pretrained}: cached"):
                 set_offline(True)
+            else:
+                weights_need_hub = True
+        if hf_text == "cached" and not weights_need_hub:
+            set_offline(True)  # the hub client would ask the network first, and retry for a minute without one
         if pretrained:
             model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
         else:
             import torch
 
             # Random weights must be the same at train and infer time, or saved adapters sit on another base.
+            # pretrained_text=False: an HF text tower would otherwise fetch its pretrained weights.
             with torch.random.fork_rng(devices=[]), _no_random_init_warning():
                 torch.manual_seed(RANDOM_INIT_SEED)
-                model = open_clip.create_model(name, **kwargs)
+                model = open_clip.create_model(name, pretrained_text=False, **kwargs)
     except WeightsError:
         raise
     except Exception as e:
@@ -198,7 +371,7 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False):
             raise WeightsError(f"{pretrained}: these weights do not fit '{name}' ({lines[0][:160]} ...): "
                                f"check model.name against the weights' architecture") from None
         raise
-    return model, open_clip.get_tokenizer(name)
+    return model, load_tokenizer(name, pretrained, tokenizer, offline)
 
 
 def input_size(name: str, pretrained: str = "") -> int:

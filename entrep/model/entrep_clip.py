@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -10,21 +11,37 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from entrep.labels import LabelSet
-from entrep.model.fusion import CLSFusion
+from entrep.model.families import Family, detect
+from entrep.model.fusion import CLSFusion, StageProjection
 
-LOGIT_SCALE_MAX = math.log(100.0)
+LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's cap; each family's is in families.OBJECTIVES
+SIGLIP_INIT_BIAS = -10.0  # SigLIP's (and open_clip_train --siglip's) logit_bias init, for a base without one
 SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-class EntrepCLIP(nn.Module):
-    """backbone (+ LoRA) -> multi-level CLS fusion -> {head logits, prompt logits, embedding}.
+def embed_dim(base: nn.Module) -> int:
+    """The joint embedding width: the text projection's output (the image tower's matches it)."""
+    tp = getattr(base, "text_projection", None)
+    if isinstance(tp, nn.Parameter):
+        return tp.shape[1]
+    if isinstance(tp, nn.Linear):
+        return tp.out_features
+    text = getattr(base, "text", None)
+    return int(getattr(text, "output_dim", None) or base.visual.output_dim)
 
-    `clip` is an open_clip CLIP, or a peft model wrapping one. The kit's own trainable modules are
-    the fusion weights, the linear head and a copy of `logit_scale` (so the base stays frozen).
+
+class EntrepCLIP(nn.Module):
+    """backbone (+ LoRA) -> multi-level fusion -> {head logits, prompt logits, embedding}.
+
+    `clip` is an open_clip CLIP (any tower family of entrep/model/families.py), or a peft model wrapping
+    one. The kit's own trainable modules are the fusion weights (and a CNN's stage projections), the linear
+    head, and copies of `logit_scale` and, for a sigmoid loss, `logit_bias` (so the base stays frozen).
+    `contrastive`: the resolved loss.contrastive ("auto" = the family's).
     """
 
-    def __init__(self, clip: nn.Module, tokenizer, labels: LabelSet, model_cfg, speed_cfg=None):
+    def __init__(self, clip: nn.Module, tokenizer, labels: LabelSet, model_cfg, speed_cfg=None,
+                 contrastive: str = "auto"):
         super().__init__()
         self.clip = clip
         self.labels = labels
@@ -32,20 +49,31 @@ class EntrepCLIP(nn.Module):
         self.channels_last = bool(speed_cfg and speed_cfg.channels_last)
         self.sdpa = SDPA_BACKENDS[speed_cfg.sdpa] if speed_cfg and speed_cfg.sdpa != "auto" else None
         base = self.base
-        if getattr(base.visual, "attn_pool", None) is not None or not isinstance(base.visual.proj, nn.Parameter):
-            raise ValueError("multi-level CLS fusion needs a ViT with a CLS token and a `proj` (open_clip VisionTransformer)")
-        n_blocks = len(base.visual.transformer.resblocks)
-        self.levels = sorted({(i if i >= 0 else n_blocks + i) for i in model_cfg.fusion.layers})
-        if not all(0 <= i < n_blocks for i in self.levels):
-            raise ValueError(f"model.fusion.layers {model_cfg.fusion.layers} outside the {n_blocks} blocks")
-        if self.levels[-1] != n_blocks - 1:
-            self.levels.append(n_blocks - 1)  # fusion starts from the final CLS, so it must be a level
-        dim = base.text_projection.shape[1] if isinstance(base.text_projection, nn.Parameter) else base.visual.output_dim
+        self.family: Family = detect(base, model_cfg.name)
+        vision = self.family.vision
+        n_levels = vision.n_levels(base.visual)
+        self.levels = sorted({(i if i >= 0 else n_levels + i) for i in model_cfg.fusion.layers})
+        if not all(0 <= i < n_levels for i in self.levels):
+            raise ValueError(f"model.fusion.layers {model_cfg.fusion.layers} outside the {n_levels} {vision.unit} "
+                             f"of {vision.name} (indices 0..{n_levels - 1}, or negative from the end)")
+        if self.levels[-1] != n_levels - 1:
+            self.levels.append(n_levels - 1)  # fusion starts from the tower's own embedding, so it must be a level
+        dim = embed_dim(base)
         self.embed_dim = dim
         self.fusion = (CLSFusion(len(self.levels), dim, model_cfg.fusion.mode, model_cfg.fusion.final_logit)
                        if model_cfg.fusion.enabled else None)
+        self.stage_proj = (StageProjection([vision.widths(base.visual)[i] for i in self.levels[:-1]], dim)
+                           if self.fusion is not None and vision.level == "stages" else None)
         self.head = nn.Linear(dim, len(labels))
         self.logit_scale = nn.Parameter(base.logit_scale.detach().clone().float())
+        self.logit_scale_max = self.family.objective.logit_scale_max
+        self.contrastive = self.family.objective.contrastive if contrastive == "auto" else contrastive
+        if self.contrastive == "sigmoid":
+            bias = getattr(base, "logit_bias", None)
+            self.logit_bias = nn.Parameter(bias.detach().clone().float() if bias is not None
+                                           else torch.full_like(self.logit_scale, SIGLIP_INIT_BIAS))
+        else:
+            self.logit_bias = None
         prompts, owner = [], []
         for c, name in enumerate(labels.names):
             prompts += list(labels.prompts[name])
@@ -64,13 +92,23 @@ class EntrepCLIP(nn.Module):
 
     @property
     def text_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.base.transformer.parameters())
+        tower = re.compile(self.family.text.tower)
+        return any(p.requires_grad for n, p in self.base.named_parameters() if tower.match(n))
+
+    @property
+    def lora_counts(self) -> dict[str, int]:
+        """Adapted layers per tower, {"vision": N, "text": M} (zero without LoRA)."""
+        from entrep.model.lora import adapter_counts
+
+        return adapter_counts(self.base, self.family)
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+        if self.logit_scale_max is None:
+            return self.logit_scale.exp()
+        return self.logit_scale.clamp(max=self.logit_scale_max).exp()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The (unnormalised) image embedding: fused over CLS levels, or CLIP's own when fusion is off."""
+        """The (unnormalised) image embedding: fused over the family's levels, or CLIP's own when fusion is off."""
         base = self.base
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -78,10 +116,28 @@ class EntrepCLIP(nn.Module):
         with sdpa_kernel(self.sdpa) if self.sdpa else contextlib.nullcontext():
             if self.fusion is None:
                 return base.encode_image(images)
-            out = base.visual.forward_intermediates(
+            return self.fusion(self.level_features(images))
+
+    def level_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, L, D): one embedding per fusion level, the last being the tower's own image embedding."""
+        visual, vision = self.base.visual, self.family.vision
+        if vision.level == "cls":
+            out = visual.forward_intermediates(
                 images, indices=self.levels, intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
-        cls = torch.stack([t[:, 0] for t in out["image_intermediates_prefix"]], 1)  # B, L, width
-        return self.fusion(base.visual.ln_post(cls) @ base.visual.proj)
+            cls = torch.stack([t[:, 0] for t in out["image_intermediates_prefix"]], 1)  # B, L, width
+            return visual.ln_post(cls) @ visual.proj
+        # the final level is the tower's own head on the full forward: exactly encode_image's features
+        extra = {"output_extra_tokens": True} if vision.extra_tokens else {}
+        out = visual.forward_intermediates(images, indices=self.levels, intermediates_only=False,
+                                           output_fmt=vision.output_fmt, **extra)
+        earlier = out["image_intermediates"][:-1]
+        if vision.level == "tokens":
+            prefix = out.get("image_intermediates_prefix") or [None] * len(earlier)
+            feats = [vision.token_head(visual, x if p is None or p.shape[1] == 0 else torch.cat([p, x], 1))
+                     for p, x in zip(prefix, earlier)]
+        else:
+            feats = self.stage_proj(earlier)
+        return torch.stack([*feats, out["image_features"]], 1)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """open_clip's tokenizer (truncates past the context length, keeps the end-of-text token),
@@ -118,7 +174,13 @@ class EntrepCLIP(nn.Module):
 
     def train(self, mode: bool = True):
         self.invalidate_cache()
-        return super().train(mode)
+        super().train(mode)
+        # BatchNorm keeps its running statistics: a fold saves trainable tensors only, so statistics updated
+        # in training would be lost at reload (and small batches would make them noise)
+        for m in self.base.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
 
     # ------------------------------------------------------------ one forward for all tasks
     def forward(self, images: torch.Tensor, text_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -130,6 +192,8 @@ class EntrepCLIP(nn.Module):
         # unwrapped module is "used outside forward" and breaks the gradient reduction.
         scale = self.scale()
         out = {"features": feats, "emb": emb, "head_logits": self.head(feats), "scale": scale}
+        if self.logit_bias is not None:  # the sigmoid loss reads it: it leaves through the forward too
+            out["bias"] = self.logit_bias
         if self.cfg.prompts:
             class_emb = self.class_embeddings()
             out["class_emb"] = class_emb
@@ -159,23 +223,42 @@ class EntrepCLIP(nn.Module):
 
 def build_model(cfg, labels: LabelSet) -> EntrepCLIP:
     """Backbone (frozen) + LoRA or unfrozen last blocks + the kit's modules, from config."""
+    from entrep.config import ConfigError
+    from entrep.errors import EntrepError
     from entrep.model.backbone import create_clip
     from entrep.model.lora import apply_lora, unfreeze_last_blocks
 
-    from entrep.config import ConfigError
-
-    clip, tokenizer = create_clip(cfg.model.name, cfg.model.pretrained, cfg.model.offline)
+    clip, tokenizer = create_clip(cfg.model.name, cfg.model.pretrained, cfg.model.offline, cfg.model.tokenizer)
     clip.requires_grad_(False)
     if cfg.train.grad_checkpointing:
         clip.set_grad_checkpointing(True)  # open_clip's own: both towers, non-reentrant torch checkpoint
     try:
+        family = detect(clip, cfg.model.name)
+        if cfg.model.tokenizer:
+            check_vocabulary(tokenizer, clip, cfg.model.tokenizer)
         if cfg.model.lora.enabled:
-            clip = apply_lora(clip, cfg.model.lora)
+            clip = apply_lora(clip, cfg.model.lora, family)
         else:
-            unfreeze_last_blocks(clip, cfg.model.lora.train_last_blocks)
-        model = EntrepCLIP(clip, tokenizer, labels, cfg.model, cfg.speed)
-    except ValueError as e:  # what only the architecture can tell: layer indices, targets that match nothing
+            unfreeze_last_blocks(clip, cfg.model.lora.train_last_blocks, family)
+        model = EntrepCLIP(clip, tokenizer, labels, cfg.model, cfg.speed, contrastive=cfg.loss.contrastive)
+    except EntrepError:  # already one line naming the key (tokenizer, unknown tower family)
+        raise
+    except ValueError as e:  # what only the architecture can tell: layer indices, LoRA targets
         raise ConfigError(f"{cfg.model.name}: {e}") from None
     if cfg.speed.channels_last:
-        model.to(memory_format=torch.channels_last)  # only 4-D weights change: the patch embedding conv
+        model.to(memory_format=torch.channels_last)  # only 4-D weights change: a ViT's patch embedding, a CNN's convs
     return model
+
+
+def check_vocabulary(tokenizer, clip: nn.Module, spec: str) -> None:
+    """A tokenizer of model.tokenizer whose ids exceed the text tower's embedding table would fail at the first
+    caption with an IndexError."""
+    from entrep.model.backbone import TokenizerError
+
+    text = getattr(clip, "text", clip)
+    tower = getattr(text, "vocab_size", None)
+    inner = getattr(tokenizer, "tokenizer", None)
+    ids = len(inner) if inner is not None else getattr(tokenizer, "vocab_size", None)
+    if tower and ids and ids > tower:
+        raise TokenizerError(f"model.tokenizer{'=' + spec if spec else ''}: {ids} token ids, but the text tower embeds "
+                             f"{tower}; use the model's own tokenizer or one with at most {tower} tokens")

@@ -1,4 +1,5 @@
-"""Multi-level CLS fusion: CLS tokens from several blocks -> shared ln_post + proj -> one embedding."""
+"""Multi-level fusion: one embedding per level (a CLS token through ln_post + proj, a pooled token set or
+CNN stage through the tower's head or a learned projection) -> one embedding."""
 from __future__ import annotations
 
 import torch
@@ -37,3 +38,20 @@ class CLSFusion(nn.Module):
         if self.mode == "softmax":
             return torch.einsum("bld,l->bd", levels, self.weights.to(levels.dtype))
         return self.proj(levels.flatten(1))
+
+
+class StageProjection(nn.Module):
+    """CNN stages before the last -> embedding width: global average pool, then a Linear per stage.
+
+    A stage's channels differ from the final one's, so the tower's head cannot take it. The Linear starts
+    at zero: the level adds nothing at step 0 (fused = CLIP's embedding) and learns from the first step.
+    """
+
+    def __init__(self, widths: list[int], dim: int):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(w, dim) for w in widths)
+        for p in self.proj.parameters():
+            nn.init.zeros_(p)
+
+    def forward(self, stages: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [proj(x.mean((2, 3))) for proj, x in zip(self.proj, stages)]
