@@ -87,7 +87,7 @@ def _train(cfg) -> int:
     import torch
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    from entrep.data.folds import file_hashes, load_or_make_folds
+    from entrep.data.folds import file_signatures, load_or_make_folds
     from entrep.data.images import ImageCache
     from entrep.data.release import DataError, load_release
     from entrep.engine import FoldTrainer, embed_images, embed_texts, eval_loader, make_accelerator
@@ -122,9 +122,9 @@ def _train(cfg) -> int:
     cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(input_size(cfg.model.name, cfg.model.pretrained)))
     with acc.main_process_first():
         pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
-        hashes = (lambda: file_hashes(table["path"].tolist())) if cfg.cv.near_dup_bits else None
-        folds = load_or_make_folds(run_dir / "folds.csv", table, cfg.cv.n_splits, cfg.cv.seed, hashes,
-                                   cfg.cv.near_dup_bits, cfg.cv.folds_from)
+        sigs = (lambda: file_signatures(table["path"].tolist())) if cfg.cv.near_dup else None
+        folds = load_or_make_folds(run_dir / "folds.csv", table, cfg.cv.n_splits, cfg.cv.seed, sigs,
+                                   cfg.cv.near_dup_threshold, cfg.cv.folds_from)
     fold_of, groups = folds["fold"].to_numpy(), folds["group"].to_numpy()
     log.info("%d images (%d labelled) from %s; %d folds over %d groups of alike images (i2i links, patients, "
              "near-duplicates)", len(table), int((table["y"] >= 0).sum()), cfg.data.root, cfg.cv.n_splits,
