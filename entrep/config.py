@@ -87,7 +87,10 @@ class DataConfig:
 class CVConfig:
     n_splits: int = opt(5, "folds of the grouped, stratified cross-validation")
     seed: int = opt(42, "seed of the fold assignment")
-    near_dup_bits: int = opt(12, "pHash (256-bit) distance that makes two images one fold group; 0 = off")
+    near_dup: bool = opt(True, "join near-duplicate frames (shifted, rotated, rescaled, re-encoded, re-exposed copies; "
+                               "consecutive video frames) into one fold group, found by content")
+    near_dup_threshold: float = opt(0.8, "aligned correlation (0-1, best over shift, rotation and scale of the "
+                                         "band-passed central half) from which two frames are near-duplicates")
     folds_from: str = opt("", "take the folds of another run (runs/NAME or a folds.csv) instead of making them; "
                               "runs with the same data and cv settings get the same folds without it")
 
@@ -300,7 +303,8 @@ def _unknown(key: str) -> ConfigError:
 
 
 # keys of older versions: ignored (with a log line) so that older runs' config.yaml still load
-REMOVED = {"train.log_every": "every epoch logs one line"}
+REMOVED = {"train.log_every": "every epoch logs one line",
+           "cv.near_dup_bits": "pHash bits gave way to cv.near_dup and cv.near_dup_threshold (aligned correlation)"}
 
 
 def _apply(obj, data: dict, prefix: str = "") -> None:
@@ -387,7 +391,7 @@ def validate(cfg: Config) -> None:
 RANGES = {
     "data.working_size": (0, None, "0 (1.15 x the model's input) or a side in px"),
     "data.num_workers": (0, None, "0 (the main process) or more loader workers"),
-    "cv.near_dup_bits": (0, 64, "0 (off) to 64 of the hash's 256 bits"),
+    "cv.near_dup_threshold": (0.5, 1.0, "a correlation in [0.5, 1] (cv.near_dup=false turns the pass off)"),
     "train.lr_lora": (1e-12, None, "a positive learning rate"), "train.lr_head": (1e-12, None, "a positive learning rate"),
     "train.weight_decay": (0, None, ">= 0"), "train.warmup_frac": (0, 0.999, "a fraction in [0, 1)"),
     "train.max_grad_norm": (0, None, ">= 0 (0 = no clipping)"),

@@ -24,7 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from entrep import rundir
 from entrep.config import flat_dict, load_config, run_defining_diff, save_config, to_dict
-from entrep.data.folds import file_hashes, load_or_make_folds
+from entrep.data.folds import file_signatures, load_or_make_folds
 from entrep.data.images import CachedPixels, ImageCache
 from entrep.data.release import DataError, load_release
 from entrep.embedding import embed_images, embed_texts, eval_loader
@@ -134,9 +134,9 @@ def load_run_data(cfg, accelerator) -> RunData:
     cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(input_size(cfg.model.name, cfg.model.pretrained)))
     with accelerator.main_process_first():
         pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
-        hashes = (lambda: file_hashes(table["path"].tolist())) if cfg.cv.near_dup_bits else None
-        folds = load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, hashes,
-                                   cfg.cv.near_dup_bits, cfg.cv.folds_from)
+        sigs = (lambda: file_signatures(table["path"].tolist())) if cfg.cv.near_dup else None
+        folds = load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, sigs,
+                                   cfg.cv.near_dup_threshold, cfg.cv.folds_from)
     log.info("%d images (%d labelled) from %s; %d folds over %d groups of alike images (i2i links, patients, "
              "near-duplicates)", len(table), int((table["y"] >= 0).sum()), cfg.data.root, cfg.cv.n_splits,
              folds["fold_group"].nunique() if "fold_group" in folds else folds["group"].nunique())

@@ -116,16 +116,16 @@ def test_folds_from_copies_another_runs_folds_and_checks_them(demo, tmp_path):
         load_or_make_folds(tmp_path / "D" / "folds.csv", demo_table, 3, seed=1, source=tmp_path / "nowhere")
 
 
-def test_fold_hashes_do_not_depend_on_the_models_input_size(demo):
-    """Runs with other backbones (other input sizes) must get the same folds from the same data."""
-    from entrep.data.folds import file_hashes, perceptual_hashes
-    from entrep.data.images import decode_all
+def test_fold_signatures_do_not_depend_on_the_models_input_size(demo):
+    """Runs with other backbones (other input sizes) must get the same folds from the same data: the
+    near-duplicate pass decodes the files itself, at one fixed size."""
+    from entrep.data import near_dup
 
     paths = sorted(str(p) for p in (Path(demo) / "train" / "imgs").glob("*.png"))[:40]
-    h = file_hashes(paths)
-    assert h.shape == (40, 256) and (h == file_hashes(paths)).all()
-    by_size = [perceptual_hashes(decode_all(paths, s)) for s in (74, 258)]
-    assert (by_size[0] != by_size[1]).any()  # what hashing the model-sized pixels used to depend on
+    a, b = near_dup.file_signatures(paths), near_dup.file_signatures(paths)
+    assert len(a) == 40
+    assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in near_dup.Signatures.__dataclass_fields__)
+    assert near_dup.decode_frames(paths[:2]).shape == (2, near_dup.DECODE, near_dup.DECODE, 3)
 
 
 def test_a_member_never_selected_is_not_embedded_at_inference():

@@ -87,7 +87,7 @@ def test_entrep_swap_permutation():
     ("train.lr_lora=-1", "train.lr_lora"), ("train.warmup_frac=-1", "train.warmup_frac"),
     ("train.warmup_frac=1", "train.warmup_frac"), ("loss.label_smoothing=1.5", "loss.label_smoothing"),
     ("infer.head_weight=-0.5", "infer.head_weight"), ("rerank.lam=2", "rerank.lam"),
-    ("infer.max_sim_bytes=10", "infer.max_sim_bytes"), ("cv.near_dup_bits=-1", "cv.near_dup_bits"),
+    ("infer.max_sim_bytes=10", "infer.max_sim_bytes"), ("cv.near_dup_threshold=1.5", "cv.near_dup_threshold"),
 ])
 def test_values_outside_their_range_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'|{key}"):

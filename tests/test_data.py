@@ -156,7 +156,7 @@ def test_check_command_reports_true_counts(real_release):
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if line.count("│") >= 3}
     assert rows["unlabelled images (contrastive losses only)"] == "68"
     assert rows["file names fixed by case"] == "566"
-    assert rows["near-duplicate clusters (pHash <= 12 of 256 bits; one fold each)"] == "0 (0 images)"  # noise PNGs
+    assert rows["near-duplicate clusters (aligned correlation >= 0.8; one fold each)"] == "0 (0 images)"  # noise PNGs
 
 
 def test_check_command_fails_only_when_training_cannot_proceed(tmp_path):
@@ -213,7 +213,11 @@ def test_check_names_a_test_image_that_is_a_near_duplicate_of_a_training_one(tmp
     assert check(str(root / "train"), ENTREP_CLASSES, str(root / "test"), Console(file=buf, width=250)) == 0
     out = buf.getvalue()
     line = next(s for s in out.splitlines() if s.startswith("│ test images near-duplicate of a training image"))
-    assert "│ 1 " in line and f"leaked.png ~ {src}" in line
+    n = int(line.split("│")[2])
+    # demo renders of two cases of one class without findings differ only by their tint, so another
+    # test case or two may be found alike too (bench/near_duplicates.py measures how often)
+    assert 1 <= n <= 3
+    assert any("leaked.png" in s and src in s for s in out.splitlines() if s.startswith("│ leaked.png"))
     assert "train/test leak" in out
 
 

@@ -73,12 +73,12 @@ def test_a_different_seed_gives_different_folds(demo, trained_demo_run, tmp_path
     df, _ = load_release(demo, ENTREP_CLASSES)
     import pandas as pd
 
-    from entrep.data.folds import file_hashes
+    from entrep.data.folds import file_signatures
 
     saved = pd.read_csv(trained_demo_run / "folds.csv")
-    hashes = file_hashes(df["path"].tolist())
-    assert saved["fold"].tolist() == make_folds(df, 2, 42, hashes)["fold"].tolist()
-    assert saved["fold"].tolist() != make_folds(df, 2, 7, hashes)["fold"].tolist()
+    sigs = file_signatures(df["path"].tolist())
+    assert saved["fold"].tolist() == make_folds(df, 2, 42, sigs)["fold"].tolist()
+    assert saved["fold"].tolist() != make_folds(df, 2, 7, sigs)["fold"].tolist()
 
 
 @pytest.mark.slow

@@ -19,13 +19,15 @@ def _examples(items, n=3) -> str:
     return "; ".join(" | ".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in items[:n])
 
 
-def near_duplicates(table, ts, max_bits: int) -> tuple[list[list[str]], list[tuple[str, str, int]]]:
-    """(near-duplicate clusters within the training data, (test image, training image, bits) leaks),
-    by the pHash that groups folds. Byte-identical copies are already merged by the reader."""
-    from entrep.data.folds import components, file_hashes, near_duplicate_pairs
+def near_duplicates(table, ts, threshold: float) -> tuple[list[list[str]], list[tuple[str, str, float]]]:
+    """(near-duplicate clusters within the training data, (test image, training image, score) leaks),
+    by the same pass that groups folds (entrep.data.near_dup). Byte-identical copies are already
+    merged by the reader."""
+    from entrep.data.folds import components
+    from entrep.data.near_dup import file_signatures, near_duplicate_pairs
 
-    h = file_hashes(table["path"].tolist())
-    pairs = near_duplicate_pairs(h, max_bits=max_bits)
+    sig = file_signatures(table["path"].tolist())
+    pairs = near_duplicate_pairs(sig, threshold=threshold)
     comp = components(len(table), pairs)
     members: dict[int, list[str]] = {}
     for i in sorted({x for p in pairs for x in p[:2]}):
@@ -33,16 +35,17 @@ def near_duplicates(table, ts, max_bits: int) -> tuple[list[list[str]], list[tup
     leaks = []
     if ts is not None and ts.images:
         names = sorted(ts.images)
-        ht = file_hashes([str(ts.images[x]) for x in names], desc="hashing test images")
-        best: dict[int, tuple[int, int]] = {}
-        for i, j, d in near_duplicate_pairs(ht, h, max_bits=max_bits):
-            if i not in best or d < best[i][1]:
-                best[i] = (j, d)
+        st = file_signatures([str(ts.images[x]) for x in names], desc="test image signatures")
+        best: dict[int, tuple[int, float]] = {}
+        for i, j, score in near_duplicate_pairs(st, sig, threshold=threshold):
+            if i not in best or score > best[i][1]:
+                best[i] = (j, score)
         leaks = [(names[i], table["image"].iloc[j], d) for i, (j, d) in sorted(best.items())]
     return sorted(members.values(), key=len, reverse=True), leaks
 
 
-def check(root: str, names, test_dir: str | None, console: Console, near_dup_bits: int = 12) -> int:
+def check(root: str, names, test_dir: str | None, console: Console, near_dup_threshold: float | None = 0.8) -> int:
+    """near_dup_threshold: cv.near_dup_threshold, or None for no near-duplicate pass (cv.near_dup=false)."""
     try:
         table, rep = load_release(root, names, check_images=True)
         ts = load_test(test_dir) if test_dir else None
@@ -50,9 +53,10 @@ def check(root: str, names, test_dir: str | None, console: Console, near_dup_bit
         console.print(f"[red]error:[/red] {e}")
         return 1
     console.print(_counts(root, table, names))
-    clusters, leaks = near_duplicates(table, ts, near_dup_bits) if near_dup_bits else ([], [])
+    clusters, leaks = near_duplicates(table, ts, near_dup_threshold) if near_dup_threshold else ([], [])
     rows = _findings(table, rep)
-    rows.append((f"near-duplicate clusters (pHash <= {near_dup_bits} of 256 bits; one fold each)",
+    rows.append((f"near-duplicate clusters (aligned correlation >= {near_dup_threshold}; one fold each)"
+                 if near_dup_threshold else "near-duplicate clusters (cv.near_dup=false: not searched)",
                  f"{len(clusters)} ({sum(map(len, clusters))} images)", _examples([" ~ ".join(c) for c in clusters])))
     if ts is not None:
         rows += _test_findings(table, ts, leaks)
@@ -71,11 +75,11 @@ def check(root: str, names, test_dir: str | None, console: Console, near_dup_bit
         console.print(t)
     if leaks:
         t = Table(title="test images that are near-duplicates of a training image (train/test leak)")
-        for col in ("test image", "training image", "label", "pHash bits apart"):
+        for col in ("test image", "training image", "label", "aligned correlation"):
             t.add_column(col, overflow="fold")
         label_of = dict(zip(table["image"], table["label"]))
         for a, b, d in leaks:
-            t.add_row(a, b, str(label_of.get(b) or ""), str(d))
+            t.add_row(a, b, str(label_of.get(b) or ""), f"{d:.3f}")
         console.print(t)
     if (table["y"] < 0).all():
         console.print("[red]error:[/red] no labelled image: training cannot proceed")
@@ -128,7 +132,7 @@ def _test_findings(table, ts, leaks) -> list[tuple]:
         ("test images also in training (by content)", len(by_content), _examples(by_content)),
         ("test captions that are training captions", len([c for c in ts.t2i or [] if c in captions]), ""),
         ("test images near-duplicate of a training image", len(leaks),
-         _examples([f"{a} ~ {b} ({d} bits)" for a, b, d in leaks])),
+         _examples([f"{a} ~ {b} ({d:.2f})" for a, b, d in leaks])),
         ("duplicate query lines", len(ts.duplicate_queries), _examples(ts.duplicate_queries)),
     ]
 
@@ -143,4 +147,5 @@ def main(argv=None) -> int:
     c.add_argument("--test", help="a test folder to check too, and to compare with training for overlap")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
-    return check(args.dir, cfg.labels.names, args.test, Console(width=160), cfg.cv.near_dup_bits)
+    return check(args.dir, cfg.labels.names, args.test, Console(width=160),
+                 cfg.cv.near_dup_threshold if cfg.cv.near_dup else None)

@@ -1,8 +1,9 @@
 """Stratified, grouped folds: images that are alike land in one fold.
 
 Alike means linked by i2i annotations (chains included), taken from one patient (public-sample
-names are `<patient>_<session>_<n>_imageNN`), or near-duplicate frames by perceptual hash (the
-training set's UUID names hide the patient, so frames of one exam can only be found by content).
+names are `<patient>_<session>_<n>_imageNN`), or near-duplicate frames found by content
+(entrep.data.near_dup: aligned correlation that survives motion; the training set's UUID names
+hide the patient, so frames of one exam can only be found by content).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from entrep import rundir
+from entrep.data.near_dup import THRESHOLD as NEAR_DUP_THRESHOLD
+from entrep.data.near_dup import file_signatures, near_duplicate_pairs  # noqa: F401  (the fold code's API)
 from entrep.errors import EntrepError
 from entrep.io import atomic_path, atomic_write_csv
 
@@ -41,9 +44,7 @@ def link_groups(df: pd.DataFrame) -> np.ndarray:
     return components(len(df), link_pairs(df))
 
 
-HASH_DECODE = 128  # px: pHash reads a 64x64 grayscale image; one fixed decode size for every model
 PATIENT = re.compile(r"^(\d+)_\d+_\d+_image\d+\.\w+$", re.IGNORECASE)
-HASH_SIZE = 16  # pHash side: 256 bits (8x8 = 64 bits put unrelated same-class demo frames 2 bits apart)
 
 
 def patient_id(name: str) -> str | None:
@@ -52,61 +53,26 @@ def patient_id(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def perceptual_hashes(pixels) -> np.ndarray:
-    """(N, 256) bool pHash (imagehash: DCT of the 64x64 grayscale image, bits above the median) of
-    decoded uint8 images. Robust to resizing, re-encoding and mild brightness changes."""
-    import imagehash
-    from PIL import Image
-
-    return np.stack([imagehash.phash(Image.fromarray(np.asarray(pixels[i])), hash_size=HASH_SIZE).hash.ravel()
-                     for i in range(len(pixels))]) if len(pixels) else np.zeros((0, HASH_SIZE ** 2), bool)
-
-
-def file_hashes(paths: list[str], desc: str = "hashing images") -> np.ndarray:
-    """pHash of image files decoded at HASH_DECODE px: the same bits whatever model a run trains, so
-    runs with the same data and cv settings get the same folds (and `data check` the same clusters)."""
-    from entrep.data.images import decode_all
-
-    return perceptual_hashes(decode_all(paths, HASH_DECODE, desc=desc))
-
-
-def near_duplicate_pairs(a: np.ndarray, b: np.ndarray | None = None, max_bits: int = 12,
-                         block_bytes: int = 64 * 2**20) -> list[tuple[int, int, int]]:
-    """(i, j, distance) for hash pairs at most `max_bits` apart; within `a` (i < j) or from `a` to `b`.
-    Hamming distances by XOR + popcount of packed bits, in row blocks of bounded memory."""
-    within = b is None
-    pa = np.packbits(a, axis=1)
-    pb = pa if within else np.packbits(b, axis=1)
-    rows = max(1, block_bytes // max(1, pb.shape[0] * pb.shape[1]))
-    out = []
-    for s in range(0, len(pa), rows):
-        d = np.bitwise_count(pa[s:s + rows, None, :] ^ pb[None, :, :]).sum(-1, dtype=np.int32)
-        i, j = np.nonzero(d <= max_bits)
-        i = i + s
-        keep = i < j if within else np.ones(len(i), bool)
-        out += [(int(x), int(y), int(d[x - s, y])) for x, y in zip(i[keep], j[keep])]
-    return out
-
-
-def fold_groups(df: pd.DataFrame, hashes: np.ndarray | None = None, max_bits: int = 12) -> np.ndarray:
-    """Connected components of the union of i2i links, same-patient pairs and near-duplicate pairs."""
+def fold_groups(df: pd.DataFrame, signatures=None, threshold: float = NEAR_DUP_THRESHOLD) -> np.ndarray:
+    """Connected components of the union of i2i links, same-patient pairs and near-duplicate pairs
+    (`signatures`: entrep.data.near_dup.Signatures of df's images, in order; None = no content pass)."""
     pairs = link_pairs(df)
     first_of: dict[str, int] = {}
     for i, name in enumerate(df["image"]):
         if (pid := patient_id(name)) is not None:
             pairs.append((first_of.setdefault(pid, i), i))
-    if hashes is not None and max_bits > 0:
-        pairs += near_duplicate_pairs(hashes, max_bits=max_bits)
+    if signatures is not None:
+        pairs += near_duplicate_pairs(signatures, threshold=threshold)
     return components(len(df), pairs)
 
 
-def make_folds(df: pd.DataFrame, n_splits: int, seed: int, hashes: np.ndarray | None = None,
-               near_dup_bits: int = 12) -> pd.DataFrame:
+def make_folds(df: pd.DataFrame, n_splits: int, seed: int, signatures=None,
+               near_dup_threshold: float = NEAR_DUP_THRESHOLD) -> pd.DataFrame:
     """`image, label, group, fold_group, fold`. `group` is the i2i component (the contrastive loss's
     positives); `fold_group` adds patients and near-duplicates and is what folds keep together.
     Unlabelled images follow their fold group; lone ones are spread."""
     link = link_groups(df)
-    groups = fold_groups(df, hashes, near_dup_bits)
+    groups = fold_groups(df, signatures, near_dup_threshold)
     labelled = df["y"].to_numpy() >= 0
     counts = df.loc[labelled, "label"].value_counts()
     if len(counts) and counts.min() < n_splits:
@@ -128,11 +94,12 @@ def make_folds(df: pd.DataFrame, n_splits: int, seed: int, hashes: np.ndarray | 
                          "fold_group": groups, "fold": fold, "sha1": df["sha1"]})  # sha1: infer finds leaks
 
 
-def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, hashes=None, near_dup_bits: int = 12,
-                       source: str | Path = "") -> pd.DataFrame:
+def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, signatures=None,
+                       near_dup_threshold: float = NEAR_DUP_THRESHOLD, source: str | Path = "") -> pd.DataFrame:
     """The run's folds: its `folds.csv` when it exists (frozen folds); else another run's folds
     (`source`, cv.folds_from: a run directory or a folds.csv), copied in; else made and saved.
-    `hashes`: the pHash array, or a function that computes it (called only when folds are made)."""
+    `signatures`: near-duplicate signatures (entrep.data.near_dup), or a function that computes them
+    (called only when folds are made), or None for no near-duplicate pass."""
     if not path.is_file() and source:
         src = Path(source) / rundir.FOLDS if Path(source).is_dir() else Path(source)
         if not src.is_file():
@@ -144,7 +111,7 @@ def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, h
         folds = pd.read_csv(path, keep_default_na=False)
         check_folds(folds, df, n_splits, path)
         return folds.set_index("image").loc[df["image"]].reset_index()
-    folds = make_folds(df, n_splits, seed, hashes() if callable(hashes) else hashes, near_dup_bits)
+    folds = make_folds(df, n_splits, seed, signatures() if callable(signatures) else signatures, near_dup_threshold)
     atomic_write_csv(path, folds)
     return folds
 

@@ -22,21 +22,26 @@ class ImageDecodeError(EntrepError):
     pass
 
 
+def open_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as RGB: grayscale, palette, RGBA (on black) and 16-bit images are converted."""
+    im.load()
+    if im.mode.startswith("I"):  # 16/32-bit grayscale
+        arr = np.asarray(im, dtype=np.float32)
+        arr = arr / 257.0 if arr.max() > 255 else arr
+        im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        bg = Image.new("RGB", im.size, (0, 0, 0))  # endoscopy background is black
+        bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+        im = bg
+    return im.convert("RGB")
+
+
 def decode_image(path: str | Path, size: int, data: bytes | None = None) -> np.ndarray:
     """(size, size, 3) uint8 RGB of the file at `path` (or of its bytes `data`, already read).
     Grayscale, palette, RGBA and 16-bit files are converted."""
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
-            im.load()
-            if im.mode.startswith("I"):  # 16/32-bit grayscale
-                arr = np.asarray(im, dtype=np.float32)
-                arr = arr / 257.0 if arr.max() > 255 else arr
-                im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                bg = Image.new("RGB", im.size, (0, 0, 0))  # endoscopy background is black
-                bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
-                im = bg
-            im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            im = open_rgb(im).resize((size, size), Image.Resampling.BICUBIC)
             return np.array(im, dtype=np.uint8)  # writable: torch.from_numpy needs it
     except Exception as e:  # PIL raises many types for bad files
         raise ImageDecodeError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
