@@ -1,6 +1,6 @@
 """Side-by-side throughput of the kit against its own limits, one table, one run.
 
-    python bench/throughput.py [--device cpu|cuda] [--quick]
+    python bench/throughput.py [--device cpu|cuda] [--quick | --smoke]
 
 Each row runs in a fresh process (so its peak RSS is its own); each figure is the median over
 timed windows after warm-up. CPU uses the tiny model at 64 px; CUDA uses ViT-B-16-quickgelu at
@@ -38,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 WORKERS = int(os.environ.get("BENCH_WORKERS", min(8, os.cpu_count() or 2)))
+# --smoke (inherited by the spawned rows): each row once at the smallest size; it checks that the rows
+# run (the CPU rehearsal of the offline image), its figures are not measurements
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"
 
 
 TRAIN_OPTIONS = {"augment on device": ["speed.augment_on=device"], "channels_last": ["speed.channels_last=true"],
@@ -54,6 +57,8 @@ def faiss_installed() -> bool:
 
 
 def median_rate(step, items_per_call: int, warmup: int, windows: int, calls: int, sync) -> float:
+    if SMOKE:
+        warmup, windows, calls = min(warmup, 1), 1, 1
     for _ in range(warmup):
         step()
     sync()
@@ -96,7 +101,7 @@ def setup(device: str, overrides=()):
 
     big = device == "cuda"
     cfg = load_config("configs/entrep_vitb16.yaml" if big else "configs/demo.yaml",
-                      ["model.pretrained=", f"data.num_workers={WORKERS}", "train.batch_size=" + ("64" if big else "32"),
+                      ["model.pretrained=", f"data.num_workers={WORKERS}", "train.batch_size=" + ("64" if big else "8" if SMOKE else "32"),
                        "train.mixed_precision=" + ("auto" if big else "no"), *overrides])
     accelerator = make_accelerator(cfg, cpu=device == "cpu")
     labels = LabelSet.from_config(cfg.labels)
@@ -318,16 +323,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="fewer windows and images, no 1M gallery")
-    ap.add_argument("--images", type=int, default=0, help="PNGs to make (default 256, 96 with --quick)")
+    ap.add_argument("--smoke", action="store_true", help="--quick with each row timed once at batch 8 on CPU and "
+                    "a 10k gallery only: that the rows run, not their speed")
+    ap.add_argument("--images", type=int, default=0, help="PNGs to make (default 256, 96 with --quick, 16 with --smoke)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out: " + " ".join([*TRAIN_OPTIONS, "hnsw-1m"]))
     args = ap.parse_args()
+    if args.smoke:
+        global SMOKE
+        SMOKE = args.quick = True
+        os.environ["BENCH_SMOKE"] = "1"  # the rows run in spawned processes
     os.chdir(Path(__file__).resolve().parents[1])
     from rich.console import Console
     from rich.table import Table
 
     with tempfile.TemporaryDirectory() as tmp:
-        n_img = args.images or (96 if args.quick else 256)
+        n_img = args.images or (16 if args.smoke else 96 if args.quick else 256)
         make_pngs(Path(tmp), n_img)
         rows = {}
         for kind in ("tensors", "kit", "naive"):
@@ -340,7 +351,7 @@ def main() -> int:
             rows[f"infer {kind}"] = run_row(row_infer, kind, args.device, args.quick, tmp)
         if "compile" not in args.skip:
             rows["infer kit compile"] = run_row(row_infer, "kit", args.device, args.quick, tmp, ["speed.compile=true"])
-        sizes = [10_000, 100_000] + ([] if args.quick else [1_000_000])
+        sizes = [10_000] if args.smoke else [10_000, 100_000] + ([] if args.quick else [1_000_000])
         searches = ["matmul", "kit"] + (FAISS_ROWS if faiss_installed() else [])
         for n in sizes:
             for kind in searches:
