@@ -113,24 +113,31 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def mix(views: list[FoldView], weights: dict[str, list[float]]) -> FoldView:
     """The members' views of one fold (or test folder) mixed: probabilities by weights["cls"], each
     track's embeddings concatenated with sqrt(weight) factors (cosine similarities mixed by
-    weights[track]). Parts without weights are left out (ret) or taken from the first member."""
+    weights[track]). Parts without weights are left out (ret) or taken from the first member. Captions
+    and t2i come from the members with a text tower (an image-only member's t2i weight is 0)."""
     v0 = views[0]
+    texts = [v for v in views if v.text]
     for v in views[1:]:
-        if v.images != v0.images or v.captions != v0.captions:
-            raise BlendError("members disagree on the images or captions of a fold; their folds differ")
+        if v.images != v0.images:
+            raise BlendError("members disagree on the images of a fold; their folds differ")
+    if any(v.captions != texts[0].captions for v in texts[1:]):
+        raise BlendError("members disagree on the captions of a fold; their folds differ")
+    if "t2i" in weights and any(x > 0 and not v.text for x, v in zip(weights["t2i"], views)):
+        raise BlendError("a member without a text tower has a t2i weight")
 
     def cat(arrays, w):
         return np.concatenate([np.sqrt(x) * _unit(a) for a, x in zip(arrays, w) if x > 0], axis=1).astype(np.float32)
 
     probs = sum(x * v.probs for x, v in zip(weights["cls"], views)) if "cls" in weights else v0.probs
-    ret = {t: cat([v.ret[t] for v in views], weights[t]) for t in RETRIEVAL_TRACKS if t in weights}
+    ret = {t: cat([v.ret[t] for v in views], weights[t]) for t in RETRIEVAL_TRACKS if t in weights and any(weights[t])}
+    v0 = texts[0] if texts else v0  # captions and their embeddings: a member that has them
     cap, cp = v0.caption_emb, v0.caption_probs
-    if "t2i" in weights and len(v0.captions):
+    if "t2i" in weights and any(weights["t2i"]) and len(v0.captions):
         cap = cat([v.caption_emb for v in views], weights["t2i"])
         # a caption's class distribution comes from the members with class prompts (the class bonus reads it)
         have = [(x, v.caption_probs) for x, v in zip(weights["t2i"], views) if v.caption_probs is not None and x > 0]
         cp = sum(x * p for x, p in have) / sum(x for x, _ in have) if have else None
-    return FoldView(v0.images, np.asarray(probs, np.float32), ret, v0.captions, cap, cp)
+    return FoldView(v0.images, np.asarray(probs, np.float32), ret, v0.captions, cap, cp, bool(texts))
 
 
 def select(score, n: int, rounds: int) -> tuple[list[float], list[dict]]:
@@ -159,8 +166,22 @@ def choose(member_views: list[dict[int, FoldView]], folds: list[int], table, nam
     weights, trace = {}, {}
     weights["cls"], trace["cls"] = select(
         lambda w: pooled_classification(blended({"cls": w}), table, names).get("f1_macro", 0.0), n, rounds)
-    for t in RETRIEVAL_TRACKS:
-        weights[t], trace[t] = select(lambda w, t=t: pooled_retrieval(blended({t: w}), table, t)["mrr"], n, rounds)
+    weights["i2i"], trace["i2i"] = select(lambda w: pooled_retrieval(blended({"i2i": w}), table, "i2i")["mrr"], n,
+                                          rounds)
+    # t2i among the members with a text tower; the others weigh 0 there
+    have = [i for i, views in enumerate(member_views) if next(iter(views.values())).text]
+    weights["t2i"], trace["t2i"] = [0.0] * n, []
+    if have:
+        def spread(w):
+            out = np.zeros(n)
+            out[have] = w
+            return out
+
+        w, trace["t2i"] = select(lambda w: pooled_retrieval(blended({"t2i": spread(w)}), table, "t2i")["mrr"],
+                                 len(have), rounds)
+        weights["t2i"] = [float(x) for x in spread(w)]
+        for row in trace["t2i"]:
+            row["added"] = have[row["added"]]
     full = blended(weights)
     return {"weights": weights, "selection": trace,
             **{t: {"rerank": tune_rerank(full, table, t, rerank_cfg)} for t in RETRIEVAL_TRACKS}}

@@ -7,13 +7,13 @@ import logging
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from entrep.io import atomic_write_text
 from entrep.errors import EntrepError
+from entrep.io import atomic_write_text
 from entrep.labels import ENTREP_CLASSES, ENTREP_PROMPTS, ENTREP_SWAP
 
 
@@ -106,7 +106,7 @@ class LoraConfig:
                                   "mlp.c_proj); or names inside a block: modules, or parameters ending in _weight",
                              factory=lambda: ["auto"])
     train_last_blocks: int = opt(0, "without LoRA: unfreeze the last N vision blocks and the tower's head "
-                                    "(the ablation baseline)")
+                                    "(the ablation baseline); -1: the whole vision tower (full fine-tuning)")
 
 
 @dataclass
@@ -129,9 +129,12 @@ class SlerpConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("ViT-B-16-quickgelu", "open_clip model name (a name with quickgelu forces QuickGELU)")
+    name: str = opt("ViT-B-16-quickgelu", "open_clip model name (a name with quickgelu forces QuickGELU), or "
+                                          "timm:<timm model name> for an image-only member (cls and i2i, no t2i)")
     pretrained: str = opt("openai", "open_clip tag, a weights file, local-dir:/folder, or empty for random weights")
     offline: bool = opt(False, "HF_HUB_OFFLINE=1: fail at once instead of reaching a hub")
+    image_size: int = opt(0, "input side in px; 0 = the model's own (a ViT above it gets resampled position "
+                             "embeddings)")
     tokenizer: str = opt("", "empty: open_clip's tokenizer of the model; local-dir:/folder: Hugging Face tokenizer "
                              "files (tokenizer.json ...) for a model whose tokenizer lives on the hub")
     prompts: bool = opt(True, "class-prompt logits and prompt-guided retrieval")
@@ -390,6 +393,8 @@ def validate(cfg: Config) -> None:
 # key -> (low, high, what): the ranges every numeric field must lie in; None = unbounded on that side
 RANGES = {
     "data.working_size": (0, None, "0 (1.15 x the model's input) or a side in px"),
+    "model.image_size": (0, 4096, "0 (the model's own input side) or a side in px"),
+    "model.lora.train_last_blocks": (-1, None, "-1 (the whole vision tower), 0 or a number of blocks"),
     "data.num_workers": (0, None, "0 (the main process) or more loader workers"),
     "cv.near_dup_threshold": (0.5, 1.0, "a correlation in [0.5, 1] (cv.near_dup=false turns the pass off)"),
     "train.lr_lora": (1e-12, None, "a positive learning rate"), "train.lr_head": (1e-12, None, "a positive learning rate"),

@@ -75,7 +75,7 @@ def embed_images(model, images, accelerator, labels: LabelSet, stats, *, batch_s
                         "prompt": torch.cat(prompt)[order].softmax(-1).numpy(),
                         "emb": torch.cat(emb)[order].numpy()})
     flip = [lambda p: p, labels.flip_probs]
-    has_prompts = unwrapped.cfg.prompts
+    has_prompts = unwrapped.uses_prompts
     class_emb = unwrapped.class_embeddings().float().cpu().numpy() if has_prompts else None
     return Embedded([f(r["head"]) for f, r in zip(flip, results)],
                     [f(r["prompt"]) for f, r in zip(flip, results)] if has_prompts else None,
@@ -84,8 +84,10 @@ def embed_images(model, images, accelerator, labels: LabelSet, stats, *, batch_s
 
 @torch.inference_mode()
 def embed_texts(model, texts: list[str], accelerator, batch_size: int = 256) -> np.ndarray:
-    """(len(texts), D) unit caption embeddings."""
+    """(len(texts), D) unit caption embeddings (none for a member without a text tower)."""
     unwrapped = accelerator.unwrap_model(model)
+    if not unwrapped.has_text:
+        return np.zeros((0, unwrapped.embed_dim), dtype=np.float32)
     unwrapped.eval()
     out = []
     for s in range(0, len(texts), batch_size):

@@ -92,13 +92,14 @@ def train_loss(model, batch: dict, cfg, accelerator, *, class_weights=None, use_
     """The joint loss of one batch: one forward for images and the batch's unique captions, plus
     (optionally) a slerp view of each labelled image toward its own class prompt. Everything the
     loss reads comes out of `model`'s forward (DDP); the unwrapped module only tokenizes."""
+    unwrapped = accelerator.unwrap_model(model)
     captions, text_pos = caption_targets(batch["all_captions"])
-    tokenize = accelerator.unwrap_model(model).tokenize
-    tokens = tokenize(captions).to(accelerator.device) if captions and cfg.loss.text else None
+    tokens = (unwrapped.tokenize(captions).to(accelerator.device) if captions and cfg.loss.text and unwrapped.has_text
+              else None)
     with accelerator.autocast():
         out = model(batch["image"], tokens)
     views = None
-    if use_slerp:
+    if use_slerp and unwrapped.uses_prompts:  # the view moves toward a class prompt: none without text
         y = batch["y"].clamp(min=0)
         t = torch.rand(len(y), device=accelerator.device) * cfg.model.slerp.t_max
         views = slerp(out["emb"].float(), out["class_emb"][y].float(), t)
@@ -125,7 +126,7 @@ class TrainStep:
         self.unwrapped = accelerator.unwrap_model(self.model)
         self.cfg, self.accelerator, self.device_augment = cfg, accelerator, device_augment
         self.class_weights = class_weights
-        self.use_slerp = cfg.model.slerp.train and cfg.model.prompts and cfg.model.slerp.t_max > 0
+        self.use_slerp = cfg.model.slerp.train and self.unwrapped.uses_prompts and cfg.model.slerp.t_max > 0
 
     @classmethod
     def for_dataset(cls, cfg, accelerator, model, dataset, image_stats, *, steps: int | None = None,

@@ -177,14 +177,18 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         rerank = {t: settings[t]["rerank"] for t in RETRIEVAL_TRACKS}
         folds = infos[0]["folds"]
     i2i, t2i = rank_test(view, test, gallery, rerank, cfg)
+    not_predicted = {}
+    if test.t2i and not view.text:
+        not_predicted["t2i"] = f"{run} has no text tower (an image-only member): no t2i predictions"
+        log.warning(not_predicted["t2i"])
     labels = LabelSet.from_config(cfg.labels).names
     pred = view.probs.argmax(1)
     cls_df = pd.DataFrame({"image": names, "pred": [labels[i] for i in pred], "pred_idx": pred,
                            **{f"p_{c}": view.probs[:, j] for j, c in enumerate(labels)}})
     meta = {
         "test_dir": str(test_dir.resolve()), "folds": folds, **settings, "topk": cfg.infer.topk, "gallery": gallery, "labels": list(labels),
-        "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": test.t2i}, "on_disk": test.on_disk,
-        "test_images_in_training": in_training}
+        "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": None if "t2i" in not_predicted else test.t2i},
+        "not_predicted": not_predicted, "on_disk": test.on_disk, "test_images_in_training": in_training}
     return Predictions(cls_df, i2i, t2i, meta)
 
 
@@ -209,7 +213,7 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
 
     loader = eval_loader(pixels, accelerator, cfg.train.eval_batch_size)  # prepared once, embedded by every fold
     probs_sum, rets, texts, text_probs = 0.0, {t: [] for t in RETRIEVAL_TRACKS}, [], []
-    captions = test.t2i or []
+    captions = (test.t2i or []) if unwrapped.has_text else []
     for d in dirs:
         load_fold_weights(unwrapped, d, adapter_name=d.name)
         with merged(unwrapped.clip) if cfg.infer.merge_lora else contextlib.nullcontext():
@@ -226,7 +230,7 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
         log.info("embedded %d images with %s", len(names), d.name)
     view = FoldView(names, probs_sum / len(dirs), {t: average_embeddings(r).numpy() for t, r in rets.items()},
                     captions, average_embeddings(texts).numpy() if captions else np.zeros((0, 1), np.float32),
-                    (sum(text_probs) / len(text_probs)).numpy() if text_probs else None)
+                    (sum(text_probs) / len(text_probs)).numpy() if text_probs else None, unwrapped.has_text)
     return view, {"run": str(run), "folds": [d.name for d in dirs], **settings}
 
 

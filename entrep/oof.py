@@ -46,6 +46,7 @@ class FoldView:
     captions: list[str]
     caption_emb: np.ndarray           # (Q, D) t2i queries, in the space of ret["t2i"]
     caption_probs: np.ndarray | None  # (Q, C) a caption's class distribution (class bonus), when prompts exist
+    text: bool = True                 # False: an image-only member (no text tower), which answers no t2i query
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class FoldOOF:
     embedded: Embedded
     captions: list[str]
     caption_emb: np.ndarray
+    text: bool = True  # False: an image-only member (no text tower)
 
     def view(self, head_weight: float, tta: bool, alpha: dict[str, float] | float = 0.0) -> FoldView:
         """The fold under these settings; `alpha` per track, or one value for both."""
@@ -65,14 +67,15 @@ class FoldOOF:
                          if e.class_emb is not None and len(self.captions) else None)
         return FoldView(self.images, probs, {t: retrieval_embedding(e.emb, probs, e.class_emb, a)
                                              for t, a in alpha.items()}, self.captions, self.caption_emb,
-                        caption_probs)
+                        caption_probs, self.text)
 
 
 def save_fold_oof(path: Path, oof: FoldOOF) -> None:
     """Everything needed to re-score a fold later, as plain arrays (loaded with allow_pickle=False)."""
     e = oof.embedded
     arrays = {"images": np.array(oof.images, dtype=str), "emb": e.emb, "head": np.stack(e.head),
-              "captions": np.array(oof.captions, dtype=str), "caption_emb": oof.caption_emb}
+              "captions": np.array(oof.captions, dtype=str), "caption_emb": oof.caption_emb,
+              "text": np.array(oof.text)}
     if e.prompt is not None:
         arrays |= {"prompt": np.stack(e.prompt), "class_emb": e.class_emb}
     with atomic_path(path) as tmp:
@@ -84,7 +87,8 @@ def load_fold_oof(path: Path) -> FoldOOF:
     with np.load(path, allow_pickle=False) as z:
         e = Embedded(list(z["head"]), list(z["prompt"]) if "prompt" in z else None, z["emb"],
                      z["class_emb"] if "class_emb" in z else None)
-        return FoldOOF(list(z["images"]), e, list(z["captions"]), z["caption_emb"])
+        return FoldOOF(list(z["images"]), e, list(z["captions"]), z["caption_emb"],
+                       bool(z["text"]) if "text" in z else True)
 
 
 def _rank(queries: np.ndarray, gallery: np.ndarray, names: list[str], rerank: dict, *, exclude=None,
@@ -110,6 +114,8 @@ def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict
         rel = [{x for x in info["partners"].iloc[i] if x in pos} for i in q]
         return (_rank(ret[q], ret, images, rerank or {}, exclude=q, query_probs=gallery_probs[q],
                       gallery_probs=gallery_probs) if q else []), rel
+    if not view.text:  # no text tower: no caption is answered (a blend takes t2i from its other members)
+        return [], []
     carriers: dict = {}
     for n, caps in zip(images, info["captions"]):
         for c in caps:

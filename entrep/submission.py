@@ -5,8 +5,8 @@ import json
 import zipfile
 from pathlib import Path
 
-from entrep.io import atomic_path, atomic_write_json
 from entrep.errors import EntrepError
+from entrep.io import atomic_path, atomic_write_json
 
 TRACK_TITLES = {"cls": "Track 1 classification", "i2i": "Track 2 image-to-image", "t2i": "Track 3 text-to-image"}
 

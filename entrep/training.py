@@ -24,7 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from entrep import rundir
 from entrep.config import flat_dict, load_config, run_defining_diff, save_config, to_dict
-from entrep.data.folds import file_signatures, load_or_make_folds
+from entrep.data.folds import file_signatures, load_or_make_folds, missing_classes
 from entrep.data.images import CachedPixels, ImageCache
 from entrep.data.release import DataError, load_release
 from entrep.embedding import embed_images, embed_texts, eval_loader
@@ -131,7 +131,8 @@ def load_run_data(cfg, accelerator) -> RunData:
     saved on the first call; the main process first, the others then read what it wrote)."""
     labels = LabelSet.from_config(cfg.labels)
     table = read_training_release(cfg, labels)
-    cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(input_size(cfg.model.name, cfg.model.pretrained)))
+    cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(input_size(cfg.model.name, cfg.model.pretrained,
+                                                                             cfg.model.image_size)))
     with accelerator.main_process_first():
         pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
         sigs = (lambda: file_signatures(table["path"].tolist())) if cfg.cv.near_dup else None
@@ -139,7 +140,10 @@ def load_run_data(cfg, accelerator) -> RunData:
                                    cfg.cv.near_dup_threshold, cfg.cv.folds_from)
     log.info("%d images (%d labelled) from %s; %d folds over %d groups of alike images (i2i links, patients, "
              "near-duplicates)", len(table), int((table["y"] >= 0).sum()), cfg.data.root, cfg.cv.n_splits,
-             folds["fold_group"].nunique() if "fold_group" in folds else folds["group"].nunique())
+             folds["fold_group"].nunique())
+    for label, lacking in missing_classes(folds, cfg.cv.n_splits).items():
+        log.warning("class %s has fewer groups of alike images than folds: folds %s hold none of it, so their "
+                    "models are scored without it (see data check)", label, lacking)
     return RunData(labels, table, pixels, folds)
 
 
@@ -174,7 +178,10 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None) -> FoldRes
     if len(val_rows):
         e = embed_images(model, val, accelerator, labels, stats, tta_flip=True)
         captions = sorted({c for caps in table["captions"].iloc[val_rows] for c in caps})
-        oof = FoldOOF(table["image"].iloc[val_rows].tolist(), e, captions, embed_texts(model, captions, accelerator))
+        if not unwrapped.has_text:
+            captions = []
+        oof = FoldOOF(table["image"].iloc[val_rows].tolist(), e, captions, embed_texts(model, captions, accelerator),
+                      unwrapped.has_text)
     metrics = {**last, "epochs": history, "seconds": time.time() - t0,
                "trainable_params": int(sum(p.numel() for p in unwrapped.parameters() if p.requires_grad))}
     if accelerator.is_main_process:

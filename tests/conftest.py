@@ -67,3 +67,33 @@ def tiny_cfg():
     from entrep.config import load_config
 
     return load_config(Path(__file__).parents[1] / "configs/demo.yaml")
+
+
+def train_tokenizer(folder: Path, captions=(), vocab: int = 200):
+    """A WordPiece tokenizer trained on captions and the class prompts, saved as Hugging Face tokenizer
+    files: what model.tokenizer=local-dir: reads for a model whose own tokenizer lives on the hub."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from entrep.labels import ENTREP_PROMPTS
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    prompts = [p for ps in ENTREP_PROMPTS.values() for p in ps]
+    tok.train_from_iterator(list(captions) + prompts, trainers.WordPieceTrainer(
+        vocab_size=vocab, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def local_tokenizer(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tok")
+    train_tokenizer(folder, ["a polyp on the left vocal fold", "erythema of the right nasal cavity",
+                             "white discharge", "superior septal deviation"])
+    return folder

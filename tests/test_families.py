@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import train_tokenizer
 import torch.nn.functional as F
 
 from entrep.config import ConfigError, load_config
@@ -248,22 +250,7 @@ def test_sigmoid_family_trains_its_bias_through_the_forward():
 
 
 def _train_tokenizer(folder: Path, vocab: int = 200):
-    """A WordPiece tokenizer trained on a few captions, saved as Hugging Face tokenizer files."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    prompts = [p for ps in LabelSet.from_config(_cfg("entrep-tiny").labels).prompts.values() for p in ps]
-    tok.train_from_iterator(CAPTIONS + prompts, trainers.WordPieceTrainer(
-        vocab_size=vocab, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]")
-    fast.save_pretrained(folder)
-    return fast
+    return train_tokenizer(folder, CAPTIONS, vocab)
 
 
 def test_tokenizer_from_a_local_folder_and_one_line_when_missing(tmp_path, monkeypatch):
@@ -400,13 +387,6 @@ SMALLEST = {
     "mt5-base-ViT-B-32": "hf",  # hf-t5
     "nllb-clip-base": "hf",  # hf-m2m100
 }
-
-
-@pytest.fixture(scope="module")
-def local_tokenizer(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tok")
-    _train_tokenizer(folder)
-    return folder
 
 
 @pytest.mark.slow

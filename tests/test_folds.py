@@ -50,9 +50,48 @@ def test_folds_file_is_frozen(tmp_path, real_df):
         load_or_make_folds(path, real_df.iloc[:-1], 5, 3)
 
 
-def test_too_many_folds_names_the_class(real_df):
-    with pytest.raises(FoldError, match=r"class 'throat' has only 81"):
-        make_folds(real_df, 82, 0)
+def test_fewer_groups_than_folds_is_one_line_with_a_valid_fix(real_df):
+    small = real_df[real_df["y"] >= 0].head(3).assign(partners=[[], [], []]).reset_index(drop=True)
+    with pytest.raises(FoldError, match=r"only 3 groups.*cv\.n_splits=3 or fewer"):
+        make_folds(small, 5, 0)
+    one = small.assign(partners=[[small["image"][1]], [small["image"][0], small["image"][2]], [small["image"][1]]])
+    with pytest.raises(FoldError, match="only 1 groups.*nothing to cross-validate") as e:
+        make_folds(one, 2, 0)
+    assert "at most 1" not in str(e.value)  # today's advice "lower cv.n_splits to at most 1" was invalid
+
+
+def test_a_class_with_fewer_groups_than_folds_is_named_with_the_folds_that_lack_it(real_df):
+    """82 folds: throat (81 images) cannot be in every fold; named, not refused (sklearn only warns)."""
+    from entrep.data.folds import missing_classes
+
+    folds = make_folds(real_df, 82, 0)
+    lacking = missing_classes(folds, 82)
+    assert "throat" in lacking and len(lacking["throat"]) >= 1
+    assert all(not ((folds["label"] == c) & folds["fold"].isin(f)).any() for c, f in lacking.items())
+    assert "nose-right" not in missing_classes(make_folds(real_df, 5, 0), 5)
+
+
+def test_a_folds_file_that_splits_a_group_is_refused_and_groups_come_from_the_data(tmp_path, real_df):
+    path = tmp_path / "folds.csv"
+    good = load_or_make_folds(path, real_df, 5, 3)
+    a, b = next((x, ps[0]) for x, ps in zip(real_df["image"], real_df["partners"]) if ps)
+    edited = good.copy()
+    edited.loc[edited["image"] == b, "fold"] = (int(edited.loc[edited["image"] == a, "fold"].iloc[0]) + 1) % 5
+    edited["group"] = range(len(edited))  # a stale group column is never read
+    bad = tmp_path / "other" / "folds.csv"
+    bad.parent.mkdir()
+    edited.to_csv(bad, index=False)
+    for kw in ({"source": bad}, {}):  # cv.folds_from, and a run's own (resumed) folds.csv
+        target = tmp_path / f"run{len(kw)}" / "folds.csv"
+        target.parent.mkdir()
+        if not kw:
+            edited.to_csv(target, index=False)
+        with pytest.raises(FoldError, match=rf"splits a group.*({a}|{b}).*({a}|{b})"):
+            load_or_make_folds(target, real_df, 5, 3, **kw)
+    edited.loc[edited["image"] == b, "fold"] = good.loc[good["image"] == b, "fold"].iloc[0]
+    edited.to_csv(bad, index=False)
+    copied = load_or_make_folds(tmp_path / "run2" / "folds.csv", real_df, 5, 3, source=bad)
+    assert copied["group"].tolist() == link_groups(real_df).tolist()
 
 
 @pytest.fixture(scope="module")

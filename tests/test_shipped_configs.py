@@ -1,6 +1,8 @@
 """Every file in configs/ and the default Config() is a tested config: built with random weights at
 its own architecture and input size, one real optimizer step through the trainer's step code,
-two images embedded for evaluation, and the fold weights saved and reloaded bit-identically."""
+two images embedded for evaluation, and the fold weights saved and reloaded bit-identically.
+The tiny demo config runs in the fast tier; the real-size ones (one per family the configs ship:
+ViT-B/16, ViT-L/14, EVA02, SigLIP, ConvNeXt, a timm CNN at 384 px) in the slow tier."""
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ from entrep.config import ConfigError, load_config
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+FAST = {"demo.yaml"}
 
 
 @pytest.fixture()
@@ -43,11 +46,13 @@ def _saved_state(model, adapter: str) -> dict:
 
 
 def test_every_config_file_is_listed():
-    assert "entrep_vitb16.yaml" in CONFIGS and "demo.yaml" in CONFIGS
+    assert {"entrep_vitb16.yaml", "demo.yaml", "vitl14.yaml", "eva02_b16.yaml", "siglip_b16.yaml",
+            "convnext_base.yaml", "timm_cls.yaml"} <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("name", [*CONFIGS, "Config()"])
-def test_shipped_config_builds_steps_embeds_and_reloads(name, tmp_path, fresh_accelerate_state):
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in [*CONFIGS, "Config()"]])
+def test_shipped_config_builds_steps_embeds_and_reloads(name, tmp_path, fresh_accelerate_state, local_tokenizer):
     from entrep.data.dataset import TrainDataset
     from entrep.embedding import embed_images
     from entrep.engine import TrainStep, make_accelerator
@@ -56,12 +61,17 @@ def test_shipped_config_builds_steps_embeds_and_reloads(name, tmp_path, fresh_ac
     from entrep.model.checkpoint import load_fold_weights, save_weights
     from entrep.model.entrep_clip import build_model
 
-    cfg = shipped(name, "train.batch_size=2", "train.eval_batch_size=2", "train.epochs=1")
+    # a tokenizer that lives on the hub comes from a local folder, as a user without network gives it
+    hub_tokenizer = name != "Config()" and "SigLIP" in load_config(ROOT / "configs" / name).model.name
+    cfg = shipped(name, "train.batch_size=2", "train.eval_batch_size=2", "train.epochs=1",
+                  *([f"model.tokenizer=local-dir:{local_tokenizer}"] if hub_tokenizer else []))
     labels = LabelSet.from_config(cfg.labels)
     torch.manual_seed(0)
     model = build_model(cfg, labels)
     mean, std, size = image_stats(model.base)
     assert model.base.visual.image_size in (size, (size, size))
+    if cfg.model.image_size:
+        assert size == cfg.model.image_size  # the config's own input side, e.g. timm_cls.yaml at 384 px
     work = cfg.data.working_side(size)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (4, work, work, 3), dtype=np.uint8)

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from entrep.config import load_config
+from entrep.data.folds import FoldError, components, make_folds, missing_classes
+from entrep.data.near_dup import file_signatures, near_duplicate_pairs
 from entrep.data.release import DataError, file_sha1, load_release, load_test
 
 
@@ -19,14 +21,10 @@ def _examples(items, n=3) -> str:
     return "; ".join(" | ".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in items[:n])
 
 
-def near_duplicates(table, ts, threshold: float) -> tuple[list[list[str]], list[tuple[str, str, float]]]:
+def near_duplicates(table, ts, threshold: float, sig) -> tuple[list[list[str]], list[tuple[str, str, float]]]:
     """(near-duplicate clusters within the training data, (test image, training image, score) leaks),
-    by the same pass that groups folds (entrep.data.near_dup). Byte-identical copies are already
-    merged by the reader."""
-    from entrep.data.folds import components
-    from entrep.data.near_dup import file_signatures, near_duplicate_pairs
-
-    sig = file_signatures(table["path"].tolist())
+    by the same pass that groups folds (entrep.data.near_dup; `sig`: the training images' signatures).
+    Byte-identical copies are already merged by the reader."""
     pairs = near_duplicate_pairs(sig, threshold=threshold)
     comp = components(len(table), pairs)
     members: dict[int, list[str]] = {}
@@ -44,8 +42,10 @@ def near_duplicates(table, ts, threshold: float) -> tuple[list[list[str]], list[
     return sorted(members.values(), key=len, reverse=True), leaks
 
 
-def check(root: str, names, test_dir: str | None, console: Console, near_dup_threshold: float | None = 0.8) -> int:
-    """near_dup_threshold: cv.near_dup_threshold, or None for no near-duplicate pass (cv.near_dup=false)."""
+def check(root: str, names, test_dir: str | None, console: Console, near_dup_threshold: float | None = 0.8,
+          n_splits: int = 5, seed: int = 42) -> int:
+    """near_dup_threshold: cv.near_dup_threshold, or None for no near-duplicate pass (cv.near_dup=false);
+    n_splits, seed: the folds train.py would make (cv.n_splits, cv.seed)."""
     try:
         table, rep = load_release(root, names, check_images=True)
         ts = load_test(test_dir) if test_dir else None
@@ -53,8 +53,10 @@ def check(root: str, names, test_dir: str | None, console: Console, near_dup_thr
         console.print(f"[red]error:[/red] {e}")
         return 1
     console.print(_counts(root, table, names))
-    clusters, leaks = near_duplicates(table, ts, near_dup_threshold) if near_dup_threshold else ([], [])
+    sig = file_signatures(table["path"].tolist()) if near_dup_threshold else None
+    clusters, leaks = near_duplicates(table, ts, near_dup_threshold, sig) if near_dup_threshold else ([], [])
     rows = _findings(table, rep)
+    rows.append(_fold_coverage(table, sig, near_dup_threshold, n_splits, seed))
     rows.append((f"near-duplicate clusters (aligned correlation >= {near_dup_threshold}; one fold each)"
                  if near_dup_threshold else "near-duplicate clusters (cv.near_dup=false: not searched)",
                  f"{len(clusters)} ({sum(map(len, clusters))} images)", _examples([" ~ ".join(c) for c in clusters])))
@@ -85,6 +87,20 @@ def check(root: str, names, test_dir: str | None, console: Console, near_dup_thr
         console.print("[red]error:[/red] no labelled image: training cannot proceed")
         return 1
     return 0
+
+
+def _fold_coverage(table, sig, threshold, n_splits: int, seed: int) -> tuple:
+    """Whether the folds train.py would make (cv settings) can be made, and which lack a class."""
+    what = f"classes missing from some of the {n_splits} folds (cv.n_splits)"
+    if not (table["y"] >= 0).any():
+        return what, "-", "no labelled image"
+    try:
+        folds = make_folds(table, n_splits, seed, sig, threshold or 0.8) if sig is not None else \
+            make_folds(table, n_splits, seed)
+    except FoldError as e:
+        return what, "cannot fold", str(e)
+    lacking = missing_classes(folds, n_splits)
+    return what, len(lacking), _examples([f"{c}: folds {f}" for c, f in lacking.items()])
 
 
 def _counts(root, table, names) -> Table:
@@ -148,4 +164,4 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     return check(args.dir, cfg.labels.names, args.test, Console(width=160),
-                 cfg.cv.near_dup_threshold if cfg.cv.near_dup else None)
+                 cfg.cv.near_dup_threshold if cfg.cv.near_dup else None, cfg.cv.n_splits, cfg.cv.seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import resource
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ from entrep.embedding import embed_images
 from entrep.engine import TrainStep, make_accelerator, resolve_mixed_precision
 from entrep.io import atomic_write_json
 from entrep.labels import LabelSet
-from entrep.model.backbone import image_stats, resolve_weights, set_offline
+from entrep.model.backbone import check_tokenizer, image_stats, resolve_weights, set_offline
 from entrep.model.entrep_clip import build_model
 
 log = logging.getLogger("entrep.preflight")
@@ -42,6 +43,7 @@ class Trial:
     fits: bool
     img_per_s: float = 0.0
     peak_mib: float = 0.0
+    cpu_share: float = 1.0  # CPU time this process got / (wall time x torch threads) while it was timed
 
 
 def mixed_precision_reason(choice: str) -> tuple[str, str]:
@@ -109,6 +111,10 @@ def estimate_seconds(n_images: int, cfg, train_img_s: float, eval_img_s: float, 
             "total_s": folds * fold_s}
 
 
+def _rate(x: float) -> str:
+    return f"{x:,.1f}" if x >= 10 else f"{x:.3g}"
+
+
 def _clock(seconds: float) -> str:
     h, rem = divmod(int(round(seconds)), 3600)
     return f"{h}h {rem // 60:02d}m" if h else f"{rem // 60}m {rem % 60:02d}s"
@@ -128,7 +134,8 @@ def main(argv=None) -> int:
     set_offline(cfg.model.offline)
     setup_logging()
     t0 = time.perf_counter()
-    rows: list[tuple[str, str]] = [("weights", resolve_weights(cfg.model.name, cfg.model.pretrained, cfg.model.offline))]
+    rows: list[tuple[str, str]] = [("weights", resolve_weights(cfg.model.name, cfg.model.pretrained, cfg.model.offline)),
+                                   ("tokenizer", check_tokenizer(cfg))]
     labels = LabelSet.from_config(cfg.labels)
     n_images = args.images or ENTREP_TRAIN_IMAGES
     if args.data:
@@ -158,24 +165,32 @@ def _measure(cfg, labels, steps: int, n_images: int, rows: list) -> dict:
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stats = image_stats(model.base)
+    lora = model.lora_counts
     rows.append(("model", f"{cfg.model.name} at {stats.size} px: {n_train:,} trainable of {n_all:,} parameters "
                           f"({100 * n_train / n_all:.2f}%), built in {build_s:.1f} s"))
+    rows.append(("family", f"{model.family.name}; fusion levels {model.levels} of its "
+                           f"{model.family.vision.unit} ({model.family.vision.level}); {model.contrastive} image-text "
+                           f"loss" if model.has_text else f"{model.family.name}; fusion levels {model.levels}; "
+                                                          f"classification and i2i only"))
+    rows.append(("LoRA adapters", f"vision {lora['vision']}, text {lora['text']}" if cfg.model.lora.enabled else
+                 "off (model.lora.enabled=false)"))
     precision, why = mixed_precision_reason(cfg.train.mixed_precision)
     rows.append(("mixed precision", f"{'fp32' if precision == 'no' else precision} ({why})"))
     accelerator = make_accelerator(cfg)
     rows.append(("device", _device_name(accelerator.device)))
     # the built model serves the eval timing, then leaves the device before the train steps measure their peak
     eval_img_s = _eval_rate(cfg, labels, accelerator, stats, model)
+    model_family = model.family.name
     del model
     first, tried = plan_fit(lambda bs, ckpt: _timed_steps(cfg, labels, accelerator, bs, ckpt, steps, stats),
                             cfg.train.batch_size, cfg.train.grad_checkpointing)
     mem = "peak device memory" if accelerator.device.type == "cuda" else "peak process RSS"
     for t in [first, *tried]:
         label = f"train step, batch {t.batch_size}" + (", grad checkpointing" if t.grad_checkpointing else "")
-        rows.append((label, f"{t.img_per_s:,.1f} img/s, {mem} {t.peak_mib:,.0f} MiB" if t.fits else
+        rows.append((label, f"{_rate(t.img_per_s)} img/s, {mem} {t.peak_mib:,.0f} MiB" if t.fits else
                      f"out of memory at {t.peak_mib:,.0f} MiB"))
     rows.append(("batch", advice(first, tried)))
-    rows.append(("eval embedding", f"{eval_img_s:,.1f} img/s at batch {cfg.train.eval_batch_size}"))
+    rows.append(("eval embedding", f"{_rate(eval_img_s)} img/s at batch {cfg.train.eval_batch_size}"))
     train_img_s = first.img_per_s or next((t.img_per_s for t in tried if t.fits), 0.0)
     est = {}
     if train_img_s:
@@ -183,10 +198,22 @@ def _measure(cfg, labels, steps: int, n_images: int, rows: list) -> dict:
         rows.append(("estimate", f"{est['folds']} folds x {cfg.train.epochs} epochs x {est['steps_per_epoch']} steps "
                                  f"of {cfg.train.batch_size}: {_clock(est['epoch_s'])} per epoch, "
                                  f"{_clock(est['fold_s'])} per fold, {_clock(est['total_s'])} in all on one "
-                                 f"{accelerator.device.type.upper()} process (N processes: about 1/N of it)"))
-    return {"trials": [asdict(t) for t in [first, *tried]], "device": _device_name(accelerator.device),
+                                 f"{accelerator.device.type.upper()} process (N processes: about 1/N of it)"
+                                 + (busy_note(first.cpu_share) if accelerator.device.type == "cpu" else "")))
+    return {"lora": lora, "family": model_family, "trials": [asdict(t) for t in [first, *tried]],
+            "device": _device_name(accelerator.device),
             "mixed_precision": precision, "train_img_per_s": train_img_s, "eval_img_per_s": eval_img_s,
             "estimate": est}
+
+
+def busy_note(cpu_share: float) -> str:
+    """Timed steps alone cannot tell a busy machine from a slow one; the CPU time the steps got can: on an
+    idle machine a CPU step keeps every torch thread busy."""
+    if cpu_share >= 0.6:
+        return ""
+    return (f". The machine was busy while it measured: the steps got {cpu_share:.0%} of the CPU time their "
+            f"{torch.get_num_threads()} threads could use, so the estimate may be too long; run preflight again on an "
+            f"idle machine (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
 
 def _device_name(device) -> str:
@@ -244,13 +271,14 @@ def _timed_steps(cfg, labels, accelerator, bs: int, ckpt: bool, steps: int, stat
         step(next(batches))
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             step(next(batches))
         if cuda:
             torch.cuda.synchronize()
-        rate = bs * steps / (time.perf_counter() - t0)
-        return Trial(bs, ckpt, True, rate, _peak_mib(cuda))
+        wall = time.perf_counter() - t0
+        share = (time.process_time() - cpu0) / max(wall * torch.get_num_threads(), 1e-9)
+        return Trial(bs, ckpt, True, bs * steps / wall, _peak_mib(cuda), min(1.0, share))
     except torch.OutOfMemoryError:
         return Trial(bs, ckpt, False, 0.0, _peak_mib(cuda))
     finally:

@@ -38,6 +38,8 @@ def main(argv=None) -> int:
                       f"{leak_names[:3]}); answers may point at them (predictions/meta.json lists them)")
     written = []
     queries = meta["queries"]
+    for track, why in meta.get("not_predicted", {}).items():
+        console.print(f"no {track} submission: {why}")
     if queries.get("cls"):
         df = pd.read_csv(pred / "classes.csv", keep_default_na=False).set_index("image")
         sub = {q: int(df.loc[meta["on_disk"][q], "pred_idx"]) for q in queries["cls"]}

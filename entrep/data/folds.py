@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,56 +68,78 @@ def fold_groups(df: pd.DataFrame, signatures=None, threshold: float = NEAR_DUP_T
 
 
 def make_folds(df: pd.DataFrame, n_splits: int, seed: int, signatures=None,
-               near_dup_threshold: float = NEAR_DUP_THRESHOLD) -> pd.DataFrame:
+               near_dup_threshold: float = NEAR_DUP_THRESHOLD, groups: np.ndarray | None = None) -> pd.DataFrame:
     """`image, label, group, fold_group, fold`. `group` is the i2i component (the contrastive loss's
-    positives); `fold_group` adds patients and near-duplicates and is what folds keep together.
-    Unlabelled images follow their fold group; lone ones are spread."""
-    link = link_groups(df)
-    groups = fold_groups(df, signatures, near_dup_threshold)
+    positives); `fold_group` adds patients and near-duplicates and is what folds keep together
+    (`groups`: those, when already computed). Unlabelled images follow their fold group; lone ones are
+    spread. A class with fewer groups than folds leaves some folds without it: `missing_classes` says
+    which."""
+    groups = fold_groups(df, signatures, near_dup_threshold) if groups is None else groups
     labelled = df["y"].to_numpy() >= 0
-    counts = df.loc[labelled, "label"].value_counts()
-    if len(counts) and counts.min() < n_splits:
-        raise FoldError(f"cv.n_splits={n_splits} but class '{counts.idxmin()}' has only {counts.min()} "
-                        f"labelled images; lower cv.n_splits to at most {counts.min()}")
+    n_groups = len(set(groups[labelled]))
+    if n_groups < n_splits:
+        fix = (f"use cv.n_splits={n_groups} or fewer" if n_groups >= 2 else
+               "there is nothing to cross-validate: add labelled images of other cases")
+        raise FoldError(f"cv.n_splits={n_splits} but the {int(labelled.sum())} labelled images form only {n_groups} "
+                        f"groups of alike images (i2i links, patients, near-duplicates), and a group never spans "
+                        f"two folds; {fix}")
     fold = np.full(len(df), -1)
     if labelled.sum():
         skf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         idx = np.flatnonzero(labelled)
-        for k, (_, val) in enumerate(skf.split(idx, df["y"].to_numpy()[idx], groups[idx])):
-            fold[idx[val]] = k
+        with warnings.catch_warnings():  # a class with fewer members than folds: missing_classes names it
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            for k, (_, val) in enumerate(skf.split(idx, df["y"].to_numpy()[idx], groups[idx])):
+                fold[idx[val]] = k
     group_fold = {g: f for g, f in zip(groups, fold) if f >= 0}
     rng = np.random.default_rng(seed)
     lone = sorted({g for g in groups[~labelled] if g not in group_fold})
     for g, f in zip(lone, rng.permutation(len(lone)) % n_splits):
         group_fold[g] = int(f)
     fold = np.array([group_fold[g] for g in groups])
-    return pd.DataFrame({"image": df["image"], "label": df["label"].fillna(""), "group": link,
+    return pd.DataFrame({"image": df["image"], "label": df["label"].fillna(""), "group": link_groups(df),
                          "fold_group": groups, "fold": fold, "sha1": df["sha1"]})  # sha1: infer finds leaks
+
+
+def missing_classes(folds: pd.DataFrame, n_splits: int) -> dict[str, list[int]]:
+    """class -> the folds whose held-out images hold none of it (a class with fewer groups than folds):
+    those folds' models are scored without it, and its images there train no model that is scored on it."""
+    labelled = folds[folds["label"] != ""]
+    have = labelled.groupby("label")["fold"].apply(set)
+    return {c: sorted(set(range(n_splits)) - f) for c, f in have.items() if len(f) < n_splits}
 
 
 def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, signatures=None,
                        near_dup_threshold: float = NEAR_DUP_THRESHOLD, source: str | Path = "") -> pd.DataFrame:
     """The run's folds: its `folds.csv` when it exists (frozen folds); else another run's folds
     (`source`, cv.folds_from: a run directory or a folds.csv), copied in; else made and saved.
-    `signatures`: near-duplicate signatures (entrep.data.near_dup), or a function that computes them
-    (called only when folds are made), or None for no near-duplicate pass."""
+    A frozen or copied file is checked against today's grouping (a file that splits a group is refused),
+    and its `group` and `fold_group` columns are recomputed from today's data, never read from the file.
+    `signatures`: near-duplicate signatures (entrep.data.near_dup), or a function that computes them,
+    or None for no near-duplicate pass."""
+    groups = fold_groups(df, signatures() if callable(signatures) else signatures, near_dup_threshold)
     if not path.is_file() and source:
         src = Path(source) / rundir.FOLDS if Path(source).is_dir() else Path(source)
         if not src.is_file():
             raise FoldError(f"cv.folds_from={source}: no folds.csv there (a run directory or a folds.csv file)")
-        check_folds(pd.read_csv(src, keep_default_na=False), df, n_splits, src)
+        check_folds(pd.read_csv(src, keep_default_na=False), df, n_splits, src, groups)
         with atomic_path(path) as tmp:
             shutil.copyfile(src, tmp)  # a copy, not a re-serialisation of what pandas read
     if path.is_file():
         folds = pd.read_csv(path, keep_default_na=False)
-        check_folds(folds, df, n_splits, path)
-        return folds.set_index("image").loc[df["image"]].reset_index()
-    folds = make_folds(df, n_splits, seed, signatures() if callable(signatures) else signatures, near_dup_threshold)
+        check_folds(folds, df, n_splits, path, groups)
+        fold_of = dict(zip(folds["image"], folds["fold"]))
+        return pd.DataFrame({"image": df["image"], "label": df["label"].fillna(""), "group": link_groups(df),
+                             "fold_group": groups, "fold": [int(fold_of[n]) for n in df["image"]],
+                             "sha1": df["sha1"]})
+    folds = make_folds(df, n_splits, seed, groups=groups)
     atomic_write_csv(path, folds)
     return folds
 
 
-def check_folds(folds: pd.DataFrame, df: pd.DataFrame, n_splits: int, path: Path) -> None:
+def check_folds(folds: pd.DataFrame, df: pd.DataFrame, n_splits: int, path: Path, groups: np.ndarray) -> None:
+    """A folds file must name exactly the data's images, n_splits folds, and keep every group of alike
+    images (today's i2i links, patients and near-duplicates) in one fold."""
     if set(folds["image"]) != set(df["image"]):
         extra = sorted(set(df["image"]) - set(folds["image"]))[:3]
         gone = sorted(set(folds["image"]) - set(df["image"]))[:3]
@@ -124,3 +147,12 @@ def check_folds(folds: pd.DataFrame, df: pd.DataFrame, n_splits: int, path: Path
                         f"use a new --name or delete the file to refold")
     if folds["fold"].max() + 1 != n_splits:
         raise FoldError(f"{path} has {folds['fold'].max() + 1} folds but cv.n_splits={n_splits}")
+    fold_of = dict(zip(folds["image"], folds["fold"]))
+    first: dict[int, str] = {}
+    for name, g in zip(df["image"], groups):
+        other = first.setdefault(int(g), name)
+        if fold_of[other] != fold_of[name]:
+            raise FoldError(f"{path} splits a group of alike images across folds: {other} (fold {fold_of[other]}) and "
+                            f"{name} (fold {fold_of[name]}) are linked (i2i, patient or near-duplicate), so one fold's "
+                            f"model would train on what scores it; refold under a new --name (folds are made from "
+                            f"the current grouping) or take cv.folds_from from a run made on this data")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from entrep.errors import EntrepError
 
 log = logging.getLogger("entrep.data")

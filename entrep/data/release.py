@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
+
 from entrep.errors import EntrepError
 
 log = logging.getLogger("entrep.data")

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from entrep.errors import EntrepError
+from entrep.model import timm_member
+from entrep.model.timm_member import is_timm_member
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # tiny randomly initialised configs for tests and the demo
 
@@ -120,6 +122,8 @@ def resolve_weights(name: str, pretrained: str, offline: bool = False, timeout: 
     `local-dir:` folder must hold open_clip_config.json and a weights file; a Hugging Face text tower's
     config.json must be local, cached or reachable. Otherwise one WeightsError line with the fix.
     """
+    if is_timm_member(name):
+        return timm_member.resolve(name, pretrained)
     where = _resolve_clip_weights(name, pretrained, offline, timeout)
     try:
         model_cfg = model_config(name, pretrained)
@@ -298,6 +302,8 @@ def check_tokenizer(cfg) -> str:
     """What `model.tokenizer` resolves to, loaded without building the model (preflight); one TokenizerError
     line when it cannot load."""
     m = cfg.model
+    if is_timm_member(m.name):
+        return "none: a timm image-only member has no text tower"
     return describe_tokenizer(load_tokenizer(m.name, m.pretrained, m.tokenizer, m.offline))
 
 
@@ -317,25 +323,36 @@ def _hf_text_source(name: str, model_cfg: dict, offline: bool, timeout: float = 
             + _cache_hint(f"from transformers import AutoConfig; AutoConfig.from_pretrained('{repo}')")) from None
 
 
-def create_clip(name: str, pretrained: str = "", offline: bool = False, tokenizer: str = ""):
-    """An open_clip CLIP model in fp32 on CPU, plus its tokenizer (`tokenizer`: model.tokenizer).
+def create_clip(name: str, pretrained: str = "", offline: bool = False, tokenizer: str = "", image_size: int = 0):
+    """An open_clip CLIP model in fp32 on CPU, plus its tokenizer (`tokenizer`: model.tokenizer), at the
+    input side `image_size` (0: the model's own); a `timm:` image-only member, with no tokenizer.
 
     `ViT-B-16` from a weights file silently builds GELU; OpenAI weights need QuickGELU, so any
     name containing 'quickgelu' forces it, whatever the weight source.
     """
     set_offline(offline)
+    if is_timm_member(name):
+        return timm_member.create(name, pretrained, offline, image_size, RANDOM_INIT_SEED), None
+    model = _create_open_clip(name, pretrained, offline, tokenizer, image_size)
+    return model, load_tokenizer(name, pretrained, tokenizer, offline)
+
+
+def _create_open_clip(name: str, pretrained: str, offline: bool, tokenizer: str, image_size: int):
     open_clip = _open_clip()
     force_quick_gelu = "quickgelu" in name.lower()
     kwargs = dict(force_quick_gelu=force_quick_gelu)
     model_cfg = model_config(name, pretrained)
+    native = _side(model_cfg["vision_cfg"]["image_size"])
+    timm_tower = bool(model_cfg["vision_cfg"].get("timm_model_name"))
+    if image_size and image_size != native and not timm_tower:
+        kwargs["force_image_size"] = image_size  # open_clip resamples a ViT's position embeddings as weights load
     hf_text = _hf_text_source(name, model_cfg, offline)
     load_tokenizer(name, pretrained, tokenizer, offline, before_model=True)
     try:
         if pretrained.startswith("local-dir:"):
             if hf_text == "cached":
                 set_offline(True)
-            model = open_clip.create_model(pretrained, **kwargs)
-            return model, load_tokenizer(name, pretrained, tokenizer, offline)
+            return _sized(open_clip.create_model(pretrained, **kwargs), image_size, native, name)
         if pretrained and not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             raise WeightsError(f"model.pretrained={pretrained!r} is neither a file nor an open_clip tag of "
                                f"'{name}' (tags: {open_clip.list_pretrained_tags_by_model(name)})")
@@ -371,22 +388,33 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False, tokenize
             raise WeightsError(f"{pretrained}: these weights do not fit '{name}' ({lines[0][:160]} ...): "
                                f"check model.name against the weights' architecture") from None
         raise
-    return model, load_tokenizer(name, pretrained, tokenizer, offline)
+    return _sized(model, image_size, native, name)
 
 
-def input_size(name: str, pretrained: str = "") -> int:
-    """The model's input side from its open_clip config, without building it (the decoded cache is
-    made, and near-duplicates are found on it, before the first fold's model exists)."""
-    import json
-
-    if pretrained.startswith("local-dir:"):
-        cfg = json.loads((Path(pretrained[len("local-dir:"):]) / "open_clip_config.json").read_text())["model_cfg"]
-    else:
-        cfg = _open_clip().get_model_config(name)
-        if cfg is None:
-            raise WeightsError(f"model.name={name!r} is not an open_clip model config (open_clip.list_models())")
-    size = cfg["vision_cfg"]["image_size"]
+def _side(size) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _sized(model, image_size: int, native: int, name: str):
+    """A timm-trunk tower at model.image_size: timm resamples its position embeddings (set_input_size);
+    a tower that cannot change its input side is one line."""
+    if not image_size or image_size == native or _side(model.visual.image_size) == image_size:
+        return model
+    if not hasattr(model.visual, "set_input_size"):
+        raise WeightsError(f"model.image_size={image_size}: the vision tower of '{name}' cannot change its input "
+                           f"side ({native} px); leave model.image_size=0")
+    model.visual.set_input_size(image_size)
+    return model
+
+
+def input_size(name: str, pretrained: str = "", image_size: int = 0) -> int:
+    """The model's input side (model.image_size, else its own config's), without building it (the decoded
+    cache is made before the first fold's model exists)."""
+    if image_size:
+        return image_size
+    if is_timm_member(name):
+        return timm_member.native_size(name)
+    return _side(model_config(name, pretrained)["vision_cfg"]["image_size"])
 
 
 class ImageStats(NamedTuple):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 
@@ -74,13 +75,16 @@ class EntrepCLIP(nn.Module):
                                            else torch.full_like(self.logit_scale, SIGLIP_INIT_BIAS))
         else:
             self.logit_bias = None
+        self.has_text = self.family.text is not None
+        self.uses_prompts = bool(model_cfg.prompts) and self.has_text  # class prompts need a text tower
         prompts, owner = [], []
         for c, name in enumerate(labels.names):
             prompts += list(labels.prompts[name])
             owner += [c] * len(labels.prompts[name])
         self.tokenizer = tokenizer
-        self.register_buffer("prompt_tokens", tokenizer(prompts), persistent=False)
-        self.register_buffer("prompt_owner", torch.tensor(owner), persistent=False)
+        if self.has_text:
+            self.register_buffer("prompt_tokens", tokenizer(prompts), persistent=False)
+            self.register_buffer("prompt_owner", torch.tensor(owner), persistent=False)
         self._class_emb: torch.Tensor | None = None
         self._tokens: dict[str, torch.Tensor] = {}  # caption -> token row; captions repeat every epoch
 
@@ -92,6 +96,8 @@ class EntrepCLIP(nn.Module):
 
     @property
     def text_trainable(self) -> bool:
+        if not self.has_text:
+            return False
         tower = re.compile(self.family.text.tower)
         return any(p.requires_grad for n, p in self.base.named_parameters() if tower.match(n))
 
@@ -194,7 +200,7 @@ class EntrepCLIP(nn.Module):
         out = {"features": feats, "emb": emb, "head_logits": self.head(feats), "scale": scale}
         if self.logit_bias is not None:  # the sigmoid loss reads it: it leaves through the forward too
             out["bias"] = self.logit_bias
-        if self.cfg.prompts:
+        if self.uses_prompts:
             class_emb = self.class_embeddings()
             out["class_emb"] = class_emb
             out["prompt_logits"] = scale * emb @ class_emb.t()
@@ -228,13 +234,16 @@ def build_model(cfg, labels: LabelSet) -> EntrepCLIP:
     from entrep.model.backbone import create_clip
     from entrep.model.lora import apply_lora, unfreeze_last_blocks
 
-    clip, tokenizer = create_clip(cfg.model.name, cfg.model.pretrained, cfg.model.offline, cfg.model.tokenizer)
+    clip, tokenizer = create_clip(cfg.model.name, cfg.model.pretrained, cfg.model.offline, cfg.model.tokenizer,
+                                  cfg.model.image_size)
     clip.requires_grad_(False)
     if cfg.train.grad_checkpointing:
         clip.set_grad_checkpointing(True)  # open_clip's own: both towers, non-reentrant torch checkpoint
     try:
         family = detect(clip, cfg.model.name)
-        if cfg.model.tokenizer:
+        if family.text is None:
+            say_text_settings_ignored(cfg)
+        if cfg.model.tokenizer and tokenizer is not None:
             check_vocabulary(tokenizer, clip, cfg.model.tokenizer)
         if cfg.model.lora.enabled:
             clip = apply_lora(clip, cfg.model.lora, family)
@@ -262,3 +271,20 @@ def check_vocabulary(tokenizer, clip: nn.Module, spec: str) -> None:
     if tower and ids and ids > tower:
         raise TokenizerError(f"model.tokenizer{'=' + spec if spec else ''}: {ids} token ids, but the text tower embeds "
                              f"{tower}; use the model's own tokenizer or one with at most {tower} tokens")
+
+
+_SAID: set[str] = set()
+
+
+def say_text_settings_ignored(cfg) -> None:
+    """An image-only member takes the config of a CLIP member as it is (one config serves both kinds of
+    blend member), so its text-only settings are named once, not refused."""
+    on = [k for k, v in (("model.prompts", cfg.model.prompts), ("loss.prompt", cfg.loss.prompt),
+                         ("loss.text", cfg.loss.text), ("model.slerp.train", cfg.model.slerp.train),
+                         ("model.slerp.infer", cfg.model.slerp.infer), ("model.tokenizer", cfg.model.tokenizer)) if v]
+    if cfg.model.name in _SAID:
+        return
+    _SAID.add(cfg.model.name)
+    logging.getLogger("entrep.model").warning(
+        "%s has no text tower: it trains and predicts classification and i2i only, no t2i%s", cfg.model.name,
+        f"; these settings do not apply to it: {', '.join(on)}" if on else "")

@@ -101,12 +101,12 @@ class Objective:
 @dataclass(frozen=True)
 class Family:
     vision: VisionFamily
-    text: TextFamily
+    text: TextFamily | None  # None: a timm image-only member (entrep/model/timm_member.py)
     objective: Objective
 
     @property
     def name(self) -> str:
-        return f"{self.vision.name} + {self.text.name}"
+        return f"{self.vision.name} + {self.text.name if self.text else 'no text tower'}"
 
 
 def _oc_vit():
@@ -204,6 +204,19 @@ VISION: tuple[VisionFamily, ...] = (
         ("visual.trunk.norm", "visual.trunk.head", "visual.head"), ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
         widths=_timm_widths, output_fmt="NCHW", extra_tokens=False),
     VisionFamily(
+        "timm-efficientnet", "timm:efficientnet_b0 .. b7, timm:tf_efficientnetv2_*, timm:mobilenetv3_large_100",
+        lambda v: _trunk(v, _timm("efficientnet", "EfficientNet"), _timm("mobilenetv3", "MobileNetV3")),
+        r"visual\.trunk\.blocks\.\d+\.\d+", lambda v: len(v.trunk.feature_info), "stages",
+        ("visual.trunk.conv_head", "visual.trunk.bn2", "visual.head"),
+        ("conv_pw", "conv_pwl", "se.conv_reduce", "se.conv_expand"),  # the 1x1 convs; depthwise ones stay frozen
+        widths=_timm_widths, output_fmt="NCHW", extra_tokens=False),
+    VisionFamily(
+        "timm-resnet", "timm:resnet50, timm:resnet18, timm:seresnext50_32x4d, timm:resnet50d",
+        lambda v: _trunk(v, _timm("resnet", "ResNet")),
+        r"visual\.trunk\.layer[1-4]\.\d+", lambda v: len(v.trunk.feature_info), "stages",
+        ("visual.trunk.fc", "visual.head"), ("conv1", "conv2", "conv3"),
+        widths=_timm_widths, output_fmt="NCHW", extra_tokens=False),
+    VisionFamily(
         "openclip-resnet", "RN50, RN101, RN50x4 .. RN50x64, entrep-tiny-rn",
         lambda v: isinstance(v, _oc("modified_resnet", "ModifiedResNet")),
         # the attention pool stays frozen: it hands its Linear weights to F.multi_head_attention_forward and
@@ -296,14 +309,15 @@ def detect(base: nn.Module, name: str = "") -> Family:
     visual = getattr(base, "visual", None)
     what = f"'{name}'" if name else "the model"
     vision = next((f for f in VISION if visual is not None and f.detect(visual)), None)
+    image_only = isinstance(base, _image_only())
     if vision is None:
         inner = getattr(visual, "trunk", None)
         cls = f"{type(visual).__name__}" + (f" with trunk {type(inner).__module__}.{type(inner).__name__}" if inner
                                            is not None else "")
         raise FamilyError(f"EntrepCLIP does not know the vision tower {cls} of {what}: no family names where its "
                           f"blocks live (entrep/model/families.py VISION)")
-    text = next((f for f in TEXT if f.detect(base)), None)
-    if text is None:
+    text = None if image_only else next((f for f in TEXT if f.detect(base)), None)
+    if text is None and not image_only:
         tower = getattr(base, "text", None)
         inner = getattr(tower, "transformer", None)
         cls = type(tower).__name__ + (f" around {type(inner).__name__}" if inner is not None else "")
@@ -311,6 +325,12 @@ def detect(base: nn.Module, name: str = "") -> Family:
                           f"blocks live (entrep/model/families.py TEXT)")
     objective = next(o for o in OBJECTIVES if o.detect(base))
     return Family(vision, text, objective)
+
+
+def _image_only():
+    from entrep.model.timm_member import ImageOnlyCLIP
+
+    return ImageOnlyCLIP
 
 
 def vision_family(name: str) -> VisionFamily:
@@ -324,7 +344,8 @@ def text_family(name: str) -> TextFamily:
 # timm module -> the record group of the classes it defines (the records detect those classes)
 TIMM_MODULES = {"vision_transformer": "timm-vit", "vision_transformer_hybrid": "timm-vit",
                 "vision_transformer_relpos": "timm-vit", "vitamin": "timm-vit", "eva": "timm-eva",
-                "convnext": "timm-convnext", "fastvit": "timm-fastvit", "swin_transformer": "timm-swin"}
+                "convnext": "timm-convnext", "fastvit": "timm-fastvit", "swin_transformer": "timm-swin",
+                "efficientnet": "timm-efficientnet", "mobilenetv3": "timm-efficientnet", "resnet": "timm-resnet"}
 
 
 def classify_config(model_cfg: dict) -> tuple[tuple[str, ...], str]:

@@ -30,7 +30,7 @@ def tower_targets(family: Family, cfg) -> dict[str, tuple[str, tuple[str, ...]]]
     """tower -> (block regex, targets inside a block) for the adapted towers."""
     auto = _is_auto(cfg.targets)
     out = {"vision": (family.vision.blocks, family.vision.lora if auto else tuple(cfg.targets))}
-    if cfg.text:
+    if cfg.text and family.text is not None:  # an image-only member has no text tower to adapt
         out["text"] = (family.text.blocks, family.text.lora if auto else tuple(cfg.targets))
     return out
 
@@ -77,7 +77,7 @@ def apply_lora(clip: nn.Module, cfg, family: Family | None = None):
     mod_names, param_names, counts = plan(clip, family, cfg)
     if cfg.dropout and param_names:
         raise ValueError(f"model.lora.dropout = {cfg.dropout} cannot apply to the parameter target(s) of "
-                         f"{family.vision.name}/{family.text.name} ({sorted({n.rpartition('.')[2] for n in param_names})}"
+                         f"{family.name} ({sorted({n.rpartition('.')[2] for n in param_names})}"
                          f": peft adapts the weight, not an input); set model.lora.dropout=0, or target modules only, "
                          f"e.g. model.lora.targets=[attn,mlp.c_fc,mlp.c_proj]")
     # one anchored alternation of the exact module names: peft's regex match then adapts those and no others
@@ -102,19 +102,23 @@ def adapter_counts(model: nn.Module, family: Family | None = None) -> dict[str, 
     base = getattr(model, "base", model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     family = family or getattr(model, "family", None) or detect(base)
-    text = re.compile(family.text.tower)
+    text = re.compile(family.text.tower) if family.text is not None else None
     counts = {"vision": 0, "text": 0}
     for n, _ in base.named_modules():
         if n.endswith(".lora_A"):
             if n.startswith("visual."):
                 counts["vision"] += 1
-            elif text.match(n):
+            elif text is not None and text.match(n):
                 counts["text"] += 1
     return counts
 
 
 def unfreeze_last_blocks(clip: nn.Module, n: int, family: Family | None = None) -> None:
-    """Ablation baseline without LoRA: train the last n vision blocks and the tower's head outright."""
+    """Without LoRA: train the last n vision blocks and the tower's head outright (the ablation baseline),
+    or with n = -1 the whole vision tower (full fine-tuning, e.g. of a timm CNN)."""
+    if n == -1:
+        clip.visual.requires_grad_(True)
+        return
     if n <= 0:
         return
     family = family or detect(clip)
