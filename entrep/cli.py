@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -49,8 +51,18 @@ def print_error(message: str) -> None:
     console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kaggle and `kill` send): handled as Ctrl-C is, with the resume hint."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run_main(main, argv=None) -> int:
     """Run an entry point; a known user error prints one clear line (no traceback) and exits 2."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return main(argv)
     except EntrepError as e:
@@ -60,11 +72,12 @@ def run_main(main, argv=None) -> int:
         print_error(f"cannot write {e.filename}: {e.strerror}; choose a folder you can write to (output_dir=..., "
                     f"--out ...)")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # every file is written atomically, so what was finished stays finished
-        console.print("interrupted. Finished folds are kept: add train.resume=true to the same train.py command "
-                      "to continue from the first unfinished fold.", highlight=False, soft_wrap=True)
-        return 130
+        console.print(f"{'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}. Finished folds are "
+                      f"kept: add train.resume=true to the same train.py command to continue from the first "
+                      f"unfinished fold.", highlight=False, soft_wrap=True)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 class EpochBars:

@@ -45,6 +45,7 @@ def opt(default=None, help: str = "", factory=None):
 
 # Every choice lives in its type: `_cast` checks a Literal field's value against its arguments.
 BadImages = Literal["skip", "error"]
+LabelConflicts = Literal["error", "unlabel"]
 FusionMode = Literal["softmax", "concat"]
 Contrastive = Literal["auto", "softmax", "sigmoid"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
@@ -77,6 +78,8 @@ class DataConfig:
     num_workers: int = opt(0, "DataLoader worker processes (0 = the main process)")
     bad_images: BadImages = opt("skip", "an unreadable image: skip it (counted, logged) or stop with an error")
     check_images: bool = opt(True, "decode-check every image while reading the release")
+    label_conflicts: LabelConflicts = opt("error", "one picture filed with two labels: stop with the list, or train it "
+                                                   "unlabelled (contrastive losses only), counted and logged")
 
     def working_side(self, image_size: int) -> int:
         """The decoded cache's side: room for the random resized crop around the model's input."""
@@ -466,7 +469,7 @@ SCORING_KEYS = ("infer.", "rerank.", "model.slerp.infer", "model.slerp.alpha", "
 # Keys that steer one invocation (or only inference, or where the files are) and may differ between
 # the train.py calls of one run; every other key defines the run and must stay as first written.
 INVOCATION_KEYS = ("name", "output_dir", "data.root", "data.num_workers", "data.cache_dir", "data.check_images",
-                   "train.folds", "train.resume", "train.eval_batch_size", "train.monitor_metric", "train.log_with",
+                   "train.folds", "train.resume", "train.grad_accum", "train.eval_batch_size", "train.monitor_metric", "train.log_with",
                    "speed.", "ablation.", *SCORING_KEYS)
 
 

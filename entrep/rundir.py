@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 CONFIG = "config.yaml"         # the run's defining config, written once
+IDENTITY = "run.json"          # the data (per image) and effective batch the run trains on, written once
 FOLDS = "folds.csv"            # the frozen folds
 REPORT = "report.json"         # out-of-fold figures (written last by the report)
 TUNED = "tuned.json"           # inference settings tuned on all folds, for infer.py

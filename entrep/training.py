@@ -11,6 +11,8 @@ fold (build -> fit -> OOF embedding -> save, metrics.json last) and the report o
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import os
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 
 from entrep import rundir
 from entrep.config import flat_dict, load_config, run_defining_diff, save_config, to_dict
@@ -30,7 +32,7 @@ from entrep.data.release import DataError, load_release
 from entrep.embedding import embed_images, embed_texts, eval_loader
 from entrep.engine import FoldTrainer, make_accelerator
 from entrep.errors import EntrepError
-from entrep.io import atomic_write_csv
+from entrep.io import atomic_write_csv, atomic_write_json, read_json
 from entrep.labels import LabelSet
 from entrep.model.backbone import image_stats, input_size
 from entrep.model.checkpoint import fold_dir, fold_finished, mark_finished, save_weights
@@ -76,19 +78,133 @@ def check_launch(accelerator) -> None:
             f"CPU, launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {launched} ...")
     log.info("accelerate: %d process(es), %s, device %s, mixed precision %s", accelerator.num_processes,
              accelerator.distributed_type, accelerator.device, accelerator.mixed_precision)
+    for warning in launcher_mismatches(accelerator):
+        log.warning(warning)
 
 
-def claim_run(cfg) -> None:
-    """Write the run's defining config once; a later train.py on the run must match it (only the keys
-    that steer one invocation may differ), else it is refused and config.yaml is left as it is."""
+def launcher_mismatches(accelerator) -> list[str]:
+    """What the launcher was asked for and does not happen: `--mixed_precision` (train.mixed_precision
+    decides), and `--num_processes N` without `--multi_gpu` (one process runs)."""
+    out = []
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if asked and asked != accelerator.mixed_precision:
+        out.append(f"accelerate launch --mixed_precision {asked} is not used: train.mixed_precision decides, and it "
+                   f"resolves to {accelerator.mixed_precision} here (set train.mixed_precision={asked} to use it)")
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # not Linux, or no /proc: nothing to compare
+        parent = []
+    args = [a.decode(errors="replace") for a in parent]
+    if "launch" in args and "--num_processes" in args and accelerator.num_processes == 1:
+        n = args[args.index("--num_processes") + 1] if args.index("--num_processes") + 1 < len(args) else "?"
+        if n not in ("1", "?") and not {"--multi_gpu", "--num_machines"} & set(args):
+            out.append(f"accelerate launch --num_processes {n} started one process: add --multi_gpu (on CPU: "
+                       f"ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {n} ...)")
+    return out
+
+
+def on_main_first(accelerator, fn, others=None):
+    """fn() on the main process, then `others` (default fn) on the rest. A kit error on the main process
+    stops every process with its line at once, where the others would otherwise wait at a barrier."""
+    error, result = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except EntrepError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise EntrepError(error)
+    if not accelerator.is_main_process:
+        result = (others or fn)()
+    return result
+
+
+# keys that may differ between the processes of one launch: where each machine keeps its files
+PER_MACHINE_KEYS = ("output_dir", "data.root", "data.cache_dir", "data.num_workers")
+
+
+def agree_across_processes(accelerator, cfg) -> None:
+    """Every process of a launch must train the same run: processes started with other arguments (a
+    second machine given another command line) would hang at the first collective after an epoch, so
+    they stop at start-up, each naming the keys that differ."""
+    if accelerator.num_processes == 1:
+        return
+    mine = {k: v for k, v in flat_dict(to_dict(cfg)).items() if k not in PER_MACHINE_KEYS}
+    every = gather_object([json.dumps(mine, sort_keys=True, default=str)])
+    if len(set(every)) == 1:
+        return
+    views = [json.loads(x) for x in every]
+    keys = sorted({k for v in views[1:] for k in v.keys() | views[0].keys() if v.get(k) != views[0].get(k)})
+    raise EntrepError(f"the {accelerator.num_processes} processes of this launch were given different settings: "
+                      + "; ".join(f"{k} = " + ", ".join(f"{v.get(k)!r} (process {i})" for i, v in enumerate(views))
+                                  for k in keys[:3])
+                      + "; start every process (every machine) with the same train.py command")
+
+
+def data_identity(table: pd.DataFrame) -> dict[str, list]:
+    """image -> [content sha1, label, captions digest, i2i partners digest]: what a run was trained on."""
+    def digest(items) -> str:
+        return hashlib.sha1("\n".join(sorted(items)).encode()).hexdigest()[:12]
+
+    return {name: [sha1, label or "", digest(caps), digest(partners)] for name, sha1, label, caps, partners in
+            zip(table["image"], table["sha1"], table["label"].where(table["label"].notna(), ""), table["captions"],
+                table["partners"])}
+
+
+def describe_data_change(before: dict, now: dict) -> str:
+    """What differs between two data identities, with examples: '' when nothing does."""
+    kinds = {0: "pixels", 1: "labels", 2: "captions", 3: "i2i links"}
+    changed = {k: [n for n in now if n in before and before[n][k] != now[n][k]] for k in kinds}
+    parts = [f"{len(v)} images' {kinds[k]} changed (e.g. {v[0]}"
+             + (f": {before[v[0]][1] or 'unlabelled'} -> {now[v[0]][1] or 'unlabelled'})" if k == 1 else ")")
+             for k, v in changed.items() if v]
+    added, gone = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+    parts += [f"{len(added)} images new (e.g. {added[0]})"] if added else []
+    parts += [f"{len(gone)} images gone (e.g. {gone[0]})"] if gone else []
+    return "; ".join(parts)
+
+
+def effective_batch(cfg, accelerator) -> dict:
+    return {"per_process": cfg.train.batch_size, "processes": accelerator.num_processes,
+            "grad_accum": cfg.train.grad_accum,
+            "effective": cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum}
+
+
+def claim_run(cfg, table: pd.DataFrame | None = None, accelerator=None) -> None:
+    """The run's identity, written once: its defining config (config.yaml) and, in run.json, the data it
+    trains on (per image: pixels, label, captions, links) and its effective batch. A later train.py on
+    the run must match all three (only the keys that steer one invocation may differ), else it is refused
+    in one line and nothing is written: a run is tied to its data's content, not to file names."""
     path = cfg.run_dir / rundir.CONFIG
+    if path.is_file():
+        diff = run_defining_diff(load_config(path), cfg)
+        if diff:
+            raise EntrepError(f"{cfg.run_dir} was trained with other values of {', '.join(diff)} (see its "
+                              f"config.yaml); use another --name for new settings, or drop --config to continue with "
+                              f"the run's own")
+    identity = cfg.run_dir / rundir.IDENTITY
+    now = {"data": data_identity(table) if table is not None else {},
+           "batch": effective_batch(cfg, accelerator) if accelerator is not None else {}}
+    if identity.is_file():
+        before = read_json(identity)
+        if change := describe_data_change(before.get("data", {}), now["data"]):
+            raise EntrepError(f"{cfg.run_dir} was trained on other data than {cfg.data.root} holds now ({change}); its "
+                              f"finished folds and this data cannot make one report: train a new --name on this data")
+        b, n = before.get("batch", {}), now["batch"]
+        if b and n and b["effective"] != n["effective"]:
+            need = b["effective"] // (n["per_process"] * n["processes"])
+            fix = (f"keep the effective batch with train.grad_accum={need}" if need >= 1 and
+                   need * n["per_process"] * n["processes"] == b["effective"] else f"launch {b['processes']} processes")
+            raise EntrepError(f"{cfg.run_dir}: its folds trained at an effective batch of {b['effective']} "
+                              f"({b['per_process']} per process x {b['processes']} processes x {b['grad_accum']} "
+                              f"accumulation); this launch gives {n['effective']} ({n['per_process']} x "
+                              f"{n['processes']} x {n['grad_accum']}); {fix}, or train a new --name")
     if not path.is_file():
         save_config(cfg, path)
-        return
-    diff = run_defining_diff(load_config(path), cfg)
-    if diff:
-        raise EntrepError(f"{cfg.run_dir} was trained with other values of {', '.join(diff)} (see its config.yaml); "
-                          f"use another --name for new settings, or drop --config to continue with the run's own")
+    if not identity.is_file() and table is not None:
+        atomic_write_json(identity, now)
 
 
 def read_training_release(cfg, labels: LabelSet) -> pd.DataFrame:
@@ -104,6 +220,15 @@ def read_training_release(cfg, labels: LabelSet) -> pd.DataFrame:
                         report.missing), ("case-fixed file names", report.case_fixes)):
         if items:
             log.info("%d %s, e.g. %s", len(items), what, items[0])
+    if report.label_conflicts:
+        listing = "; ".join(f"{img}: {a} vs {b}" for img, a, b in report.label_conflicts[:5])
+        if cfg.data.label_conflicts == "error":
+            raise DataError(f"{len(report.label_conflicts)} pictures are filed with two labels ({listing}); correct "
+                            f"the annotation, or set data.label_conflicts=unlabel to train them unlabelled")
+        conflicted = {img for img, _, _ in report.label_conflicts}
+        table.loc[table["image"].isin(conflicted), ["label", "y"]] = [None, -1]
+        log.warning("%d pictures filed with two labels train unlabelled (data.label_conflicts=unlabel): %s",
+                    len(conflicted), listing)
     if (table["y"] < 0).all():
         raise DataError(f"{cfg.data.root}: no labelled images; training needs class labels")
     return table
@@ -133,11 +258,15 @@ def load_run_data(cfg, accelerator) -> RunData:
     table = read_training_release(cfg, labels)
     cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(input_size(cfg.model.name, cfg.model.pretrained,
                                                                              cfg.model.image_size)))
-    with accelerator.main_process_first():
+
+    def pixels_and_folds():
         pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
         sigs = (lambda: file_signatures(table["path"].tolist())) if cfg.cv.near_dup else None
-        folds = load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, sigs,
-                                   cfg.cv.near_dup_threshold, cfg.cv.folds_from)
+        return pixels, load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, sigs,
+                                          cfg.cv.near_dup_threshold, cfg.cv.folds_from)
+
+    # the main process decodes and folds first; the others then read what it wrote (cache, folds.csv)
+    pixels, folds = on_main_first(accelerator, pixels_and_folds)
     log.info("%d images (%d labelled) from %s; %d folds over %d groups of alike images (i2i links, patients, "
              "near-duplicates)", len(table), int((table["y"] >= 0).sum()), cfg.data.root, cfg.cv.n_splits,
              folds["fold_group"].nunique())
@@ -217,9 +346,9 @@ def finish_run(cfg, data: RunData) -> dict | None:
 def train_run(cfg, accelerator, console=None) -> tuple[list[FoldResult], dict | None]:
     """`train.folds` of the run (every fold when empty), skipping finished ones under train.resume,
     then the report when every fold is done: (trained folds, report or None)."""
+    agree_across_processes(accelerator, cfg)
     data = load_run_data(cfg, accelerator)
-    if accelerator.is_main_process:
-        claim_run(cfg)
+    on_main_first(accelerator, lambda: claim_run(cfg, data.table, accelerator), others=lambda: None)
     results = []
     for k in cfg.train.folds or list(range(cfg.cv.n_splits)):
         if cfg.train.resume and fold_finished(fold_dir(cfg.run_dir, k)):

@@ -1,0 +1,152 @@
+"""A run is tied to its content, its launch and its settings (issue 22): data that changed under the same
+names, another effective batch, processes given other arguments, a picture with two labels, SIGTERM,
+what the launcher was asked for and does not do, and a first call that fails before any fold starts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from entrep.config import load_config
+from entrep.errors import EntrepError
+from entrep.training import claim_run, launcher_mismatches
+
+ROOT = Path(__file__).parents[1]
+
+
+def _table(n=4):
+    return pd.DataFrame({"image": [f"i{k}.png" for k in range(n)], "sha1": [f"{k:040x}" for k in range(n)],
+                         "label": ["nose-left", "ear-left", None, "throat"][:n], "captions": [["a polyp"], [], [], []],
+                         "partners": [["i1.png"], ["i0.png"], [], []]})
+
+
+def _accelerator(processes=1):
+    return SimpleNamespace(num_processes=processes, mixed_precision="no")
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(ROOT / "configs/demo.yaml", [f"output_dir={tmp_path}", "name=r", *overrides])
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda t: t.assign(label=["nose-right", "ear-left", None, "throat"]), "labels changed (e.g. i0.png: nose-left -> nose-right)"),
+    (lambda t: t.assign(sha1=[f"{k + 9:040x}" for k in range(4)]), "pixels changed"),
+    (lambda t: t.assign(captions=[["a cyst"], [], [], []]), "captions changed"),
+    (lambda t: t.assign(partners=[[], [], [], []]), "i2i links changed"),
+    (lambda t: t.iloc[:3], "images gone"),
+])
+def test_the_same_names_with_other_content_are_refused(tmp_path, change, says):
+    cfg = _cfg(tmp_path)
+    claim_run(cfg, _table(), _accelerator())
+    claim_run(cfg, _table(), _accelerator())  # the same content: fine
+    with pytest.raises(EntrepError, match="trained on other data") as e:
+        claim_run(cfg, change(_table()), _accelerator())
+    assert says in str(e.value)
+
+
+def test_another_effective_batch_is_refused_with_the_accumulation_that_keeps_it(tmp_path):
+    claim_run(_cfg(tmp_path), _table(), _accelerator(processes=2))  # fold 0 trained on 2 processes
+    with pytest.raises(EntrepError, match=r"effective batch of 64 .* gives 32 .*train\.grad_accum=2"):
+        claim_run(_cfg(tmp_path), _table(), _accelerator(processes=1))
+    claim_run(_cfg(tmp_path, "train.grad_accum=2"), _table(), _accelerator(processes=1))  # the fix is accepted
+
+
+def test_a_picture_filed_with_two_labels_stops_training_or_trains_unlabelled(tmp_path):
+    from conftest import placeholder
+
+    from entrep.data.release import DataError
+    from entrep.labels import LabelSet
+    from entrep.training import read_training_release
+
+    root = tmp_path / "rel"
+    for i in range(3):
+        placeholder(root / "train/imgs" / f"t{i}.png", i)
+    placeholder(root / "public/images" / "1_2_3_Image01.png", 0)  # the same picture as t0.png
+    (root / "train/cls.json").write_text(json.dumps({"t0.png": "nose-left", "t1.png": "ear-left",
+                                                     "t2.png": "throat"}))
+    (root / "public/data.json").write_text(json.dumps([{"Path": "1_2_3_image01.png", "Classification": "nose-right"}]))
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"data.root={root}"])
+    labels = LabelSet.from_config(cfg.labels)
+    with pytest.raises(DataError, match=r"filed with two labels .*nose-left vs nose-right.*label_conflicts=unlabel"):
+        read_training_release(cfg, labels)
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"data.root={root}", "data.label_conflicts=unlabel"])
+    table = read_training_release(cfg, labels).set_index("image")
+    conflicted = [n for n in table.index if n in ("t0.png", "1_2_3_Image01.png")]
+    assert len(conflicted) == 1 and table.loc[conflicted[0], "y"] == -1 and table.loc["t1.png", "y"] >= 0
+
+
+def test_sigterm_gives_the_resume_hint_and_exit_143(capsys):
+    from entrep.cli import run_main
+
+    def main(argv=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    assert run_main(main) == 143
+    out = capsys.readouterr().out
+    assert "terminated (SIGTERM)" in out and "train.resume=true" in out
+
+
+def test_what_the_launcher_was_asked_for_and_does_not_happen_is_said(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    said = launcher_mismatches(_accelerator())
+    assert any("--mixed_precision bf16 is not used" in s for s in said)
+    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "launch", "--num_processes", "2",
+                             "train.py"])
+    try:
+        time.sleep(0.3)
+        monkeypatch.setattr(os, "getppid", lambda: fake.pid)
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+        said = launcher_mismatches(_accelerator())
+        assert any("--num_processes 2 started one process: add --multi_gpu" in s for s in said)
+    finally:
+        fake.kill()
+
+
+def test_a_first_call_that_fails_on_its_data_writes_no_identity(tmp_path, capsys):
+    """Fixing the data and running the corrected command again is not refused as 'other values'."""
+    from entrep.cli import run_main
+    from entrep.commands.train import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["--config", "configs/demo.yaml", "--data", str(empty), "--name", "x", f"output_dir={tmp_path / 'runs'}"]
+    assert run_main(main, argv) == 2 and "no cls.json" in capsys.readouterr().out
+    assert not (tmp_path / "runs/x/config.yaml").exists() and not (tmp_path / "runs/x/run.json").exists()
+
+
+def test_preflight_says_when_a_busy_cpu_slowed_its_steps():
+    from entrep.commands.preflight import busy_note
+
+    assert busy_note(0.9) == ""
+    assert "machine was busy" in busy_note(0.3) and "30%" in busy_note(0.3)
+
+
+@pytest.mark.slow
+def test_processes_given_other_arguments_stop_at_start_up_naming_the_key(demo, tmp_path):
+    """Two processes over gloo whose command lines differ (train.epochs): both stop within seconds."""
+    script = tmp_path / "launch_me.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from entrep.cli import run_main\n"
+        "from entrep.commands.train import main\n"
+        "extra = ['train.epochs=2'] if os.environ.get('RANK') == '1' else []\n"
+        "sys.exit(run_main(main, sys.argv[1:] + extra))\n")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+                        "--config", "configs/demo.yaml", "--data", str(demo), "--name", "x", "cv.n_splits=2",
+                        f"output_dir={tmp_path / 'runs'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, ACCELERATE_USE_CPU="true", COLUMNS="200"))
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "were given different settings: train.epochs" in out, out[-3000:]
+    assert time.time() - t0 < 120
+    assert not (tmp_path / "runs/x/config.yaml").exists()
