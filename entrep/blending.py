@@ -26,6 +26,7 @@ import pandas as pd
 
 from entrep import rundir
 from entrep.config import load_config
+from entrep.data.identity import data_identity, describe_data_change
 from entrep.errors import EntrepError
 from entrep.io import atomic_write_csv, atomic_write_json, read_json
 from entrep.model.checkpoint import fold_dir
@@ -196,6 +197,12 @@ def check_same_folds(members: list[Member]) -> pd.DataFrame:
     for m in members[1:]:
         if list(m.cfg.labels.names) != list(first.cfg.labels.names):
             raise BlendError(f"{m.run} and {first.run} have different classes")
+        if (first.run / rundir.IDENTITY).is_file() and (m.run / rundir.IDENTITY).is_file():
+            change = describe_data_change(read_json(first.run / rundir.IDENTITY)["data"],
+                                          read_json(m.run / rundir.IDENTITY)["data"])
+            if change:
+                raise BlendError(f"{m.run} and {first.run} were trained on different data ({change}); a blend of "
+                                 f"them would score each fold against two truths. Retrain one on the other's data")
         other = pd.read_csv(m.run / rundir.FOLDS, keep_default_na=False)
         theirs = dict(zip(other["image"], other["fold"]))
         for img in list(folds["image"]) + sorted(set(theirs) - set(fold_of)):
@@ -256,6 +263,11 @@ def blend(members: list[Member], folds_df: pd.DataFrame, out: Path, table, names
     if missing := sorted(set(folds_df["image"]) - set(table["image"]))[:3]:
         raise BlendError(f"the runs' folds name images the release does not hold (e.g. {missing}); pass the "
                          f"release they were trained on with --data")
+    for m in members:  # relevance and labels come from `table`: it must be what the members were scored on
+        if (m.run / rundir.IDENTITY).is_file():
+            if change := describe_data_change(read_json(m.run / rundir.IDENTITY)["data"], data_identity(table)):
+                raise BlendError(f"the release given to the blend differs from what {m.run} was trained and scored on "
+                                 f"({change}); pass that release with --data")
     report, tuned, scored = crossfit_blend(members, table, names, rounds)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / rundir.FOLDS, folds_df)  # infer.py reads it to name test images that are training images

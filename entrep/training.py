@@ -11,7 +11,6 @@ fold (build -> fit -> OOF embedding -> save, metrics.json last) and the report o
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from entrep import rundir
 from entrep.config import flat_dict, load_config, run_defining_diff, save_config, to_dict
 from entrep.data.folds import file_signatures, load_or_make_folds, missing_classes
+from entrep.data.identity import data_identity, describe_data_change
 from entrep.data.images import CachedPixels, ImageCache
 from entrep.data.release import DataError, load_release
 from entrep.embedding import embed_images, embed_texts, eval_loader
@@ -141,29 +141,6 @@ def agree_across_processes(accelerator, cfg) -> None:
                       + "; ".join(f"{k} = " + ", ".join(f"{v.get(k)!r} (process {i})" for i, v in enumerate(views))
                                   for k in keys[:3])
                       + "; start every process (every machine) with the same train.py command")
-
-
-def data_identity(table: pd.DataFrame) -> dict[str, list]:
-    """image -> [content sha1, label, captions digest, i2i partners digest]: what a run was trained on."""
-    def digest(items) -> str:
-        return hashlib.sha1("\n".join(sorted(items)).encode()).hexdigest()[:12]
-
-    return {name: [sha1, label or "", digest(caps), digest(partners)] for name, sha1, label, caps, partners in
-            zip(table["image"], table["sha1"], table["label"].where(table["label"].notna(), ""), table["captions"],
-                table["partners"])}
-
-
-def describe_data_change(before: dict, now: dict) -> str:
-    """What differs between two data identities, with examples: '' when nothing does."""
-    kinds = {0: "pixels", 1: "labels", 2: "captions", 3: "i2i links"}
-    changed = {k: [n for n in now if n in before and before[n][k] != now[n][k]] for k in kinds}
-    parts = [f"{len(v)} images' {kinds[k]} changed (e.g. {v[0]}"
-             + (f": {before[v[0]][1] or 'unlabelled'} -> {now[v[0]][1] or 'unlabelled'})" if k == 1 else ")")
-             for k, v in changed.items() if v]
-    added, gone = sorted(set(now) - set(before)), sorted(set(before) - set(now))
-    parts += [f"{len(added)} images new (e.g. {added[0]})"] if added else []
-    parts += [f"{len(gone)} images gone (e.g. {gone[0]})"] if gone else []
-    return "; ".join(parts)
 
 
 def effective_batch(cfg, accelerator) -> dict:

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_report import NAMES, signal_free, synthetic_oof
 
 from entrep.blending import BlendError, Member, check_same_folds, choose, crossfit_blend, mix, select
 from entrep.config import load_config
@@ -12,7 +13,6 @@ from entrep.data.folds import FoldError, load_or_make_folds
 from entrep.oof import RETRIEVAL_TRACKS
 from entrep.report import crossfit_figures
 from entrep.tuning import tune
-from test_report import NAMES, signal_free, synthetic_oof
 
 
 @pytest.fixture()
@@ -151,3 +151,23 @@ def test_weights_chosen_on_the_scored_folds_would_flatter_a_blend_of_noise(cfg):
     crossfit_acc = report["classification"]["accuracy"]
     assert in_sample > crossfit_acc + 0.03, (in_sample, crossfit_acc)
     assert abs(crossfit_acc - 1 / 3) < 0.12  # chance, 90 images
+
+
+def test_a_release_whose_labels_changed_is_refused_not_scored_beside_the_old_figures(cfg, tmp_path):
+    """`blend --data` with 15 labels changed would score the blend on new labels beside members scored on
+    old ones; the members' run.json says what they were trained on."""
+    from entrep.blending import blend
+    from entrep.data.identity import data_identity
+    from entrep.io import atomic_write_json
+
+    oof, table = synthetic_oof()
+    table = table.assign(sha1=[f"{i:040x}" for i in range(len(table))])
+    members = [member(oof, table, cfg, str(tmp_path / name)) for name in ("A", "B")]
+    for m in members:
+        atomic_write_json(m.run / "run.json", {"data": data_identity(table), "batch": {}})
+    folds = pd.DataFrame({"image": table["image"], "fold": [int(n[1]) for n in table["image"]]})
+    changed = table.copy()
+    changed.loc[:14, "label"] = [NAMES[(NAMES.index(x) + 1) % 3] for x in changed.loc[:14, "label"]]
+    with pytest.raises(BlendError, match="differs from what .* was trained and scored on .*15 images' labels changed"):
+        blend(members, folds, tmp_path / "mix", changed, NAMES, rounds=2)
+    assert not (tmp_path / "mix").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from entrep import rundir
 from entrep.cli import console, setup_logging
-from entrep.config import validate_run_name
+from entrep.config import load_config, validate_run_name
 from entrep.errors import EntrepError
 from entrep.io import exclusive_run, read_json
 
@@ -36,7 +36,6 @@ def main(argv=None) -> int:
     if (out / rundir.CONFIG).is_file():
         raise EntrepError(f"{out} is a training run; give the blend another --name")
     from entrep.blending import blend, load_members, member_refs  # the model stack, once args are good
-    from entrep.data.release import load_release
     from entrep.labels import LabelSet
 
     if (out / rundir.BLEND).is_file():
@@ -49,7 +48,10 @@ def main(argv=None) -> int:
     root = args.data or members[0].cfg.data.root
     if not Path(root).is_dir():
         raise EntrepError(f"{root}: the training release is not there (the first run's data.root); pass --data DIR")
-    table, _ = load_release(root, labels.names, False)
+    from entrep.training import read_training_release
+
+    # the release as the members' training read it (skips, unlabelled conflicts): what they were scored on
+    table = read_training_release(load_config(members[0].run / rundir.CONFIG, [f"data.root={root}"]), labels)
     with exclusive_run(out, "blend"):
         report = blend(members, folds, out, table, list(labels.names), args.rounds)
     print_blend(report, out)
