@@ -178,6 +178,17 @@ class TrainConfig:
     monitor_metric: Monitor = opt("f1_macro", "held-out score logged per epoch to watch a run; never picks an epoch")
     seed: int = opt(42, "training seed (each fold adds its index)")
     log_with: list[Tracker] = opt(help="Accelerate trackers, e.g. [tensorboard]; [] = off", factory=list)
+    ema_decay: float = opt(0.0, "EMA of the trainable weights (with warm-up), used for held-out evaluation and "
+                                "saved as the fold's weights; 0 = off (e.g. 0.999)")
+    mixup_alpha: float = opt(0.0, "mixup of labelled images (soft targets on the cross-entropies); 0 = off")
+    cutmix_alpha: float = opt(0.0, "cutmix of labelled images (soft targets on the cross-entropies); 0 = off")
+    mix_prob: float = opt(1.0, "share of labelled images mixed when mixup or cutmix is on")
+    layer_decay: float = opt(1.0, "learning rate x decay^(depth from the top) per block of each tower (LoRA "
+                                  "adapters or unfrozen blocks); 1.0 = off (e.g. 0.8)")
+    pseudo_from: str = opt("", "a finished run with the same folds: fold k adds the test images its fold-k model "
+                               "labels with confidence >= pseudo_threshold to fold k's training data")
+    pseudo_data: str = opt("", "the unlabelled test folder the pseudo-labels are taken from")
+    pseudo_threshold: float = opt(0.9, "the least class probability a pseudo-label needs")
 
 
 @dataclass
@@ -383,6 +394,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'train.{name}' must be >= 1")
     _validate_ranges(cfg)
     _validate_lora(cfg.model.lora)
+    if bool(cfg.train.pseudo_from) != bool(cfg.train.pseudo_data):
+        raise ConfigError("train.pseudo_from and train.pseudo_data go together: the run whose fold models label, and "
+                          "the unlabelled test folder they label")
     if not cfg.model.fusion.layers:
         raise ConfigError("model.fusion.layers is empty")
     from entrep.labels import LabelSet
@@ -403,6 +417,10 @@ RANGES = {
     "train.lr_lora": (1e-12, None, "a positive learning rate"), "train.lr_head": (1e-12, None, "a positive learning rate"),
     "train.weight_decay": (0, None, ">= 0"), "train.warmup_frac": (0, 0.999, "a fraction in [0, 1)"),
     "train.max_grad_norm": (0, None, ">= 0 (0 = no clipping)"),
+    "train.ema_decay": (0, 0.99999, "0 (off) or a decay in (0, 1), e.g. 0.999"),
+    "train.mixup_alpha": (0, None, ">= 0 (0 = off)"), "train.cutmix_alpha": (0, None, ">= 0 (0 = off)"),
+    "train.mix_prob": (0, 1, "a share in [0, 1]"), "train.layer_decay": (0.01, 1, "a factor in (0, 1]; 1 = off"),
+    "train.pseudo_threshold": (0, 1, "a probability in [0, 1]"),
     "loss.ce": (0, None, ">= 0"), "loss.prompt": (0, None, ">= 0"), "loss.text": (0, None, ">= 0"),
     "loss.image": (0, None, ">= 0"), "loss.label_smoothing": (0, 0.999, "a fraction in [0, 1)"),
     "infer.topk": (1, None, ">= 1 (the challenge takes 1; ranked lists more)"),

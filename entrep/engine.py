@@ -2,8 +2,10 @@
 warmup/cosine) and one fold's epochs (`FoldTrainer.fit`)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import re
 import time
 
 import numpy as np
@@ -14,13 +16,14 @@ from torch.utils.data import DataLoader
 
 from entrep.cli import EpochBars
 from entrep.data.augment import BatchAugment
-from entrep.data.dataset import TrainCollate, TrainDataset
+from entrep.data.dataset import ConcatRows, TrainCollate, TrainDataset
 from entrep.embedding import DEFAULT_HEAD_WEIGHT, Embedded, embed_images
 from entrep.errors import EntrepError
 from entrep.labels import LabelSet
 from entrep.losses import caption_targets, joint_loss
 from entrep.metrics import classification_metrics
 from entrep.model.slerp import slerp
+from entrep.timing import StageTimer
 
 log = logging.getLogger("entrep.train")
 
@@ -71,14 +74,46 @@ def param_groups(model, cfg) -> list[dict]:
     """Adapters (and unfrozen base blocks) at lr_lora; the kit's fusion, head and logit_scale at
     lr_head. Weight decay only on matrices: as in open_clip's training, tensors of fewer than 2
     dimensions (biases, norms, logit_scale, the fusion level logits) are exempt, since decay would
-    pull the temperature and the fusion weights toward zero for no regularising gain."""
-    groups: dict[tuple[bool, bool], list] = {}
+    pull the temperature and the fusion weights toward zero for no regularising gain.
+    `train.layer_decay` < 1 scales a backbone tensor's lr by decay^(depth from the top of its tower)."""
+    depth = layer_depths(model) if cfg.train.layer_decay < 1 else {}
+    groups: dict[tuple[bool, bool, float], list] = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((n.startswith("clip."), p.ndim >= 2), []).append(p)
-    return [{"params": ps, "lr": cfg.train.lr_lora if backbone else cfg.train.lr_head,
+            backbone = n.startswith("clip.")
+            scale = cfg.train.layer_decay ** depth[n] if backbone and n in depth else 1.0
+            groups.setdefault((backbone, p.ndim >= 2, scale), []).append(p)
+    return [{"params": ps, "lr": (cfg.train.lr_lora * scale) if backbone else cfg.train.lr_head,
              "weight_decay": cfg.train.weight_decay if decay else 0.0}
-            for (backbone, decay), ps in sorted(groups.items())]
+            for (backbone, decay, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2]))]
+
+
+def layer_depths(model) -> dict[str, int]:
+    """Backbone parameter name -> layers from the top of its tower: block i of N is N - i; a tower tensor
+    registered after the blocks (final norm, projection, pooling head) is 0, one before them (patch or
+    token embedding, stem) N + 1. Blocks are where the tower's family record says, so this holds for every
+    family the kit builds. Hand-written: timm's layer-decay groups need a timm model's group_matcher, and a
+    CLIP (or peft-wrapped) model has none."""
+    from entrep.model.families import blocks
+
+    family = model.family
+    towers = [(family.vision.blocks, r"visual\.")]
+    if family.text is not None:
+        towers.append((family.text.blocks, family.text.tower))
+    out = {}
+    for block_rx, tower_rx in towers:
+        index = {b: i for i, (b, _) in enumerate(blocks(model.base, block_rx))}
+        n_blocks, seen_block = len(index), False
+        in_block, in_tower = re.compile(rf"(?:^|\.)({block_rx})\."), re.compile(rf"(?:{tower_rx})")
+        for n, _ in model.named_parameters():
+            inner = n[len("clip."):].replace("base_model.model.", "", 1) if n.startswith("clip.") else None
+            if inner is None or n in out or not in_tower.match(inner):
+                continue
+            if m := in_block.search(inner):
+                out[n], seen_block = n_blocks - index[m.group(1)], True
+            else:
+                out[n] = 0 if seen_block else n_blocks + 1
+    return out
 
 
 def class_weights_for(y: np.ndarray, n_classes: int, device) -> torch.Tensor:
@@ -105,7 +140,90 @@ def train_loss(model, batch: dict, cfg, accelerator, *, class_weights=None, use_
         views = slerp(out["emb"].float(), out["class_emb"][y].float(), t)
     out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}  # losses in fp32
     return joint_loss(out, batch["y"], batch["group"], out.get("text_emb"), text_pos, out["scale"], cfg.loss,
-                      class_weights=class_weights, slerp_views=views)
+                      class_weights=class_weights, slerp_views=views, soft_targets=batch.get("soft_targets"),
+                      mixed=batch.get("mixed"))
+
+
+class WeightEMA:
+    """An exponential moving average of the trainable tensors (adapters, fusion, head, scales), with
+    timm's warm-up (decay_t = min(decay, (1 + t) / (10 + t))) so that a short run is not held at its
+    initial weights. Hand-written: timm's ModelEmaV3 deep-copies the whole model, the frozen backbone
+    included, where only the trainable tensors move."""
+
+    def __init__(self, model, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model) -> dict[str, torch.Tensor]:
+        """Put the averaged tensors into the model; returns the ones they replaced."""
+        params, replaced = dict(model.named_parameters()), {}
+        for n, t in self.shadow.items():
+            replaced[n] = params[n].detach().clone()
+            params[n].copy_(t)
+        if hasattr(model, "invalidate_cache"):
+            model.invalidate_cache()  # class prompt embeddings follow the text adapters
+        return replaced
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        """The model with the averaged tensors, for an evaluation; the trained ones come back after."""
+        replaced = self.copy_to(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for n, t in replaced.items():
+                    params[n].copy_(t)
+            if hasattr(model, "invalidate_cache"):
+                model.invalidate_cache()
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": {n: t.clone() for n, t in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = state["decay"], state["updates"]
+        self.shadow = {n: t.clone() for n, t in state["shadow"].items()}
+
+
+class BatchMix:
+    """Mixup / cutmix of the labelled images of a batch (timm's Mixup, one draw per image), with soft
+    targets for the cross-entropies. A horizontal flip has already swapped a flipped image's laterality
+    label, so mixing a left and a right image gives the proportional soft target. Unlabelled images are
+    not mixed; a mixed image leaves the contrastive losses (joint_loss says why)."""
+
+    def __init__(self, cfg, n_classes: int):
+        from timm.data import Mixup
+
+        self.mix = Mixup(mixup_alpha=cfg.train.mixup_alpha, cutmix_alpha=cfg.train.cutmix_alpha,
+                         prob=cfg.train.mix_prob, mode="elem", label_smoothing=cfg.loss.label_smoothing,
+                         num_classes=n_classes)
+        self.n_classes, self.smoothing = n_classes, cfg.loss.label_smoothing
+
+    def __call__(self, batch: dict) -> dict:
+        y = batch["y"]
+        rows = (y >= 0).nonzero().squeeze(1)
+        rows = rows[: len(rows) - len(rows) % 2]  # timm pairs image i with image n-1-i: an even count
+        soft = torch.full((len(y), self.n_classes), self.smoothing / self.n_classes, device=y.device)
+        soft[y >= 0] = soft[y >= 0].scatter(1, y[y >= 0, None], 1 - self.smoothing + self.smoothing / self.n_classes)
+        mixed = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+        if len(rows) >= 2:
+            x = batch["image"][rows].clone()
+            before = x.clone()
+            x, target = self.mix(x, y[rows])
+            batch["image"] = batch["image"].index_put((rows,), x)
+            soft[rows] = target.to(soft.dtype)
+            mixed[rows] = (x != before).flatten(1).any(1)
+        return {**batch, "soft_targets": soft, "mixed": mixed}
 
 
 def total_steps(loader: DataLoader, cfg) -> int:
@@ -127,6 +245,9 @@ class TrainStep:
         self.cfg, self.accelerator, self.device_augment = cfg, accelerator, device_augment
         self.class_weights = class_weights
         self.use_slerp = cfg.model.slerp.train and self.unwrapped.uses_prompts and cfg.model.slerp.t_max > 0
+        self.ema = WeightEMA(self.unwrapped, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        mixing = cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0
+        self.mix = BatchMix(cfg, len(self.unwrapped.labels)) if mixing else None
 
     @classmethod
     def for_dataset(cls, cfg, accelerator, model, dataset, image_stats, *, steps: int | None = None,
@@ -141,6 +262,8 @@ class TrainStep:
         accelerator, model = self.accelerator, self.model
         if self.device_augment is not None:
             batch["image"] = self.device_augment(batch["image"])
+        if self.mix is not None:
+            batch = self.mix(batch)
         with accelerator.accumulate(model):
             loss, parts = train_loss(model, batch, self.cfg, accelerator, class_weights=self.class_weights,
                                      use_slerp=self.use_slerp)
@@ -150,6 +273,8 @@ class TrainStep:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
+        if self.ema is not None and accelerator.sync_gradients:
+            self.ema.update(self.unwrapped)
         return float(loss.detach()), parts
 
 
@@ -165,15 +290,26 @@ class FoldTrainer:
         self.cfg, self.accelerator, self.labels, self.console = cfg, accelerator, labels, console
 
     def fit(self, model, pixels: np.ndarray, table, train_rows: np.ndarray, val_rows: np.ndarray,
-            groups: np.ndarray, image_stats, *, val_loader: DataLoader | None = None,
-            tag: str = "") -> tuple[dict, list[dict]]:
-        """Train on `train_rows`; returns (last epoch's figures, per-epoch log rows). `val_loader`
-        (an `eval_loader` of `val_rows`) is embedded after each epoch to watch the run."""
+            groups: np.ndarray, image_stats, *, val_loader: DataLoader | None = None, tag: str = "",
+            extra: tuple | None = None, timer: StageTimer | None = None) -> tuple[dict, list[dict]]:
+        """Train on `train_rows` (plus `extra` = (pixels, labels) of pseudo-labelled images); returns (last
+        epoch's figures, per-epoch log rows). `val_loader` (an `eval_loader` of `val_rows`) is embedded after
+        each epoch to watch the run. With train.ema_decay the model ends holding the averaged weights.
+        `timer` gets the train steps and the per-epoch monitoring as stages."""
         cfg, accelerator = self.cfg, self.accelerator
+        timer = timer or StageTimer()
         y = table["y"].to_numpy()
-        ds = TrainDataset(pixels[train_rows], y=y[train_rows], captions=[table["captions"].iloc[i] for i in train_rows],
-                          groups=groups[train_rows], index=train_rows, labels=self.labels, hflip=cfg.train.hflip)
-        weights = class_weights_for(y[train_rows], len(self.labels), accelerator.device) if cfg.loss.class_weights \
+        captions = [table["captions"].iloc[i] for i in train_rows]
+        rows_y, rows_groups, index, rows_pixels = y[train_rows], groups[train_rows], train_rows, pixels[train_rows]
+        if extra is not None and len(extra[1]):
+            rows_pixels = ConcatRows(rows_pixels, extra[0])
+            rows_y = np.concatenate([rows_y, extra[1]])
+            rows_groups = np.concatenate([rows_groups, np.full(len(extra[1]), -1)])
+            index = np.concatenate([index, np.full(len(extra[1]), -1)])
+            captions += [[] for _ in extra[1]]
+        ds = TrainDataset(rows_pixels, y=rows_y, captions=captions, groups=rows_groups, index=index,
+                          labels=self.labels, hflip=cfg.train.hflip)
+        weights = class_weights_for(rows_y, len(self.labels), accelerator.device) if cfg.loss.class_weights \
             else None
         step = TrainStep.for_dataset(cfg, accelerator, model, ds, image_stats, class_weights=weights)
         model, loader = step.model, step.loader
@@ -190,18 +326,21 @@ class FoldTrainer:
                 model.train()
                 progress.start_epoch(epoch, len(loader))
                 t0, seen, sums = time.perf_counter(), 0, {}
-                for batch in loader:
-                    loss, parts = step(batch)
-                    seen += len(batch["y"]) * accelerator.num_processes
-                    for key, v in {"loss": loss, **parts}.items():
-                        sums[key] = sums.get(key, 0.0) + v
-                    progress.step(seen / max(time.perf_counter() - t0, 1e-9), loss)
+                with timer.stage("train_steps"):
+                    for batch in loader:
+                        loss, parts = step(batch)
+                        seen += len(batch["y"]) * accelerator.num_processes
+                        for key, v in {"loss": loss, **parts}.items():
+                            sums[key] = sums.get(key, 0.0) + v
+                        progress.step(seen / max(time.perf_counter() - t0, 1e-9), loss)
                 progress.end_epoch()
                 row = {"epoch": epoch + 1, **{k: v / max(1, len(loader)) for k, v in sums.items()},
                        "img_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                        "lr_head": step.scheduler.get_last_lr()[0]}
                 if val_loader is not None and monitor != "none":
-                    emb = embed_images(model, val_loader, accelerator, self.labels, image_stats)
+                    with timer.stage("monitoring"), (step.ema.applied(step.unwrapped) if step.ema is not None
+                                                     else contextlib.nullcontext()):
+                        emb = embed_images(model, val_loader, accelerator, self.labels, image_stats)
                     row["val_" + monitor] = self._monitor_score(emb, y[val_rows])
                 history.append(row)
                 # Accelerate's trackers (train.log_with; a no-op without them), one series per fold
@@ -214,6 +353,8 @@ class FoldTrainer:
                          f", held-out {monitor} {row['val_' + monitor]:.4f} (watched, not used)"
                          if "val_" + monitor in row else "", left)
         accelerator.wait_for_everyone()
+        if step.ema is not None:  # the fold is evaluated and saved with the averaged weights
+            step.ema.copy_to(step.unwrapped)
         last = {k: v for k, v in history[-1].items() if k.startswith("val_") or k == "loss"} if history else {}
         return {"trained_epochs": cfg.train.epochs, **{f"last_{k}": v for k, v in last.items()}}, history
 

@@ -79,8 +79,14 @@ def caption_targets(all_captions: list[list[str]]) -> tuple[list[str], torch.Ten
 
 def joint_loss(out: dict, y: torch.Tensor, group: torch.Tensor, text_emb: torch.Tensor | None,
                text_pos: torch.Tensor | None, scale: torch.Tensor, cfg, *, class_weights: torch.Tensor | None = None,
-               slerp_views: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+               slerp_views: torch.Tensor | None = None, soft_targets: torch.Tensor | None = None,
+               mixed: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The total loss and its parts (floats, for logging). Every λ may be zero.
+
+    Mixup/cutmix: `soft_targets` (B, C) replace the labels of both cross-entropies (their label smoothing
+    is already in them); rows `mixed` (B,) bool are left out of both contrastive losses, since a blend of
+    two images carries neither's captions nor either's i2i partner, and as a negative it would push away
+    half of a positive.
 
     `slerp_views`: (B, D) extra unit embeddings (image slerped toward its class prompt), or None;
     rows of unlabelled images are ignored. They join both contrastive losses with their image's targets.
@@ -91,16 +97,25 @@ def joint_loss(out: dict, y: torch.Tensor, group: torch.Tensor, text_emb: torch.
     total = out["emb"].new_zeros(())
     labelled = y >= 0
     if labelled.any():
+        target, smoothing = ((y[labelled], cfg.label_smoothing) if soft_targets is None
+                             else (soft_targets[labelled], 0.0))
         if cfg.ce:
-            parts["ce"] = F.cross_entropy(out["head_logits"][labelled], y[labelled], weight=class_weights,
-                                          label_smoothing=cfg.label_smoothing)
+            parts["ce"] = F.cross_entropy(out["head_logits"][labelled], target, weight=class_weights,
+                                          label_smoothing=smoothing)
             total = total + cfg.ce * parts["ce"]
         if cfg.prompt and "prompt_logits" in out:
-            parts["prompt"] = F.cross_entropy(out["prompt_logits"][labelled], y[labelled], weight=class_weights,
-                                              label_smoothing=cfg.label_smoothing)
+            parts["prompt"] = F.cross_entropy(out["prompt_logits"][labelled], target, weight=class_weights,
+                                              label_smoothing=smoothing)
             total = total + cfg.prompt * parts["prompt"]
-    emb, y_all, g_all = out["emb"], y, group
+    emb = out["emb"]
     tpos = None if text_pos is None else text_pos.to(emb.device)  # built on CPU from caption strings
+    if mixed is not None and mixed.any():  # the contrastive losses see the unmixed images only
+        keep = ~mixed
+        emb, y, group = emb[keep], y[keep], group[keep]
+        tpos = None if tpos is None else tpos[keep]
+        slerp_views = None if slerp_views is None else slerp_views[keep]
+        labelled = y >= 0
+    y_all, g_all = y, group
     if slerp_views is not None:
         v = labelled
         emb = torch.cat([emb, slerp_views[v]])

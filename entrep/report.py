@@ -115,11 +115,12 @@ def crossfit_figures(oof: dict[int, FoldOOF], table, names, cfg) -> tuple[dict, 
     return score_folds(scored, table, names) | {"how": HOW}, scored
 
 
-def write_report(run_dir: Path, oof: dict[int, FoldOOF], table, names, cfg) -> dict:
-    """A run's report from its folds' OOF files: cross-fitted figures, and tuned.json from all folds."""
+def write_report(run_dir: Path, oof: dict[int, FoldOOF], table, names, cfg, extra: dict | None = None) -> dict:
+    """A run's report from its folds' OOF files: cross-fitted figures, and tuned.json from all folds;
+    `extra` (e.g. the pseudo-labels each fold trained with) goes into report.json as it is."""
     figures, scored = crossfit_figures(oof, table, names, cfg)
     tuned = tune(oof, table, names, cfg) | {"how": HOW["tuned"]}
-    return write_scored(run_dir, figures | {"tuned": tuned}, tuned, scored, table, names)
+    return write_scored(run_dir, figures | (extra or {}) | {"tuned": tuned}, tuned, scored, table, names)
 
 
 def write_scored(run_dir: Path, figures: dict, tuned: dict, scored: dict[int, Scored], table, names) -> dict:

@@ -10,6 +10,7 @@ FOLDS = "folds.csv"            # the frozen folds
 REPORT = "report.json"         # out-of-fold figures (written last by the report)
 TUNED = "tuned.json"           # inference settings tuned on all folds, for infer.py
 OOF_TABLE = "oof.csv"          # every labelled image's OOF class probabilities
+TIMING = "timing.json"         # wall time per stage of each train.py call
 BLEND = "blend.json"           # a blend directory's members
 PREDICTIONS = "predictions"    # infer.py's output folder (default)
 SUBMISSION = "submission"      # submit.py's output folder (default)

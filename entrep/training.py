@@ -28,17 +28,25 @@ from entrep.config import flat_dict, load_config, run_defining_diff, save_config
 from entrep.data.folds import file_signatures, load_or_make_folds, missing_classes
 from entrep.data.identity import data_identity, describe_data_change
 from entrep.data.images import CachedPixels, ImageCache
-from entrep.data.release import DataError, load_release
-from entrep.embedding import embed_images, embed_texts, eval_loader
+from entrep.data.release import DataError, file_sha1, load_release
+from entrep.embedding import DEFAULT_HEAD_WEIGHT, embed_images, embed_texts, eval_loader
 from entrep.engine import FoldTrainer, make_accelerator
 from entrep.errors import EntrepError
 from entrep.io import atomic_write_csv, atomic_write_json, read_json
 from entrep.labels import LabelSet
 from entrep.model.backbone import image_stats, input_size
-from entrep.model.checkpoint import fold_dir, fold_finished, mark_finished, save_weights
+from entrep.model.checkpoint import (
+    METRICS_FILE,
+    fold_dir,
+    fold_finished,
+    load_fold_weights,
+    mark_finished,
+    save_weights,
+)
 from entrep.model.entrep_clip import build_model
 from entrep.oof import OOF_FILE, FoldOOF, load_fold_oof, save_fold_oof
 from entrep.report import write_report
+from entrep.timing import StageTimer
 
 log = logging.getLogger("entrep.train")
 
@@ -228,19 +236,23 @@ class RunData:
         return self.folds["group"].to_numpy()
 
 
-def load_run_data(cfg, accelerator) -> RunData:
+def load_run_data(cfg, accelerator, timer: StageTimer | None = None) -> RunData:
     """The release, decoded once into the shared image cache, and the run's frozen folds (made and
     saved on the first call; the main process first, the others then read what it wrote)."""
+    timer = timer or StageTimer()
     labels = LabelSet.from_config(cfg.labels)
-    table = read_training_release(cfg, labels)
+    with timer.stage("release"):
+        table = read_training_release(cfg, labels)
     cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(input_size(cfg.model.name, cfg.model.pretrained,
                                                                              cfg.model.image_size)))
 
     def pixels_and_folds():
-        pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
-        sigs = (lambda: file_signatures(table["path"].tolist())) if cfg.cv.near_dup else None
-        return pixels, load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, sigs,
-                                          cfg.cv.near_dup_threshold, cfg.cv.folds_from)
+        with timer.stage("image_cache"):
+            pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
+        with timer.stage("folds"):
+            sigs = (lambda: file_signatures(table["path"].tolist())) if cfg.cv.near_dup else None
+            return pixels, load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, sigs,
+                                              cfg.cv.near_dup_threshold, cfg.cv.folds_from)
 
     # the main process decodes and folds first; the others then read what it wrote (cache, folds.csv)
     pixels, folds = on_main_first(accelerator, pixels_and_folds)
@@ -264,51 +276,123 @@ class FoldResult:
     oof: FoldOOF | None
 
 
-def train_fold(cfg, accelerator, data: RunData, k: int, console=None) -> FoldResult:
+def train_fold(cfg, accelerator, data: RunData, k: int, console=None, timer: StageTimer | None = None) -> FoldResult:
     """Fit fold k (k = -1: one model on all data), embed its held-out images and captions with flip TTA,
-    and save adapter + kit weights, history, OOF file and metrics.json (last: it marks the fold finished)."""
+    and save adapter + kit weights, history, OOF file and metrics.json (last: it marks the fold finished).
+    `timer` gets the fold's stages (build, pseudo-labels, train setup, train steps, monitoring, OOF, save)."""
+    timer = timer or StageTimer()
     labels, table = data.labels, data.table
     out_dir = fold_dir(cfg.run_dir, k)
-    set_seed(cfg.train.seed + max(k, 0), deterministic=False)
-    model = build_model(cfg, labels)
-    stats = image_stats(model.base)
     t0 = time.time()
+    with timer.stage("pseudo_labels"):
+        pseudo = pseudo_labels(cfg, accelerator, data, k) if cfg.train.pseudo_from else None
+    with timer.stage("build"):
+        set_seed(cfg.train.seed + max(k, 0), deterministic=False)
+        model = build_model(cfg, labels)
+        stats = image_stats(model.base)
     train_rows = np.flatnonzero(data.fold_of != k) if k >= 0 else np.arange(len(table))
     val_rows = np.flatnonzero(data.fold_of == k) if k >= 0 else np.array([], dtype=int)
-    val = eval_loader(data.pixels[val_rows], accelerator, cfg.train.eval_batch_size) if len(val_rows) else None
-    last, history = FoldTrainer(cfg, accelerator, labels, console).fit(
-        model, data.pixels, table, train_rows, val_rows, data.groups, stats, val_loader=val,
-        tag="all data" if k == -1 else f"fold {k}")
+    fit_timer = StageTimer()
+    with timer.stage("train_setup"):  # the whole fit, less its steps and monitoring (subtracted below)
+        val = eval_loader(data.pixels[val_rows], accelerator, cfg.train.eval_batch_size) if len(val_rows) else None
+        last, history = FoldTrainer(cfg, accelerator, labels, console).fit(
+            model, data.pixels, table, train_rows, val_rows, data.groups, stats, val_loader=val,
+            tag="all data" if k == -1 else f"fold {k}", extra=pseudo and (pseudo.pixels, pseudo.y), timer=fit_timer)
+    timer.add("train_setup", -fit_timer.total)
+    for name, seconds in fit_timer.seconds.items():
+        timer.add(name, seconds)
     unwrapped = accelerator.unwrap_model(model)
     oof = None
-    if len(val_rows):
-        e = embed_images(model, val, accelerator, labels, stats, tta_flip=True)
-        captions = sorted({c for caps in table["captions"].iloc[val_rows] for c in caps})
-        if not unwrapped.has_text:
-            captions = []
-        oof = FoldOOF(table["image"].iloc[val_rows].tolist(), e, captions, embed_texts(model, captions, accelerator),
-                      unwrapped.has_text)
+    with timer.stage("oof_embedding"):
+        if len(val_rows):
+            e = embed_images(model, val, accelerator, labels, stats, tta_flip=True)
+            captions = sorted({c for caps in table["captions"].iloc[val_rows] for c in caps})
+            if not unwrapped.has_text:
+                captions = []
+            oof = FoldOOF(table["image"].iloc[val_rows].tolist(), e, captions,
+                          embed_texts(model, captions, accelerator), unwrapped.has_text)
     metrics = {**last, "epochs": history, "seconds": time.time() - t0,
                "trainable_params": int(sum(p.numel() for p in unwrapped.parameters() if p.requires_grad))}
-    if accelerator.is_main_process:
-        meta = {"fold": k, "model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
-                "labels": list(labels.names), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
-                "written_by": {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
-                               "distributed_type": accelerator.distributed_type.value}}
-        save_weights(unwrapped, out_dir, meta)
-        log.info("fold %s: saved to %s by process %d of %d", k, out_dir, accelerator.process_index,
-                 accelerator.num_processes)
-        atomic_write_csv(out_dir / "history.csv", pd.DataFrame(history))
-        if oof is not None:
-            save_fold_oof(out_dir / OOF_FILE, oof)
-        mark_finished(out_dir, metrics)
+    if pseudo is not None:
+        metrics["pseudo_labels"] = pseudo.summary
+    with timer.stage("save"):
+        if accelerator.is_main_process:
+            meta = {"fold": k, "model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
+                    "labels": list(labels.names), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
+                    "written_by": {"process_index": accelerator.process_index,
+                                   "num_processes": accelerator.num_processes,
+                                   "distributed_type": accelerator.distributed_type.value}}
+            save_weights(unwrapped, out_dir, meta)
+            log.info("fold %s: saved to %s by process %d of %d", k, out_dir, accelerator.process_index,
+                     accelerator.num_processes)
+            atomic_write_csv(out_dir / "history.csv", pd.DataFrame(history))
+            if oof is not None:
+                save_fold_oof(out_dir / OOF_FILE, oof)
+            mark_finished(out_dir, metrics | {"timing": timer.as_dict()})
     log.info("fold %s done in %.0fs: %s", k, time.time() - t0, last)
-    del model, unwrapped
-    accelerator.free_memory()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    with timer.stage("teardown"):
+        del model, unwrapped
+        accelerator.free_memory()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return FoldResult(k, out_dir, metrics, history, oof if accelerator.is_main_process else None)
+
+
+@dataclass
+class PseudoLabels:
+    """Test images a fold adds to its training data, with the label another run's same fold gave them."""
+    images: list[str]
+    pixels: np.ndarray
+    y: np.ndarray
+    summary: dict  # class -> images added
+
+
+def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
+    """train.pseudo_from's fold-k model labels train.pseudo_data's images; those at train.pseudo_threshold
+    or above join fold k's training data. Fold k's model never saw fold k's images, so its labels carry
+    nothing of fold k's truth into fold k's training; an ensemble of the run's folds would (through the
+    test images), and fold k's OOF figure would flatter. Hence the run must share this run's folds."""
+    from entrep.data.release import load_test
+
+    source = Path(cfg.train.pseudo_from)
+    if not (source / rundir.CONFIG).is_file() or not (source / rundir.FOLDS).is_file():
+        raise EntrepError(f"train.pseudo_from={source}: not a run directory (config.yaml, folds.csv)")
+    theirs = pd.read_csv(source / rundir.FOLDS, keep_default_na=False)
+    fold_of = dict(zip(theirs["image"], theirs["fold"]))
+    differ = [n for n, f in zip(data.folds["image"], data.folds["fold"]) if fold_of.get(n) != f]
+    if differ:
+        raise EntrepError(f"train.pseudo_from={source} has other folds than this run (e.g. {differ[0]}): its fold-k "
+                          f"model may have trained on this run's fold k, whose labels would then reach fold k's "
+                          f"training through the test images; train it with cv.folds_from={cfg.run_dir} (or this "
+                          f"run with cv.folds_from={source})")
+    k_dir = fold_dir(source, k)
+    if not fold_finished(k_dir):
+        raise EntrepError(f"train.pseudo_from={source}: {k_dir.name} is not finished; train it first")
+    source_cfg = load_config(source / rundir.CONFIG)
+    test = load_test(cfg.train.pseudo_data)
+    names = sorted(test.images)
+    model = build_model(source_cfg, data.labels)
+    load_fold_weights(model, k_dir, adapter_name=k_dir.name)
+    stats = image_stats(model.base)
+    pixels = ImageCache(cfg.image_cache_dir, cfg.data.working_side(image_stats(model.base).size)).pixels(
+        [str(test.images[n]) for n in names], [file_sha1(test.images[n]) for n in names])
+    tuned = read_json(source / rundir.TUNED) if (source / rundir.TUNED).is_file() else {}
+    e = embed_images(accelerator.prepare(model), np.asarray(pixels), accelerator, data.labels, stats,
+                     batch_size=cfg.train.eval_batch_size, tta_flip=tuned.get("tta_flip", True))
+    probs = e.probs(tuned.get("head_weight", DEFAULT_HEAD_WEIGHT), tuned.get("tta_flip", True))
+    keep = np.flatnonzero(probs.max(1) >= cfg.train.pseudo_threshold)
+    y = probs.argmax(1)[keep]
+    summary = {c: int((y == i).sum()) for i, c in enumerate(data.labels.names) if (y == i).any()}
+    del model
+    accelerator.free_memory()
+    # train images are decoded at this run's working size; the test images must match it
+    work = cfg.data.working_side(input_size(cfg.model.name, cfg.model.pretrained, cfg.model.image_size))
+    own = ImageCache(cfg.image_cache_dir, work).pixels([str(test.images[names[i]]) for i in keep],
+                                                       [file_sha1(test.images[names[i]]) for i in keep])
+    log.info("fold %s: %d pseudo-labelled test images from %s/%s (probability >= %s): %s", k, len(keep), source,
+             k_dir.name, cfg.train.pseudo_threshold, summary)
+    return PseudoLabels([names[i] for i in keep], np.asarray(own), y.astype(np.int64), summary)
 
 
 def finish_run(cfg, data: RunData) -> dict | None:
@@ -317,26 +401,54 @@ def finish_run(cfg, data: RunData) -> dict | None:
     if len(done) < cfg.cv.n_splits:
         return None
     oof = {k: load_fold_oof(d / OOF_FILE) for k, d in done.items()}
-    return write_report(cfg.run_dir, oof, data.table, list(data.labels.names), cfg)
+    pseudo = {str(k): m["pseudo_labels"] for k, d in done.items()
+              if "pseudo_labels" in (m := read_json(d / METRICS_FILE))}
+    extra = {"pseudo_labels": {"from": cfg.train.pseudo_from, "threshold": cfg.train.pseudo_threshold,
+                               "added_per_fold_and_class": pseudo}} if pseudo else None
+    return write_report(cfg.run_dir, oof, data.table, list(data.labels.names), cfg, extra)
 
 
-def train_run(cfg, accelerator, console=None) -> tuple[list[FoldResult], dict | None]:
+def train_run(cfg, accelerator, console=None, started: float | None = None) -> tuple[list[FoldResult], dict | None]:
     """`train.folds` of the run (every fold when empty), skipping finished ones under train.resume,
-    then the report when every fold is done: (trained folds, report or None)."""
-    agree_across_processes(accelerator, cfg)
-    data = load_run_data(cfg, accelerator)
-    on_main_first(accelerator, lambda: claim_run(cfg, data.table, accelerator), others=lambda: None)
-    results = []
+    then the report when every fold is done: (trained folds, report or None). Where the time went goes
+    to RUN/timing.json (`started`: when the process started, for the start-up stage)."""
+    timer, t0 = StageTimer(), time.perf_counter()
+    if started is not None:
+        timer.add("start_up", max(0.0, time.time() - started))
+    with timer.stage("identity"):
+        agree_across_processes(accelerator, cfg)
+    data = load_run_data(cfg, accelerator, timer)
+    with timer.stage("identity"):
+        on_main_first(accelerator, lambda: claim_run(cfg, data.table, accelerator), others=lambda: None)
+    results, folds = [], {}
     for k in cfg.train.folds or list(range(cfg.cv.n_splits)):
         if cfg.train.resume and fold_finished(fold_dir(cfg.run_dir, k)):
             log.info("fold %s: finished earlier, skipped (train.resume=true)", k)
             continue
-        results.append(train_fold(cfg, accelerator, data, k, console))
+        folds[k] = StageTimer()
+        results.append(train_fold(cfg, accelerator, data, k, console, folds[k]))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return results, None
-    report = finish_run(cfg, data)
+    with timer.stage("report"):
+        report = finish_run(cfg, data)
     if report is None and cfg.train.folds != [-1]:  # an all-data model has no held-out images, hence no report
         done = sum(fold_finished(fold_dir(cfg.run_dir, k)) for k in range(cfg.cv.n_splits))
         log.info("OOF report waits for every fold: %d of %d finished", done, cfg.cv.n_splits)
+    write_timing(cfg.run_dir, timer, folds, time.perf_counter() - t0 + timer.seconds.get("start_up", 0.0))
     return results, report
+
+
+def write_timing(run_dir: Path, timer: StageTimer, folds: dict[int, StageTimer], total_s: float) -> dict:
+    """timing.json: this call's wall time per stage, per fold and in all; earlier calls of the run kept."""
+    stages = dict(timer.as_dict())
+    for t in folds.values():
+        for name, seconds in t.seconds.items():
+            stages[name] = round(stages.get(name, 0.0) + seconds, 3)
+    call = {"total_s": round(total_s, 3), "stages": stages, "folds": {str(k): t.as_dict() for k, t in folds.items()},
+            "outside_train_steps": round(1 - stages.get("train_steps", 0.0) / max(total_s, 1e-9), 4)}
+    path = run_dir / rundir.TIMING
+    earlier = read_json(path) if path.is_file() else {}
+    atomic_write_json(path, call | {"earlier_calls": earlier.get("earlier_calls", []) +
+                                    ([{k: v for k, v in earlier.items() if k != "earlier_calls"}] if earlier else [])})
+    return call

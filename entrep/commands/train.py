@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def run_in_process(argv) -> list:
         setup_logging(accelerator.is_main_process)
         training.check_launch(accelerator)
         training.start_trackers(accelerator, cfg)
-        results, report = training.train_run(cfg, accelerator, console)
+        results, report = training.train_run(cfg, accelerator, console, started=process_started())
         if report is not None:
             figures = {"oof/accuracy": report["classification"].get("accuracy"),
                        "oof/f1_macro": report["classification"].get("f1_macro"),
@@ -82,7 +83,19 @@ def run_in_process(argv) -> list:
             accelerator.log({k: v for k, v in figures.items() if v is not None})
             accelerator.end_training()
             print_report(report, cfg.run_dir)
+        if accelerator.is_main_process and (timing := cfg.run_dir / rundir.TIMING).is_file():
+            t = json.loads(timing.read_text())
+            console.print(f"wall time {t['total_s']:.0f} s, {t['outside_train_steps']:.0%} of it outside train steps "
+                          f"({', '.join(f'{k} {v:.0f} s' for k, v in sorted(t['stages'].items(), key=lambda kv: -kv[1])[:4])}"
+                          f"): {timing}", highlight=False)
     return results
+
+
+def process_started() -> float:
+    """When this process started (its interpreter and imports count as the run's start-up)."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def print_report(rep: dict, run_dir) -> None:

@@ -59,6 +59,20 @@ class TrainDataset(Dataset):
                 "group": group, "index": int(self.index[i])}
 
 
+class ConcatRows:
+    """Two pixel stores read as one, row by row (a fold's training images, then its pseudo-labelled test
+    images), without copying either into one array."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.first[i] if i < len(self.first) else self.second[i - len(self.first)]
+
+
 class EvalDataset(Dataset):
     """Decoded uint8 images as they are; the eval transform runs batched, on the model's device."""
 

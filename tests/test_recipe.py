@@ -1,0 +1,238 @@
+"""The fine-tuning recipe's switches (issue 23), each off or neutral by default: weight EMA, mixup and
+cutmix with soft targets, layer-wise learning-rate decay, input size above pretraining, pseudo-labels
+without a leak, and where a run's time goes."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from entrep.config import load_config
+from entrep.labels import LabelSet
+from entrep.model.entrep_clip import build_model
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _step(*overrides, seed=0):
+    """A TrainStep of the tiny model on 8 random images (4 labelled, 2 captioned)."""
+    from entrep.data.dataset import TrainDataset
+    from entrep.engine import TrainStep, make_accelerator
+    from entrep.model.backbone import image_stats
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.batch_size=8", "train.warmup_frac=0", *overrides])
+    labels = LabelSet.from_config(cfg.labels)
+    torch.manual_seed(seed)
+    model = build_model(cfg, labels)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (8, 74, 74, 3), dtype=np.uint8)
+    ds = TrainDataset(pixels, y=np.array([0, 1, 2, 3, -1, 4, -1, 1]), captions=[["a polyp"], [], [], ["erythema"],
+                      [], [], [], []], groups=np.full(8, -1), index=np.arange(8), labels=labels, hflip=False)
+    acc = make_accelerator(cfg, cpu=True)
+    return TrainStep.for_dataset(cfg, acc, model, ds, image_stats(model.base), steps=10), cfg
+
+
+def _trainable(m):
+    return {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_ema_off_leaves_the_step_as_it_was_and_on_averages_with_warm_up(fresh_accelerate_state):
+    plain, _ = _step()
+    assert plain.ema is None and plain.mix is None
+    step, _ = _step("train.ema_decay=0.9")
+    batch = next(iter(step.loader))
+    before = _trainable(step.unwrapped)
+    step(dict(batch))
+    after = _trainable(step.unwrapped)
+    d = min(0.9, 2 / 11)  # timm's warm-up at the first update: (1 + t) / (10 + t)
+    for n in before:
+        torch.testing.assert_close(step.ema.shadow[n], d * before[n] + (1 - d) * after[n])
+    state = step.ema.state_dict()
+    step(dict(batch))
+    again = type(step.ema)(step.unwrapped, 0.5)
+    again.load_state_dict(state)  # a saved EMA state comes back bit for bit
+    assert again.updates == 1 and all(torch.equal(again.shadow[n], state["shadow"][n]) for n in state["shadow"])
+
+
+def test_a_fold_trained_with_ema_saves_the_averaged_weights(fresh_accelerate_state, tmp_path, demo):
+    from entrep.data.folds import link_groups
+    from entrep.data.images import decode_all
+    from entrep.data.release import load_release
+    from entrep.engine import FoldTrainer, make_accelerator
+    from entrep.model.backbone import image_stats
+    from entrep.model.checkpoint import load_fold_weights, save_weights
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.epochs=1", "train.batch_size=16", "train.ema_decay=0.99",
+                                                   "train.monitor_metric=none"])
+    labels = LabelSet.from_config(cfg.labels)
+    df = load_release(demo, labels.names)[0].head(32).reset_index(drop=True)
+    acc = make_accelerator(cfg, cpu=True)
+    torch.manual_seed(0)
+    model = build_model(cfg, labels)
+    pixels = decode_all(df["path"].tolist(), cfg.data.working_side(64))
+    trainer = FoldTrainer(cfg, acc, labels)
+    captured = {}
+    real_copy = __import__("entrep.engine", fromlist=["WeightEMA"]).WeightEMA.copy_to
+
+    def spy(self, m):
+        captured.update({n: t.clone() for n, t in self.shadow.items()})
+        return real_copy(self, m)
+
+    import entrep.engine
+    entrep.engine.WeightEMA.copy_to = spy
+    try:
+        trainer.fit(model, pixels, df, np.arange(32), np.array([], int), link_groups(df), image_stats(model.base))
+    finally:
+        entrep.engine.WeightEMA.copy_to = real_copy
+    m = acc.unwrap_model(model)
+    assert captured and all(torch.equal(p, captured[n]) for n, p in m.named_parameters() if n in captured)
+    save_weights(m, tmp_path / "fold0", {"model_name": cfg.model.name, "labels": list(labels.names)})
+    fresh = build_model(cfg, labels)
+    load_fold_weights(fresh, tmp_path / "fold0", "fold0")
+    reloaded = dict(fresh.named_parameters())
+    for n, t in captured.items():
+        key = n.replace(".default.", ".fold0.")
+        assert torch.equal(reloaded[key], t), n  # the fold's weights are the EMA, bit for bit
+
+
+def test_mixup_and_cutmix_mix_labelled_images_with_soft_targets_and_spare_the_contrastive_terms():
+    from entrep.engine import BatchMix
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.mixup_alpha=0.4", "train.cutmix_alpha=1.0",
+                                                   "loss.label_smoothing=0"])
+    mix = BatchMix(cfg, 7)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    x = torch.randn(6, 3, 8, 8)
+    batch = mix({"image": x.clone(), "y": torch.tensor([0, 1, -1, 2, 3, 4]), "group": torch.full((6,), -1)})
+    assert torch.equal(batch["image"][2], x[2]) and not batch["mixed"][2]  # unlabelled: never mixed
+    assert batch["mixed"].any()
+    soft = batch["soft_targets"]
+    torch.testing.assert_close(soft[batch["y"] >= 0].sum(1), torch.ones(5))
+    mixed = batch["mixed"].nonzero().squeeze(1)
+    assert all((soft[i] > 0).sum() == 2 for i in mixed)  # a mixed image's target shares two classes
+    # a left and a right image mixed give the proportional soft target across the two laterality classes
+
+
+def test_mixed_rows_leave_the_contrastive_losses_only():
+    from entrep.losses import joint_loss
+
+    cfg = load_config(ROOT / "configs/demo.yaml").loss
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    out = {"emb": emb, "head_logits": torch.randn(4, 3), "prompt_logits": torch.randn(4, 3)}
+    y, group = torch.tensor([0, 1, 1, 2]), torch.full((4,), -1)
+    soft = torch.nn.functional.one_hot(y, 3).float()
+    mixed = torch.tensor([False, True, False, False])
+    _, parts = joint_loss(out, y, group, None, None, torch.tensor(10.0), cfg, soft_targets=soft * 0.9 + 0.1 / 3,
+                          mixed=mixed)
+    keep = ~mixed
+    _, alone = joint_loss({k: v[keep] for k, v in out.items()}, y[keep], group[keep], None, None, torch.tensor(10.0),
+                          cfg)
+    assert parts["image"] == pytest.approx(alone["image"])  # supcon as if the mixed image were not there
+    _, hard = joint_loss(out, y, group, None, None, torch.tensor(10.0), cfg)
+    assert parts["ce"] == pytest.approx(hard["ce"], rel=1e-5)  # smoothed soft targets = label smoothing
+
+
+@pytest.mark.parametrize("name", ["entrep-tiny", "entrep-tiny-convnext", "entrep-tiny-eva", "entrep-tiny-rn"])
+def test_layer_decay_scales_each_blocks_learning_rate_by_its_depth(name):
+    from entrep.engine import layer_depths, param_groups
+
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"model.name={name}", "train.layer_decay=0.5"])
+    m = build_model(cfg, LabelSet.from_config(cfg.labels))
+    depth = layer_depths(m)
+    lr_of = {id(p): g["lr"] for g in param_groups(m, cfg) for p in g["params"]}
+    adapters = [(n, p) for n, p in m.named_parameters() if "lora_" in n]
+    assert adapters and all(n in depth for n, _ in adapters)
+    for n, p in adapters:
+        assert lr_of[id(p)] == pytest.approx(cfg.train.lr_lora * 0.5 ** depth[n])
+    assert len({depth[n] for n, _ in adapters if "visual" in n}) > 1  # deeper blocks really differ
+    assert lr_of[id(dict(m.named_parameters())["head.weight"])] == cfg.train.lr_head
+    off = load_config(ROOT / "configs/demo.yaml", [f"model.name={name}"])
+    assert {g["lr"] for g in param_groups(m, off)} == {off.train.lr_lora, off.train.lr_head}
+
+
+def test_full_finetuning_gets_layer_decay_down_to_the_embeddings():
+    from entrep.engine import layer_depths
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["model.lora.enabled=false", "model.lora.train_last_blocks=-1",
+                                                   "train.layer_decay=0.8"])
+    m = build_model(cfg, LabelSet.from_config(cfg.labels))
+    d = layer_depths(m)
+    assert d["clip.visual.positional_embedding"] == 7 and d["clip.visual.ln_post.weight"] == 0
+    assert d["clip.visual.transformer.resblocks.0.mlp.c_fc.weight"] == 6
+
+
+def test_a_vit_above_its_pretraining_size_gets_resampled_position_embeddings(tmp_path):
+    from safetensors.torch import save_file
+
+    from entrep.model.backbone import create_clip
+
+    clip, _ = create_clip("entrep-tiny")
+    save_file(clip.state_dict(), str(tmp_path / "w.safetensors"))  # weights "pretrained" at 64 px
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"model.pretrained={tmp_path}/w.safetensors",
+                                                   "model.image_size=96"])
+    m = build_model(cfg, LabelSet.from_config(cfg.labels)).eval()
+    assert m.base.visual.image_size in (96, (96, 96))
+    assert m.base.visual.positional_embedding.shape[0] == (96 // 8) ** 2 + 1  # 8 px patches, plus the CLS
+    out = m(torch.randn(2, 3, 96, 96))
+    assert torch.isfinite(out["emb"]).all()
+    torch.testing.assert_close(m.base.visual.positional_embedding[0], clip.visual.positional_embedding[0])  # CLS kept
+
+
+def test_pseudo_labels_need_the_same_folds(tmp_path, trained_demo_run, demo):
+    import shutil
+
+    from entrep.errors import EntrepError
+    from entrep.training import RunData, pseudo_labels
+
+    source = tmp_path / "src"
+    shutil.copytree(trained_demo_run, source)
+    folds = __import__("pandas").read_csv(source / "folds.csv", keep_default_na=False)
+    cfg = load_config(source / "config.yaml", [f"train.pseudo_from={source}", f"train.pseudo_data={demo / 'test'}",
+                                               f"output_dir={tmp_path}"])
+    other = folds.assign(fold=1 - folds["fold"])
+    data = RunData(LabelSet.from_config(cfg.labels), None, None, other)
+    with pytest.raises(EntrepError, match="has other folds than this run"):
+        pseudo_labels(cfg, None, data, 0)
+
+
+def test_timing_stages_add_up_to_the_run_wall_time(trained_demo_run):
+    t = json.loads((trained_demo_run / "timing.json").read_text())
+    assert {"start_up", "release", "image_cache", "folds", "build", "train_steps", "oof_embedding", "save",
+            "report"} <= set(t["stages"])
+    assert abs(sum(t["stages"].values()) - t["total_s"]) <= 0.1 * t["total_s"]
+    assert set(t["folds"]) == {"0", "1"} and 0 < t["outside_train_steps"] < 1
+
+
+@pytest.mark.slow
+def test_a_pseudo_labelled_run_takes_fold_k_labels_from_fold_k_and_reports_them(tmp_path, trained_demo_run, demo):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml", "--data", str(demo), "--name", "pl",
+                        f"output_dir={tmp_path}", "cv.n_splits=2", "train.epochs=1",
+                        f"cv.folds_from={trained_demo_run}", f"train.pseudo_from={trained_demo_run}",
+                        f"train.pseudo_data={demo / 'test'}", "train.pseudo_threshold=0.0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ, COLUMNS="250"))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    n_test = len(list((demo / "test").rglob("*.png")))
+    for k in (0, 1):  # each fold's labels come from the source run's same fold, and no other
+        assert f"fold {k}: {n_test} pseudo-labelled test images from {trained_demo_run}/fold{k} " in " ".join(out.split())
+    report = json.loads((tmp_path / "pl/report.json").read_text())
+    added = report["pseudo_labels"]["added_per_fold_and_class"]
+    assert set(added) == {"0", "1"} and all(sum(v.values()) == n_test for v in added.values())
+    folds = __import__("pandas").read_csv(tmp_path / "pl/folds.csv")
+    assert len(folds) == len(__import__("pandas").read_csv(trained_demo_run / "folds.csv"))  # never scored
