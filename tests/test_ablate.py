@@ -54,3 +54,32 @@ def test_inference_only_switches():
     assert inference_only(["infer.tta_flip=true"]) and inference_only(["rerank.methods=[qe]"])
     assert inference_only(["model.slerp.alpha_grid=[0, 0.5]"])  # tuning only: the folds are reused
     assert not inference_only(["model.slerp.train=true"]) and not inference_only([])
+
+
+def test_the_recipe_rungs_each_add_one_switch_and_pseudo_labels_learn_from_the_rung_before():
+    from entrep.commands.ablate import recipe_rungs
+
+    rungs = recipe_rungs("runs/x_ablation", "data/test")
+    assert list(rungs) == ["9_ema", "10_mixup_cutmix", "11_layer_decay", "12_pseudo_labels"]
+    assert rungs["12_pseudo_labels"][0] == "train.pseudo_from=runs/x_ablation/11_layer_decay"
+    for overrides in rungs.values():  # every switch is a real config key with a valid value
+        load_config(None, overrides)
+    assert "12_pseudo_labels" not in recipe_rungs("runs/x_ablation")
+
+
+def test_the_photo_release_is_a_release_the_kit_reads(tmp_path):
+    pytest.importorskip("skimage")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from photo_release import CLASSES, make
+
+    from entrep.data.release import load_release, load_test
+
+    out = make(tmp_path / "p", cases=12, test_cases=4, size=48)
+    table, report = load_release(out, CLASSES)
+    assert len(table) >= 12 and set(table["label"]) <= set(CLASSES) and table["partners"].map(len).sum() > 0
+    assert table["captions"].map(bool).any() and not report.missing
+    assert load_test(out / "test").t2i
+    assert load_config(Path(__file__).parents[1] / "bench/photos.yaml").labels.names == CLASSES

@@ -45,6 +45,20 @@ def default_ladder(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
     return base, rungs
 
 
+def recipe_rungs(previous: str, pseudo_data: str | None = None) -> dict[str, list[str]]:
+    """The fine-tuning recipe's switches (issue 23), each rung adding one on top of the method's ladder;
+    `previous` is the run directory of the rung before (the pseudo-label rung takes its labels from it)."""
+    rungs = {
+        "9_ema": ["train.ema_decay=0.99"],
+        "10_mixup_cutmix": ["train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_prob=0.5"],
+        "11_layer_decay": ["train.layer_decay=0.8"],
+    }
+    if pseudo_data:  # last: its run must share the folds of the rung it learns from (every rung does)
+        rungs["12_pseudo_labels"] = [f"train.pseudo_from={previous}/11_layer_decay", f"train.pseudo_data={pseudo_data}",
+                                     "train.pseudo_threshold=0.9"]
+    return rungs
+
+
 def rung_config(argv: list[str]) -> dict:
     """A rung's resolved config, as train.py will resolve it (JSON types): a finished rung is reused
     only while this is unchanged."""
@@ -57,11 +71,14 @@ def inference_only(overrides: list[str]) -> bool:
     return bool(overrides) and all(parse_override(o)[0].startswith(SCORING_KEYS) for o in overrides)
 
 
-def run_ladder(config: str | None, overrides: list[str], data: str | None, name: str | None) -> pd.DataFrame:
+def run_ladder(config: str | None, overrides: list[str], data: str | None, name: str | None,
+               recipe: bool = False, pseudo_data: str | None = None) -> pd.DataFrame:
     user = load_config(config, overrides)
     base, rungs = (user.ablation.base, user.ablation.rungs) if user.ablation.rungs else default_ladder(user)
     name = name or user.name
     root = Path(user.output_dir) / f"{name}_ablation"
+    if recipe:
+        rungs = rungs | recipe_rungs(str(root), pseudo_data)
     extra = [f"output_dir={root}"] + ([f"data.root={data}"] if data else [])
     rows, cumulative, previous = [], [], None
     for rung, switch in rungs.items():
@@ -141,9 +158,13 @@ def main(argv=None) -> int:
     ap = parser("python -m entrep.ablate", __doc__, config="the config every rung starts from", raw=True)
     ap.add_argument("--data", help="training release folder (overrides data.root)")
     ap.add_argument("--name", help="the ladder goes to OUTPUT_DIR/NAME_ablation/ (default: the config's name)")
+    ap.add_argument("--recipe", action="store_true",
+                    help="add the recipe's rungs on top: EMA, mixup+cutmix, layer decay (and pseudo-labels with "
+                         "--pseudo-data)")
+    ap.add_argument("--pseudo-data", help="with --recipe: an unlabelled test folder for the pseudo-label rung")
     args = ap.parse_intermixed_args(argv)
     setup_logging()
-    table = run_ladder(args.config, list(args.overrides), args.data, args.name)
+    table = run_ladder(args.config, list(args.overrides), args.data, args.name, args.recipe, args.pseudo_data)
     t = Table(title="ablation (out of fold)")
     for col in table.columns:
         t.add_column(col, justify="left" if col == "rung" else "right")
