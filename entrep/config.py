@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import re
 import typing
@@ -517,8 +518,6 @@ def to_dict(cfg: Config) -> dict:
 def describe(obj, indent: str = "") -> str:
     """The config as YAML with each field's help as a comment: `train.py --print-config`, loadable
     again as a --config file."""
-    import json
-
     lines = []
     for f in dataclasses.fields(obj):
         value, help_ = getattr(obj, f.name), f.metadata.get("help", "")

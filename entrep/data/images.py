@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from entrep.errors import EntrepError
+from entrep.io import atomic_write_text
 
 log = logging.getLogger("entrep.data")
 
@@ -114,8 +119,6 @@ class ImageCache:
         self._verified: set[str] = set()
 
     def _read_index(self) -> dict:
-        import json
-
         if self.index_path.is_file():
             idx = json.loads(self.index_path.read_text())
             if "segments" in idx:  # an older single-store index is simply rebuilt
@@ -149,14 +152,6 @@ class ImageCache:
                             np.array([idx["slots"][h][1] for h in hashes], dtype=np.int64), self.size)
 
     def _write(self, wanted: dict[str, str], workers: int, bad: list[str]) -> dict:
-        import json
-        import os
-        import uuid
-
-        from filelock import FileLock, Timeout
-
-        from entrep.io import atomic_write_text
-
         self.folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.folder / f"lock-{self.size}")
         while True:
@@ -201,8 +196,6 @@ class ImageCache:
 
 
 def _checksum(path: Path) -> str:
-    import hashlib
-
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):

@@ -36,6 +36,7 @@ ties broken by index. bench/near_duplicates.py measures recall per transform and
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -115,8 +116,6 @@ def decode_letterbox(path: str | Path, side: int = DECODE) -> np.ndarray:
 
 def decode_frames(paths: list[str], side: int = DECODE, workers: int = 2, desc: str = "decoding images") -> np.ndarray:
     """(N, side, side, 3) uint8 letterboxed frames, decoded in a thread pool."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from rich.progress import Progress
 
     out = np.zeros((len(paths), side, side, 3), np.uint8)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,8 +32,6 @@ def set_offline(offline: bool) -> None:
     if not offline:
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import sys
-
     if "huggingface_hub" in sys.modules:
         import huggingface_hub.constants as hc
 
@@ -138,8 +138,6 @@ def _resolve_clip_weights(name: str, pretrained: str, offline: bool, timeout: fl
     if not pretrained:
         return "random initialisation (model.pretrained is empty): for tests and smoke runs only"
     if pretrained.startswith("local-dir:"):
-        import json
-
         folder = Path(pretrained[len("local-dir:"):])
         if not folder.is_dir():
             raise WeightsError(f"local-dir folder not found: {folder}; fix model.pretrained=local-dir:/folder")
@@ -198,8 +196,6 @@ def _no_random_init_warning():
 
 def model_config(name: str, pretrained: str = "") -> dict:
     """The open_clip config the model is built from: a `local-dir:` folder's, or the registered name's."""
-    import json
-
     if pretrained.startswith("local-dir:"):
         path = Path(pretrained[len("local-dir:"):]) / "open_clip_config.json"
         try:

@@ -16,6 +16,7 @@ In every kind the final level is the tower's own image embedding, so step 0 repr
 """
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from dataclasses import dataclass
@@ -125,8 +126,6 @@ def _timm_tokens(visual, *classes) -> bool:
 
 
 def _oc(module: str, cls: str):
-    import importlib
-
     return getattr(importlib.import_module(f"open_clip.{module}"), cls)
 
 
@@ -138,8 +137,6 @@ def _timm_vit_classes():
 
 
 def _timm(module: str, cls: str):
-    import importlib
-
     return getattr(importlib.import_module(f"timm.models.{module}"), cls)
 
 
@@ -250,8 +247,6 @@ def _hf_encoder_stack(base, module: str, cls: str) -> bool:
     text = getattr(base, "text", None)
     if not isinstance(text, HFTextEncoder):
         return False
-    import importlib
-
     try:
         c = getattr(importlib.import_module(f"transformers.models.{module}"), cls)
     except (ImportError, AttributeError):
