@@ -243,8 +243,9 @@ def load_run_data(cfg, accelerator, timer: StageTimer | None = None) -> RunData:
     labels = LabelSet.from_config(cfg.labels)
     with timer.stage("release"):
         table = read_training_release(cfg, labels)
-    cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(input_size(cfg.model.name, cfg.model.pretrained,
-                                                                             cfg.model.image_size)))
+    with timer.stage("model_config"):  # the model's input size; the first touch imports open_clip
+        side = input_size(cfg.model.name, cfg.model.pretrained, cfg.model.image_size)
+    cache = ImageCache(cfg.image_cache_dir, cfg.data.working_side(side))
 
     def pixels_and_folds():
         with timer.stage("image_cache"):

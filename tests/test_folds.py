@@ -52,12 +52,19 @@ def test_folds_file_is_frozen(tmp_path, real_df):
 
 def test_fewer_groups_than_folds_is_one_line_with_a_valid_fix(real_df):
     small = real_df[real_df["y"] >= 0].head(3).assign(partners=[[], [], []]).reset_index(drop=True)
-    with pytest.raises(FoldError, match=r"only 3 groups.*cv\.n_splits=3 or fewer"):
+    with pytest.raises(FoldError, match=r"only 3 groups.*lower cv\.n_splits to 3 or fewer"):
         make_folds(small, 5, 0)
     one = small.assign(partners=[[small["image"][1]], [small["image"][0], small["image"][2]], [small["image"][1]]])
     with pytest.raises(FoldError, match="only 1 groups.*nothing to cross-validate") as e:
         make_folds(one, 2, 0)
     assert "at most 1" not in str(e.value)  # today's advice "lower cv.n_splits to at most 1" was invalid
+
+
+def test_more_folds_than_the_largest_class_is_one_line(real_df):
+    """sklearn raises a ValueError when every class is smaller than n_splits; the kit says which fix."""
+    small = real_df[real_df["y"] >= 0].groupby("label").head(2).assign(partners=lambda d: [[]] * len(d))
+    with pytest.raises(FoldError, match=r"cv\.n_splits=4 but the largest class has only 2 .*lower cv\.n_splits"):
+        make_folds(small.reset_index(drop=True), 4, 0)
 
 
 def test_a_class_with_fewer_groups_than_folds_is_named_with_the_folds_that_lack_it(real_df):

@@ -78,11 +78,15 @@ def make_folds(df: pd.DataFrame, n_splits: int, seed: int, signatures=None,
     labelled = df["y"].to_numpy() >= 0
     n_groups = len(set(groups[labelled]))
     if n_groups < n_splits:
-        fix = (f"use cv.n_splits={n_groups} or fewer" if n_groups >= 2 else
+        fix = (f"lower cv.n_splits to {n_groups} or fewer" if n_groups >= 2 else
                "there is nothing to cross-validate: add labelled images of other cases")
         raise FoldError(f"cv.n_splits={n_splits} but the {int(labelled.sum())} labelled images form only {n_groups} "
                         f"groups of alike images (i2i links, patients, near-duplicates), and a group never spans "
                         f"two folds; {fix}")
+    largest = int(df["y"][labelled].value_counts().max()) if labelled.any() else 0
+    if 0 < largest < n_splits:  # StratifiedGroupKFold's own check, said in the kit's terms
+        raise FoldError(f"cv.n_splits={n_splits} but the largest class has only {largest} labelled images; "
+                        f"lower cv.n_splits to {largest} or fewer")
     fold = np.full(len(df), -1)
     if labelled.sum():
         skf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
