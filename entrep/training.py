@@ -32,10 +32,10 @@ from entrep.data.release import DataError, load_release
 from entrep.embedding import embed_images, embed_texts, eval_loader
 from entrep.engine import FoldTrainer, make_accelerator
 from entrep.errors import EntrepError
-from entrep.io import atomic_write_csv, atomic_write_json, read_json
+from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, read_json
 from entrep.labels import LabelSet
 from entrep.model.backbone import image_stats, input_size
-from entrep.model.checkpoint import fold_dir, fold_finished, mark_finished, save_weights
+from entrep.model.checkpoint import FOLD_FILES, fold_dir, fold_finished, mark_finished, write_weights
 from entrep.model.entrep_clip import build_model
 from entrep.oof import OOF_FILE, FoldOOF, load_fold_oof, save_fold_oof
 from entrep.report import write_report
@@ -318,13 +318,9 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None) -> FoldRes
                 "labels": list(labels.names), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
                 "written_by": {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
                                "distributed_type": accelerator.distributed_type.value}}
-        save_weights(unwrapped, out_dir, meta)
+        write_fold(out_dir, unwrapped, meta, history, oof, metrics)
         log.info("fold %s: saved to %s by process %d of %d", k, out_dir, accelerator.process_index,
                  accelerator.num_processes)
-        atomic_write_csv(out_dir / "history.csv", pd.DataFrame(history))
-        if oof is not None:
-            save_fold_oof(out_dir / OOF_FILE, oof)
-        mark_finished(out_dir, metrics)
     log.info("fold %s done in %.0fs: %s", k, time.time() - t0, last)
     del model, unwrapped
     accelerator.free_memory()
@@ -332,6 +328,18 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None) -> FoldRes
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return FoldResult(k, out_dir, metrics, history, oof if accelerator.is_main_process else None)
+
+
+def write_fold(out_dir: Path, model, meta: dict, history: list[dict], oof: FoldOOF | None, metrics: dict) -> None:
+    """A trained fold's folder as one unit (weights, history, OOF file, metrics.json last): a failed
+    write leaves the earlier folder whole, so a retrained fold can never be its new weights beside
+    the old metrics.json that marks it finished."""
+    with atomic_dir(out_dir, FOLD_FILES) as tmp:
+        write_weights(model, tmp, meta)
+        atomic_write_csv(tmp / "history.csv", pd.DataFrame(history))
+        if oof is not None:
+            save_fold_oof(tmp / OOF_FILE, oof)
+        mark_finished(tmp, metrics)
 
 
 def finish_run(cfg, data: RunData) -> dict | None:
