@@ -95,8 +95,14 @@ def test_infer_refuses_or_uses_unfinished_folds(demo, trained_demo_run, tmp_path
 
 
 @pytest.mark.slow
-def test_adapters_on_another_base_are_refused(trained_demo_run, demo):
+def test_adapters_on_another_base_are_refused(trained_demo_run, demo, tmp_path):
     r = py("infer.py", "--run", trained_demo_run, "--data", demo / "test", "model.name=ViT-B-32", check=False)
+    assert r.returncode == 2 and "model.name defines the run" in r.stdout  # an override never reaches the folds
+    run = tmp_path / "edited"
+    shutil.copytree(trained_demo_run, run)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("name: entrep-tiny", "name: ViT-B-32", 1))  # a hand edit
+    r = py("infer.py", "--run", run, "--data", demo / "test", check=False)
     assert r.returncode == 2 and "trained on base 'entrep-tiny'" in r.stdout
 
 
