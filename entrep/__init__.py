@@ -21,10 +21,11 @@ def train_fold(run, k: int, overrides=(), *, config=None, data=None, **kw):
     from pathlib import Path
 
     from entrep.commands.train import run_in_process
+    from entrep.config import override_item
 
     run = Path(run)
     argv = ["--name", run.name, f"output_dir={run.parent}", f"train.folds=[{int(k)}]", "train.resume=false", *overrides]
     argv += (["--config", str(config)] if config else []) + (["--data", str(data)] if data else [])
-    argv += [f"{key.replace('__', '.')}={value}" for key, value in kw.items()]
+    argv += [override_item(key.replace("__", "."), value) for key, value in kw.items()]
     (result,) = run_in_process(argv)
     return result

@@ -27,8 +27,9 @@ import pandas as pd
 from entrep import rundir
 from entrep.config import load_config
 from entrep.data.identity import data_identity, describe_data_change
+from entrep.data.folds import read_folds
 from entrep.errors import EntrepError
-from entrep.io import atomic_write_csv, atomic_write_json, read_json
+from entrep.io import atomic_files, kit_file, read_json, shown
 from entrep.model.checkpoint import fold_dir
 from entrep.oof import (
     OOF_FILE,
@@ -40,7 +41,7 @@ from entrep.oof import (
     pooled_retrieval,
 )
 from entrep.report import score_folds, write_scored
-from entrep.tuning import Scored, track_settings, tune_rerank
+from entrep.tuning import Scored, checked_rerank, track_settings, tune_rerank
 
 log = logging.getLogger("entrep.blend")
 
@@ -93,9 +94,11 @@ class Member:
         """head_weight and per-track alpha: tuned without fold `held_out` (the report's cross-fitted
         settings of that fold), or on all folds (tuned.json) when None."""
         if held_out is None:
-            return {"head_weight": self.tuned["head_weight"],
-                    **{t: {"alpha": track_settings(self.tuned, t)[0]} for t in RETRIEVAL_TRACKS}}
-        row = next((r for r in self.report.get("folds", []) if r["fold"] == held_out), {})
+            with kit_file(self.run / rundir.TUNED):
+                return {"head_weight": float(self.tuned["head_weight"]),
+                        **{t: {"alpha": float(track_settings(self.tuned, t)[0])} for t in RETRIEVAL_TRACKS}}
+        with kit_file(self.run / rundir.REPORT):
+            row = next((r for r in self.report.get("folds", []) if r["fold"] == held_out), {})
         if "settings" not in row:
             raise BlendError(f"{self.run}/report.json has no cross-fitted settings for fold {held_out} (written by an "
                              f"older entrep); retrain the run to blend it")
@@ -103,8 +106,10 @@ class Member:
 
     def views(self, held_out: int | None) -> dict[int, FoldView]:
         s = self.settings(held_out)
-        tta = self.tuned.get("tta_flip", self.cfg.infer.tta_flip)  # what the member's settings were tuned with
-        return {k: f.view(s["head_weight"], tta, {t: s[t]["alpha"] for t in RETRIEVAL_TRACKS}) for k, f in self.oof.items()}
+        with kit_file(self.run / (rundir.TUNED if held_out is None else rundir.REPORT)):
+            tta = bool(self.tuned.get("tta_flip", self.cfg.infer.tta_flip))  # what the member's settings were tuned with
+            head, alpha = float(s["head_weight"]), {t: float(s[t]["alpha"]) for t in RETRIEVAL_TRACKS}
+        return {k: f.view(head, tta, alpha) for k, f in self.oof.items()}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -192,7 +197,7 @@ def check_same_folds(members: list[Member]) -> pd.DataFrame:
     """The members' common folds.csv; refuses members whose folds or classes differ, naming the first
     image that differs."""
     first = members[0]
-    folds = pd.read_csv(first.run / rundir.FOLDS, keep_default_na=False)
+    folds = read_folds(first.run / rundir.FOLDS)
     fold_of = dict(zip(folds["image"], folds["fold"]))
     for m in members[1:]:
         if list(m.cfg.labels.names) != list(first.cfg.labels.names):
@@ -203,7 +208,7 @@ def check_same_folds(members: list[Member]) -> pd.DataFrame:
             if change:
                 raise BlendError(f"{m.run} and {first.run} were trained on different data ({change}); a blend of "
                                  f"them would score each fold against two truths. Retrain one on the other's data")
-        other = pd.read_csv(m.run / rundir.FOLDS, keep_default_na=False)
+        other = read_folds(m.run / rundir.FOLDS)
         theirs = dict(zip(other["image"], other["fold"]))
         for img in list(folds["image"]) + sorted(set(theirs) - set(fold_of)):
             if fold_of.get(img) != theirs.get(img):
@@ -269,12 +274,20 @@ def blend(members: list[Member], folds_df: pd.DataFrame, out: Path, table, names
                 raise BlendError(f"the release given to the blend differs from what {m.run} was trained and scored on "
                                  f"({change}); pass that release with --data")
     report, tuned, scored = crossfit_blend(members, table, names, rounds)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(out / rundir.FOLDS, folds_df)  # infer.py reads it to name test images that are training images
-    write_scored(out, report, tuned, scored, table, names)
-    atomic_write_json(out / rundir.BLEND, {"members": member_refs([m.run for m in members], out), "rounds": rounds,
-                                         "rerank_config_from": str(members[0].run)})
+    write_blend(out, folds_df, report, tuned, scored, table, names,
+                {"members": member_refs([m.run for m in members], out), "rounds": rounds,
+                 "rerank_config_from": str(members[0].run)})
     return report
+
+
+def write_blend(out: Path, folds_df, report: dict, tuned: dict, scored: dict[int, Scored], table, names,
+                spec: dict) -> None:
+    """A blend directory's files as one unit (io.atomic_files): folds.csv, the report set and
+    blend.json, which is renamed in last; a failed write leaves the earlier blend whole."""
+    with atomic_files(out) as files:
+        files.write_csv(rundir.FOLDS, folds_df)  # infer.py reads it to name test images that are training images
+        write_scored(files, report, tuned, scored, table, names)
+        files.write_json(rundir.BLEND, spec)
 
 
 @dataclass
@@ -289,14 +302,23 @@ class Blend:
         picked is not embedded at all."""
         keep = [i for i in range(len(self.members)) if any(self.weights[p][i] > 0 for p in PARTS)]
         for i in set(range(len(self.members))) - set(keep):
-            log.info("%s has weight 0 on every track: not embedded", self.members[i])
+            log.info("%s has weight 0 on every track: not embedded", shown(self.members[i]))
         return [self.members[i] for i in keep], {p: [self.weights[p][i] for i in keep] for p in PARTS}
 
 
 def read_blend(path: Path) -> Blend:
     spec = read_json(path / rundir.BLEND)
     tuned = read_json(path / rundir.TUNED)
-    members = [(path / m).resolve() for m in spec["members"]]
-    if missing := [str(m) for m in members if not (m / rundir.CONFIG).is_file()]:
+    with kit_file(path / rundir.BLEND):
+        refs = spec["members"]
+        if not isinstance(refs, list) or not refs or not all(isinstance(m, str) and m for m in refs):
+            raise TypeError(f"'members' is {refs!r}, not a list of run folders")
+        members = [(path / m).resolve() for m in refs]
+    with kit_file(path / rundir.TUNED):
+        weights = {p: [float(x) for x in tuned["weights"][p]] for p in PARTS}
+        if any(len(w) != len(members) for w in weights.values()):
+            raise ValueError(f"weights for {len(members)} members expected")
+        rerank = {t: checked_rerank(tuned[t]["rerank"]["kept"]) for t in RETRIEVAL_TRACKS}
+    if missing := [m for m, p in zip(refs, members) if not (p / rundir.CONFIG).is_file()]:
         raise BlendError(f"{path}: member runs not found: {missing} (blend.json names them relative to the blend)")
-    return Blend(members, tuned["weights"], {t: tuned[t]["rerank"]["kept"] for t in RETRIEVAL_TRACKS})
+    return Blend(members, weights, rerank)

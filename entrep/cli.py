@@ -48,6 +48,11 @@ def setup_logging(main_process: bool = True) -> None:
 
 
 def print_error(message: str) -> None:
+    """`error: message`: control characters from a file's content shown escaped (a terminal would act on
+    them), and a message holding a huge value (a 200,000-character key) cut in the middle."""
+    message = "".join(c if c == "\n" or c.isprintable() else repr(c)[1:-1] for c in message)
+    if len(message) > 1500:
+        message = f"{message[:1000]} [... {len(message) - 1300} characters ...] {message[-300:]}"
     console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
@@ -68,9 +73,10 @@ def run_main(main, argv=None) -> int:
     except EntrepError as e:
         print_error(str(e))
         return 2
-    except PermissionError as e:  # an unwritable output_dir, --out or cache folder
-        print_error(f"cannot write {e.filename}: {e.strerror}; choose a folder you can write to (output_dir=..., "
-                    f"--out ...)")
+    except OSError as e:  # a full disk, a read-only or unwritable folder, a file gone: one line naming the path
+        from entrep.io import describe_os_error
+
+        print_error(describe_os_error(e))
         return 2
     except KeyboardInterrupt as e:
         # every file is written atomically, so what was finished stays finished

@@ -1,6 +1,7 @@
 """Dataclass config: YAML file + dotted `key=value` overrides, validated, dumped to the run dir."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -196,7 +197,8 @@ class TrainConfig:
 class InferConfig:
     tta_flip: bool = opt(True, "average with a flipped view (left/right classes swapped)")
     topk: int = opt(10, "ranked answers kept per retrieval query")
-    gallery: str = opt("", "file listing the gallery images, one per line; empty = every test image")
+    gallery: str = opt("", "file listing the gallery images, one per line; empty = the images of each query "
+                           "list's own folder (else every test image)")
     partial: Partial = opt("refuse", "a run with unfinished folds: refuse, or use the finished ones")
     head_weight: float = opt(-1.0, "head vs prompt probabilities; -1 = the OOF-tuned value")
     merge_lora: bool = opt(False, "fold each adapter into the base while embedding (faster, ~1e-7 off)")
@@ -317,7 +319,7 @@ def _cast(value, tp, key: str):
 def _unknown(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, _keys(Config), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"unknown config key {key!r}{hint}")
 
 
 # keys of older versions: ignored (with a log line) so that older runs' config.yaml still load
@@ -346,13 +348,42 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
 
 def parse_override(item: str) -> tuple[str, object]:
     if "=" not in item:
-        raise ConfigError(f"override '{item}' is not key=value")
+        raise ConfigError(f"override {item!r} is not key=value")
     key, raw = item.split("=", 1)
     try:
         value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def _plain(value):
+    """A Python value as YAML can carry it: paths and other objects as their str(), tuples and sets as
+    lists, numpy scalars as numbers."""
+    import os
+
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {str(_plain(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in (sorted(value, key=str) if isinstance(value, (set, frozenset)) else value)]
+    if hasattr(value, "item") and callable(value.item):  # numpy and torch scalars
+        with contextlib.suppress(TypeError, ValueError):
+            return _plain(value.item())
+    return str(value)
+
+
+def override_item(key: str, value) -> str:
+    """A keyword override (`predict(run, test, infer__gallery=Path(...))`) as the `key=value` string the
+    command line would give: a str as it is (as typed on a command line); any other value (a Path, a
+    number, a bool, a list) as YAML that parses back to that value."""
+    if isinstance(value, str):
+        return f"{key}={value}"
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, allow_unicode=True, width=1 << 30)
+    return f"{key}={text.strip().removesuffix('...').strip()}"
 
 
 def _nest(key: str, value) -> dict:
@@ -369,9 +400,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = _yaml(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            data = _yaml(path.read_bytes().decode("utf-8-sig")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None  # one line
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config sections")
         _apply(cfg, data)

@@ -5,7 +5,6 @@ the tuned ranking, returned as data. `infer.py` writes what this returns; a note
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,21 +15,22 @@ import torch
 
 from entrep import rundir
 from entrep.blending import mix, read_blend
-from entrep.config import ConfigError, load_config, parse_override
+from entrep.config import ConfigError, load_config, override_item, parse_override, run_defining_diff
 from entrep.data.images import ImageCache
 from entrep.data.release import file_sha1, load_test
 from entrep.embedding import DEFAULT_HEAD_WEIGHT, embed_images, embed_texts, eval_loader, retrieval_embedding
 from entrep.engine import make_accelerator
 from entrep.errors import EntrepError
-from entrep.io import atomic_write_csv, atomic_write_json, read_json
+from entrep.data.folds import read_folds
+from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, kit_file, read_json, shown
 from entrep.labels import LabelSet
 from entrep.model.backbone import image_stats, set_offline
-from entrep.model.checkpoint import check_compatible, fold_dir, fold_finished, load_fold_weights, read_meta
+from entrep.model.checkpoint import check_compatible, fold_dir, fold_finished, load_fold_weights, verify_fold
 from entrep.model.entrep_clip import build_model
 from entrep.model.lora import merged
 from entrep.oof import RETRIEVAL_TRACKS, FoldView
 from entrep.retrieval import average_embeddings, rank_gallery, text_class_probs
-from entrep.tuning import offered_methods, track_settings
+from entrep.tuning import offered_methods, track_settings, unit_float
 
 log = logging.getLogger("entrep.infer")
 
@@ -59,16 +59,49 @@ def fold_dirs(run: Path, cfg, partial: str) -> list[Path]:
 
 
 def read_gallery(path: str, images: dict) -> list[str]:
-    names = [s.strip() for s in Path(path).read_text(encoding="utf-8-sig").splitlines() if s.strip()]
+    from entrep.data.release import read_query_lines
+
+    names = read_query_lines(Path(path))
     bad = [n for n in names if n not in images]
     if bad:
         raise RunError(f"{path}: gallery names not in the test folder: {bad[:5]}")
     return list(dict.fromkeys(names))
 
 
+def track_galleries(test, restrict: list[str] | None, gallery_file: str = "") -> dict[str, list[str]]:
+    """Each retrieval track's gallery: the images of its query list's own folder (load_test), in the
+    order of infer.gallery=FILE and only those it lists when given."""
+    out = {}
+    for track in RETRIEVAL_TRACKS:
+        if not getattr(test, track):
+            continue
+        own = test.galleries[track]
+        if restrict is not None:
+            keep = set(own)
+            own = [n for n in restrict if n in keep]
+        if not own:
+            raise RunError(f"{track}: empty gallery: infer.gallery={gallery_file} lists none of the images under "
+                           f"{test.folders[track]}, where {track}.csv is")
+        out[track] = own
+    return out
+
+
+def check_run_keys(run: Path, cfg) -> None:
+    """Inference may override only the keys that steer one invocation or scoring (config.INVOCATION_KEYS,
+    SCORING_KEYS): any other key defines what was trained, and a different value would be used
+    silently beside the weights trained with the run's own (cv.n_splits=2 on a 3-fold run would drop
+    fold 2; model.lora.rank would build adapters the folds do not hold)."""
+    if diff := run_defining_diff(load_config(run / rundir.CONFIG), cfg):
+        raise RunError(f"{run}: {', '.join(diff)} {'defines' if len(diff) == 1 else 'define'} the run (its config.yaml) "
+                       f"and cannot be changed at inference; "
+                       f"drop {'that override' if len(diff) == 1 else 'those overrides'} (inference takes infer.*, "
+                       f"rerank.*, model.slerp.infer, model.slerp.alpha and the keys of one invocation), or train "
+                       f"a run with them under another --name")
+
+
 def training_overlap(run: Path, names: list[str], hashes: list[str]) -> dict:
     """Test images that are also training images, by file name and by content (the run's folds.csv)."""
-    folds = pd.read_csv(run / rundir.FOLDS, keep_default_na=False) if (run / rundir.FOLDS).is_file() else None
+    folds = read_folds(run / rundir.FOLDS) if (run / rundir.FOLDS).is_file() else None
     if folds is None:
         return {"by_name": [], "by_content": []}
     train_names = set(folds["image"])
@@ -82,8 +115,10 @@ def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
     with and chose, except where the command line sets the key (infer.tta_flip, infer.head_weight,
     model.slerp.alpha, model.slerp.infer, rerank.methods), which always wins."""
     tta = cfg.infer.tta_flip if "infer.tta_flip" in given or "tta_flip" not in tuned else tuned["tta_flip"]
-    out = {"tta_flip": bool(tta), "head_weight": cfg.infer.head_weight if cfg.infer.head_weight >= 0 or not tuned
-           else tuned.get("head_weight", DEFAULT_HEAD_WEIGHT)}
+    if not isinstance(tta, bool):
+        raise TypeError(f"tta_flip is {tta!r}, not true/false")
+    out = {"tta_flip": tta, "head_weight": cfg.infer.head_weight if cfg.infer.head_weight >= 0 or not tuned
+           else unit_float(tuned.get("head_weight", DEFAULT_HEAD_WEIGHT), "head_weight")}
     if out["head_weight"] < 0:
         out["head_weight"] = DEFAULT_HEAD_WEIGHT
     for track in RETRIEVAL_TRACKS:
@@ -112,12 +147,16 @@ class Predictions:
                 for q, ranked in getattr(self, track).items() for r, x in enumerate(ranked, 1)]
         return pd.DataFrame(rows, columns=["query", "rank", "image", "score"])
 
+    FILES = ("classes.csv", "i2i.json", "t2i.json", "meta.json")
+
     def write(self, folder: Path) -> None:
-        """classes.csv, i2i.json, t2i.json and meta.json, each written atomically (meta last)."""
-        atomic_write_csv(folder / "classes.csv", self.classes)
-        atomic_write_json(folder / "i2i.json", self.i2i)
-        atomic_write_json(folder / "t2i.json", self.t2i)
-        atomic_write_json(folder / "meta.json", self.meta)
+        """classes.csv, i2i.json, t2i.json and meta.json, written as one unit: a failed write (a full
+        disk) leaves the earlier predictions whole, never one new file beside three old ones."""
+        with atomic_dir(folder, set(self.FILES)) as tmp:
+            atomic_write_csv(tmp / "classes.csv", self.classes)
+            atomic_write_json(tmp / "i2i.json", self.i2i)
+            atomic_write_json(tmp / "t2i.json", self.t2i)
+            atomic_write_json(tmp / "meta.json", self.meta)
 
 
 def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple = (), **kw) -> Predictions:
@@ -129,24 +168,35 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     they apply to every member.
     """
     run, test_dir = Path(run), Path(test_dir)
-    overrides = list(overrides) + [f"{k.replace('__', '.')}={json.dumps(v) if not isinstance(v, str) else v}"
-                                   for k, v in kw.items()]
+    overrides = list(overrides) + [override_item(k.replace("__", "."), v) for k, v in kw.items()]
     blend = read_blend(run) if (run / rundir.BLEND).is_file() else None
     if blend is None and not (run / rundir.CONFIG).is_file():
         raise ConfigError(f"{run}: not a run directory (no config.yaml) nor a blend ({rundir.BLEND})")
     members, weights = (blend.used() if blend else ([run], None))
     cfgs = [load_config(m / rundir.CONFIG, overrides) for m in members]
+    for m, c in zip(members, cfgs):
+        check_run_keys(m, c)
     cfg = cfgs[0]  # the ranking's own settings (infer.topk, infer.gallery, infer.search, ...)
+    if cfg.infer.search.startswith("faiss-"):  # before any fold is embedded, not after
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            raise RunError(f"infer.search={cfg.infer.search} needs faiss: pip install faiss-cpu (or faiss-gpu), or "
+                           f"use infer.search=torch") from None
     given = {parse_override(o)[0] for o in overrides}
     set_offline(cfg.model.offline)
     test = load_test(test_dir)
     if not (test.cls or test.i2i or test.t2i):
         raise RunError(f"{test_dir}: no query list (cls.csv, i2i.csv or t2i.csv) anywhere below it; nothing to "
-                       f"predict, and {run / 'predictions'} is left as it is")
+                       f"predict, and no predictions are written")
+    if test.skipped:
+        log.info("skipped %d macOS metadata files (._* AppleDouble files, __MACOSX folders), e.g. %s",
+                 len(test.skipped), test.skipped[0])
     for f, listed, disk in test.case_fixes:
         log.info("%s: query %r resolved to %r", f, listed, disk)
     names = sorted(test.images)
-    gallery = read_gallery(cfg.infer.gallery, test.images) if cfg.infer.gallery else names
+    galleries = track_galleries(test, read_gallery(cfg.infer.gallery, test.images) if cfg.infer.gallery else None,
+                                cfg.infer.gallery)
     test_hashes = [file_sha1(test.images[n]) for n in names]
     in_training = training_overlap(run, names, test_hashes)
     if in_training["by_name"] or in_training["by_content"]:
@@ -154,8 +204,10 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
                     "gallery they can be answers; to leave them out, list the gallery in infer.gallery=FILE",
                     len(set(in_training["by_name"]) | set(in_training["by_content"])), len(in_training["by_name"]),
                     in_training["by_name"][:3], len(in_training["by_content"]), in_training["by_content"][:3])
-    log.info("gallery: %s (%d images)", f"infer.gallery={cfg.infer.gallery}" if cfg.infer.gallery else
-             f"every image of {test_dir} (an i2i query never retrieves itself)", len(gallery))
+    for track, gallery in galleries.items():
+        log.info("%s gallery: %s%s (%d images)%s", track, f"every image of {test.folders[track]}",
+                 f", those listed in infer.gallery={cfg.infer.gallery}" if cfg.infer.gallery else "", len(gallery),
+                 " (an i2i query never retrieves itself)" if track == "i2i" else "")
 
     views, infos = [], []
     for m, c in zip(members, cfgs):
@@ -176,7 +228,7 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         settings = {k: v for k, v in infos[0].items() if k not in ("run", "folds")}
         rerank = {t: settings[t]["rerank"] for t in RETRIEVAL_TRACKS}
         folds = infos[0]["folds"]
-    i2i, t2i = rank_test(view, test, gallery, rerank, cfg)
+    i2i, t2i = rank_test(view, test, galleries, rerank, cfg)
     not_predicted = {}
     if test.t2i and not view.text:
         not_predicted["t2i"] = f"{run} has no text tower (an image-only member): no t2i predictions"
@@ -186,7 +238,8 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     cls_df = pd.DataFrame({"image": names, "pred": [labels[i] for i in pred], "pred_idx": pred,
                            **{f"p_{c}": view.probs[:, j] for j, c in enumerate(labels)}})
     meta = {
-        "test_dir": str(test_dir.resolve()), "folds": folds, **settings, "topk": cfg.infer.topk, "gallery": gallery, "labels": list(labels),
+        "test_dir": str(test_dir.resolve()), "folds": folds, **settings, "topk": cfg.infer.topk,
+        "galleries": galleries, "gallery_folders": {t: str(test.folders[t]) for t in galleries}, "labels": list(labels),
         "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": None if "t2i" in not_predicted else test.t2i},
         "not_predicted": not_predicted, "on_disk": test.on_disk, "test_images_in_training": in_training}
     return Predictions(cls_df, i2i, t2i, meta)
@@ -197,11 +250,12 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     averaged; probabilities with the run's head weight, retrieval embeddings with its per-track alpha."""
     labels = LabelSet.from_config(cfg.labels)
     dirs = fold_dirs(run, cfg, cfg.infer.partial)
-    log.info("%s: ensembling %s, the finished models on disk", run, ", ".join(d.name for d in dirs))
-    for d in dirs:
-        check_compatible(read_meta(d), cfg, d)
+    for d in dirs:  # every file of every fold checked before the first is used
+        check_compatible(verify_fold(d, cfg.model.lora.enabled), cfg, d)
+    log.info("%s: ensembling %s, the finished models on disk", shown(run), ", ".join(d.name for d in dirs))
     tuned = read_json(run / rundir.TUNED) if (run / rundir.TUNED).is_file() else {}
-    settings = inference_settings(cfg, tuned, given)
+    with kit_file(run / rundir.TUNED):
+        settings = inference_settings(cfg, tuned, given)
     if not tuned:
         log.warning("%s has no tuned.json (no complete OOF run): settings from the config: %s", run, settings)
     accelerator = make_accelerator(cfg)
@@ -234,15 +288,16 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     return view, {"run": str(run), "folds": [d.name for d in dirs], **settings}
 
 
-def rank_test(view, test, gallery: list[str], rerank: dict[str, dict], cfg) -> tuple[dict, dict]:
-    """The i2i and t2i rankings of a test folder's queries over `gallery` (i2i queries never retrieve
-    themselves)."""
+def rank_test(view, test, galleries: dict[str, list[str]], rerank: dict[str, dict], cfg) -> tuple[dict, dict]:
+    """The i2i and t2i rankings of a test folder's queries, each track over its own gallery (i2i
+    queries never retrieve themselves). An i2i query whose gallery holds nothing but itself has no
+    answer: refused in one line."""
     pos = {n: i for i, n in enumerate(view.images)}
-    g_idx = [pos[n] for n in gallery]
-    g_pos = {n: i for i, n in enumerate(gallery)}
     probs = torch.from_numpy(view.probs).float()
 
     def rank(track, queries, exclude=None, query_probs=None):
+        gallery = galleries[track]
+        g_idx = [pos[n] for n in gallery]
         s, i = rank_gallery(queries, torch.from_numpy(view.ret[track][g_idx]), cfg.infer.topk, rerank[track],
                             exclude=exclude, query_probs=query_probs, gallery_probs=probs[g_idx],
                             max_bytes=cfg.infer.max_sim_bytes, search=cfg.infer.search, nprobe=cfg.infer.faiss_nprobe)
@@ -251,6 +306,12 @@ def rank_test(view, test, gallery: list[str], rerank: dict[str, dict], cfg) -> t
 
     i2i, t2i = {}, {}
     if test.i2i:
+        g_pos = {n: i for i, n in enumerate(galleries["i2i"])}
+        alone = [x for x in test.i2i if len(g_pos) - (test.on_disk[x] in g_pos) < 1]
+        if alone:
+            raise RunError(f"i2i query {alone[0]!r}: its gallery ({test.folders['i2i']}"
+                           f"{', infer.gallery=' + cfg.infer.gallery if cfg.infer.gallery else ''}) holds nothing but "
+                           f"the query itself, so it has no answer; an i2i gallery needs at least one other image")
         q = [pos[test.on_disk[x]] for x in test.i2i]
         exclude = torch.tensor([g_pos.get(test.on_disk[x], -1) for x in test.i2i])
         i2i = dict(zip(test.i2i, rank("i2i", torch.from_numpy(view.ret["i2i"][q]), exclude, probs[q])))

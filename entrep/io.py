@@ -1,14 +1,18 @@
-"""Atomic writes (every file the kit writes goes to a temp file in the same folder, then os.replace),
-reading back what the kit wrote, and one writer per run directory."""
+"""Atomic writes (every file the kit writes goes to a temp file in the same folder, then os.replace;
+every multi-file output is written as one unit), reading back what the kit wrote, and one writer per
+run directory."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -17,24 +21,181 @@ from entrep.errors import EntrepError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK  # what open() and mkdir() would give
+
+
+def naming(e: OSError, path: str | Path) -> OSError:
+    """`e` naming `path`, the file the user asked for: a failed write raises with no file name
+    (ENOSPC from write()) or with a temp file's random name."""
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temp path next to `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temp path next to `path`; on success it replaces `path`, on error it is removed. An
+    OSError (a full disk, a read-only folder) comes out naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; give the file the mode open() would
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # again: a writer that recreates the file (safetensors) leaves 0600
+        os.chmod(tmp, FILE_MODE)  # again: a writer that recreates the file (safetensors) leaves 0600
         os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise naming(e, path) from e
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
+
+
+def _remove(p) -> None:
+    if p is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+def _normal_modes(folder: Path) -> None:
+    """Every file and folder under `folder` with the modes open() and mkdir() give: mkdtemp makes
+    0700 and some writers (peft's save_pretrained, safetensors) 0600, unlike the kit's other files."""
+    os.chmod(folder, DIR_MODE)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), DIR_MODE)
+        for f in files:
+            os.chmod(os.path.join(root, f), FILE_MODE)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, holds: set[str] | None = None):
+    """A multi-file output written as one unit: yield an empty temp folder beside `path`; on success
+    the old `path` is renamed aside, the new one renamed in and the old one removed; on any error the
+    temp folder is removed and `path` is left as it was (complete old set, never a mix).
+
+    `holds`: the names the output consists of. An existing `path` holding anything else is refused
+    (it is not the kit's alone, and the swap would delete it)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EntrepError(f"{path} is a file; give a folder")
+    with contextlib.suppress(OSError):  # the swap would pull the folder from under the process
+        here = Path.cwd().resolve()
+        if path.resolve() == here or path.resolve() in here.parents:
+            raise EntrepError(f"{path} is the current folder or holds it; give a folder of its own for the output")
+    if holds is not None and path.is_dir():
+        if foreign := sorted(p.name for p in path.iterdir() if p.name not in holds and not p.name.startswith(".")):
+            raise EntrepError(f"{path} holds files that are not this output's ({', '.join(foreign[:5])}); it is "
+                              f"replaced as a whole, so give an empty folder or one of its own")
+    tmp = old = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        yield tmp
+        _normal_modes(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)  # put the old set back
+                old = None
+            raise
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise naming(e, path) from e
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise the OSError a write of `path` (a file or an atomic_dir folder) would meet, before hours of
+    work are spent on what cannot be saved: a temp folder is made beside it and removed."""
+    path = Path(path).absolute()
+    where = path.parent
+    while not where.exists() and where != where.parent:  # creates nothing: the first folder that exists
+        where = where.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=where))
+    except OSError as e:
+        raise naming(e, path) from e
+
+
+class FileSet:
+    """The files of one `atomic_files` unit: `path(name)` is where to write `name`; `remove(name)`
+    takes `name` out of the folder with the others."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.temps: dict[str, Path] = {}
+        self.removed: set[str] = set()
+
+    def path(self, name: str) -> Path:
+        if name not in self.temps:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
+            os.close(fd)
+            self.temps[name] = Path(tmp)
+        return self.temps[name]
+
+    def remove(self, name: str) -> None:
+        self.removed.add(name)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.path(name).write_text(text, encoding="utf-8")
+
+    def write_json(self, name: str, obj, indent: int | None = 2) -> None:
+        self.write_text(name, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+    def write_csv(self, name: str, df) -> None:
+        df.to_csv(self.path(name), index=False)
+
+
+@contextlib.contextmanager
+def atomic_files(folder: str | Path):
+    """Several files of a shared folder (a run directory's report set) replaced together: each is
+    written to a temp file; then every old file is renamed aside and every new one renamed in. Any
+    error before or during that undoes what was renamed, so the folder holds the complete old set or
+    the complete new set. (A kill during the renames themselves, microseconds, can still leave a mix.)"""
+    folder = Path(folder)
+    files = None
+    moved: list[tuple[Path, Path | None, bool]] = []  # (target, its old copy aside, new one in place)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        files = FileSet(folder)
+        yield files
+        tag = uuid.uuid4().hex[:8]
+        for name in [*files.temps, *sorted(files.removed - set(files.temps))]:
+            target = folder / name
+            aside = folder / f".{name}.old-{tag}" if os.path.lexists(target) else None
+            if aside is not None:
+                os.rename(target, aside)
+            moved.append((target, aside, False))
+            if name in files.temps:
+                os.chmod(files.temps[name], FILE_MODE)
+                os.rename(files.temps[name], target)
+                moved[-1] = (target, aside, True)
+    except BaseException as e:
+        for target, aside, placed in reversed(moved):
+            with contextlib.suppress(OSError):
+                if placed:
+                    os.unlink(target)
+                if aside is not None:
+                    os.rename(aside, target)
+        for tmp in (files.temps.values() if files else ()):
+            _remove(tmp)
+        if isinstance(e, OSError):
+            raise naming(e, getattr(e, "filename", None) or folder) from e
+        raise
+    for _, aside, _ in moved:
+        _remove(aside)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -51,17 +212,47 @@ def atomic_write_csv(path: str | Path, df) -> None:
         df.to_csv(tmp, index=False)
 
 
-def read_json(path: str | Path):
-    """A JSON file the kit wrote (tuned.json, report.json, blend.json, ...); a missing, truncated or
-    hand-broken one is one line naming it."""
+def load_json_text(path: str | Path, encoding: str = "utf-8"):
+    """JSON from a file; OSError (missing, unreadable) passes, anything wrong with the content
+    (not text in `encoding`, malformed, nested too deep, an integer too long) is one ValueError."""
+    data = Path(path).read_bytes()
+    try:
+        return json.loads(data.decode(encoding))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not {encoding} text ({e})") from None
+
+
+def read_json(path: str | Path, expect: type | None = dict):
+    """A JSON file the kit wrote (tuned.json, report.json, blend.json, meta.json, ...); a missing,
+    truncated or hand-broken one, or one whose top level is not `expect`, is one line naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = load_json_text(path, "utf-8-sig")  # a hand edit in Notepad adds a BOM
     except FileNotFoundError:
         raise EntrepError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise EntrepError(f"{path}: unreadable ({type(e).__name__}: {e}); re-create it with the command that "
                           f"wrote it") from None
+    if expect is not None and not isinstance(data, expect):
+        kind = {dict: "object", list: "array", str: "string", type(None): "null"}
+        raise EntrepError(f"{path}: expected a JSON {kind.get(expect, expect.__name__)}, found "
+                          f"{kind.get(type(data), type(data).__name__)}; re-create it with the command that wrote it")
+    return data
+
+
+@contextlib.contextmanager
+def kit_file(path: str | Path):
+    """Around the code that reads the fields of a kit file (tuned.json, meta.json, ...): a field that is
+    missing or of another type (a hand edit, another version of the kit) is one line naming the file."""
+    try:
+        yield
+    except EntrepError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise EntrepError(f"{path}: unexpected content ({type(e).__name__}: {e}); re-create it with the command "
+                          f"that wrote it") from None
 
 
 @contextlib.contextmanager
@@ -78,6 +269,8 @@ def exclusive_run(run_dir: Path, what: str):
             held = json.loads(owner.read_text())
         except (OSError, ValueError):
             held = {}
+        if not isinstance(held, dict):
+            held = {}
         raise EntrepError(f"{run_dir} is in use by another {held.get('what', 'process')} (pid {held.get('pid', '?')} "
                           f"on {held.get('host', '?')}, since {held.get('since', '?')}); wait for it, or use "
                           f"another --name") from None
@@ -88,3 +281,29 @@ def exclusive_run(run_dir: Path, what: str):
     finally:
         owner.unlink(missing_ok=True)
         lock.release()
+
+
+def shown(path: str | Path) -> str:
+    """A path for a log line: as given when relative; relative to the current folder when under it
+    (a blend's members are held resolved); else as it is."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    with contextlib.suppress(ValueError, OSError):
+        return str(p.relative_to(Path.cwd().resolve())) or "."
+    return str(p)
+
+
+WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def describe_os_error(e: OSError) -> str:
+    """An OSError as one line naming the path and the fix."""
+    path = e.filename if e.filename is not None else "a file"
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {path}: {what}; free space there or choose another folder (output_dir=..., --out ...)"
+    if e.errno in WRITE_ERRNOS:
+        return f"cannot write {path}: {what}; choose a folder you can write to (output_dir=..., --out ...)"
+    other = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
+    return f"{path}{other}: {what}"

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from entrep import rundir
-from entrep.io import atomic_path, atomic_write_csv, atomic_write_json
+from entrep.io import FileSet, atomic_files
 from entrep.metrics import retrieval_metrics
 from entrep.oof import RELEVANCE, RETRIEVAL_TRACKS, FoldOOF, FoldView, pooled_classification, track_rankings
 from entrep.tuning import Scored, crossfit, tune
@@ -74,7 +74,10 @@ def oof_table(views: dict[int, FoldView], table, names) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plots(run_dir: Path, cls: dict, names) -> None:
+PLOTS = ("confusion_matrix.png", "per_class_f1.png")
+
+
+def plots(files: FileSet, cls: dict, names) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,22 +94,23 @@ def plots(run_dir: Path, cls: dict, names) -> None:
         for j in range(len(names)):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
     ax.set_title("out-of-fold confusion matrix")
-    _save_fig(fig, run_dir / "confusion_matrix.png")
+    _save_fig(fig, files.path(PLOTS[0]))
     fig, ax = plt.subplots(figsize=(1 + 0.8 * len(names), 3))
     ax.bar(names, [cls["per_class"][n]["f1"] for n in names])
     ax.set_ylim(0, 1)
     ax.set_ylabel("F1 (out of fold)")
     ax.tick_params(axis="x", rotation=45)
-    _save_fig(fig, run_dir / "per_class_f1.png")
+    _save_fig(fig, files.path(PLOTS[1]))
 
 
 def _save_fig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def crossfit_figures(oof: dict[int, FoldOOF], table, names, cfg) -> tuple[dict, dict[int, Scored]]:
@@ -120,14 +124,20 @@ def write_report(run_dir: Path, oof: dict[int, FoldOOF], table, names, cfg, extr
     `extra` (e.g. the pseudo-labels each fold trained with) goes into report.json as it is."""
     figures, scored = crossfit_figures(oof, table, names, cfg)
     tuned = tune(oof, table, names, cfg) | {"how": HOW["tuned"]}
-    return write_scored(run_dir, figures | (extra or {}) | {"tuned": tuned}, tuned, scored, table, names)
+    with atomic_files(run_dir) as files:
+        write_scored(files, figures | (extra or {}) | {"tuned": tuned}, tuned, scored, table, names)
+    return figures | (extra or {}) | {"tuned": tuned}
 
 
-def write_scored(run_dir: Path, figures: dict, tuned: dict, scored: dict[int, Scored], table, names) -> dict:
-    """tuned.json, oof.csv, report.json (last) and the plots of a run or a blend."""
-    atomic_write_json(run_dir / rundir.TUNED, tuned)
-    atomic_write_csv(run_dir / rundir.OOF_TABLE, oof_table({k: s.view for k, s in scored.items()}, table, names))
-    atomic_write_json(run_dir / rundir.REPORT, figures)
+def write_scored(files: FileSet, figures: dict, tuned: dict, scored: dict[int, Scored], table, names) -> dict:
+    """tuned.json, oof.csv, report.json and the plots of a run or a blend, into `files` (io.atomic_files:
+    the set is replaced as one unit, so tuned.json never disagrees with the report beside it)."""
+    files.write_json(rundir.TUNED, tuned)
+    files.write_csv(rundir.OOF_TABLE, oof_table({k: s.view for k, s in scored.items()}, table, names))
+    files.write_json(rundir.REPORT, figures)
     if figures["classification"]:
-        plots(run_dir, figures["classification"], names)
+        plots(files, figures["classification"], names)
+    else:  # no plot of this report: an earlier report's must not stay beside it
+        for name in PLOTS:
+            files.remove(name)
     return figures

@@ -149,6 +149,7 @@ class KReciprocal:
         self.n_q, n = q.shape[0], self.allf.shape[0]
         self.lam, self.max_bytes = lam, max_bytes
         k1 = min(k1, n - 1)
+        k2 = min(k2, k1 + 1)  # a tiny gallery has fewer neighbours than the local expansion asks for
         self.rowmax = torch.empty(n)
         rank = torch.empty(n, k1 + 1, dtype=torch.long)
         rows_per = _rows_per_block(n, max_bytes, per_col=8)  # the block and topk's workspace
@@ -169,7 +170,7 @@ class KReciprocal:
                 cand = cand[(rank_np[cand, :half] == c).any(1)]
                 if len(np.intersect1d(cand, recip)) > 2 / 3 * len(cand):
                     expanded.append(cand)
-            idx = np.unique(np.concatenate(expanded))
+            idx = np.unique(np.concatenate(expanded + [[i]]))  # i itself, even where ties with copies pushed it out
             d = self._pair_distance(i, idx)
             w = np.exp(-d)
             rows.append(np.full(len(idx), i))
@@ -188,7 +189,9 @@ class KReciprocal:
         return (a @ b.t()).mul_(-2).add_(2).clamp_(min=0)
 
     def _pair_distance(self, i: int, idx: np.ndarray) -> np.ndarray:
-        d = (2 - 2 * self.allf[idx] @ self.allf[i]).clamp(min=0) / self.rowmax[i]
+        # <= 1 by definition (the row's maximum); the clamp keeps rounding from making exp(-d) vanish
+        # where every vector is a copy of one and the row maximum is ~0
+        d = ((2 - 2 * self.allf[idx] @ self.allf[i]).clamp(min=0) / self.rowmax[i]).clamp(max=1)
         return d.numpy()
 
     def distances(self, s: int, e: int) -> torch.Tensor:
@@ -212,7 +215,7 @@ class KReciprocal:
             start = stop
         inter = torch.from_numpy(inter)
         jaccard = inter.div_((2 - inter)).neg_().add_(1)  # 1 - |min| / (2 - |min|), in place
-        orig = self._distances(self.allf[s:e], self.allf[self.n_q:]).div_(self.rowmax[s:e, None])
+        orig = self._distances(self.allf[s:e], self.allf[self.n_q:]).div_(self.rowmax[s:e, None]).clamp_(max=1)
         return jaccard.mul_(1 - self.lam).add_(orig, alpha=self.lam)
 
 

@@ -1,4 +1,4 @@
-"""python -m entrep.score --track {cls,i2i,t2i} --submission S.json --truth T.json: see entrep/commands/score.py."""
+"""python -m entrep.score --submission S.json|S.zip --truth T.json|TRUTH_DIR [--track T]: see entrep/commands/score.py."""
 import sys
 
 from entrep.cli import run_main

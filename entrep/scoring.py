@@ -19,14 +19,112 @@ class ScoreError(EntrepError):
     pass
 
 
-def load_json_object(path: str) -> dict:
+TRACKS = ("cls", "i2i", "t2i")
+
+
+def parse_json_object(data: bytes, where: str) -> dict:
+    """A submission or truth JSON object from its bytes; anything else is one line naming `where`."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ScoreError(f"{path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ScoreError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+        obj = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ScoreError(f"{where}: not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ScoreError(f"{where}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # an integer too long to convert, nesting too deep
+        raise ScoreError(f"{where}: malformed JSON ({type(e).__name__}: {e or 'nested too deeply'})") from None
+    if not isinstance(obj, dict):
+        raise ScoreError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def load_json_object(path: str | Path) -> dict:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ScoreError(f"{path}: {e.strerror or e}") from None
+    return parse_json_object(data, str(path))
+
+
+def track_of(name: str) -> str | None:
+    """The track a file is for, by its name (cls.json, track2_i2i.json, ...); None when the name names
+    no track or several."""
+    hits = [t for t in TRACKS if t in Path(name).name.lower()]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _is_metadata(name: str) -> bool:
+    """macOS's zip leftovers: __MACOSX/ entries and AppleDouble `._name` files."""
+    return "__MACOSX" in Path(name).parts or Path(name).name.startswith("._")
+
+
+def read_submission(path: str | Path, track: str | None = None) -> dict[str, tuple[str, dict]]:
+    """{track: (where, answers)} of a submission: one JSON (its track from `track` or its name), or the
+    challenge's zip, or a folder, of JSONs named by track (cls.json, i2i.json, t2i.json). `track`
+    restricts a zip or folder to that track."""
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        entries = [(str(p), p.name, p.read_bytes) for p in sorted(path.glob("*.json")) if not _is_metadata(p.name)]
+    elif zipfile.is_zipfile(path):
+        try:
+            z = zipfile.ZipFile(path)
+            names = [n for n in z.namelist() if n.lower().endswith(".json") and not _is_metadata(n)]
+            entries = [(f"{path}:{n}", n, lambda n=n: z.read(n)) for n in names]
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:  # RuntimeError: encrypted
+            raise ScoreError(f"{path}: not a readable zip ({type(e).__name__}: {e})") from None
+    elif path.is_file():
+        if path.suffix.lower() == ".zip":
+            raise ScoreError(f"{path}: not a readable zip file")
+        t = track or track_of(path.name)
+        if t is None:
+            raise ScoreError(f"{path}: cannot tell its track from the name; give --track cls|i2i|t2i")
+        return {t: (str(path), load_json_object(path))}
+    else:
+        raise ScoreError(f"{path}: no such file or folder")
+    if not entries:
+        raise ScoreError(f"{path}: holds no JSON file (cls.json, i2i.json, t2i.json)")
+    out: dict[str, tuple[str, dict]] = {}
+    for where, name, read in entries:
+        t = track_of(name) or (track if len(entries) == 1 else None)
+        if t is None:
+            raise ScoreError(f"{where}: cannot tell its track from the name; name it cls.json, i2i.json or t2i.json"
+                             + (" (or give --track for a zip of one JSON)" if len(entries) == 1 else ""))
+        if track is not None and t != track:
+            continue
+        if t in out:
+            raise ScoreError(f"{path}: two files for {t} ({out[t][0]}, {where}); keep one")
+        try:
+            data = read()
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+            raise ScoreError(f"{where}: unreadable ({type(e).__name__}: {e})") from None
+        out[t] = (where, parse_json_object(data, where))
+    if not out:
+        raise ScoreError(f"{path}: holds no {track} JSON")
+    return out
+
+
+def read_truth(path: str | Path, tracks: list[str]) -> dict[str, tuple[str, dict]]:
+    """{track: (where, truth)} for `tracks`: one truth JSON (one track), or a folder holding one truth
+    JSON per track, found by name (*cls*.json, *i2i*.json, *t2i*.json, as the demo's truth/track1_cls.json)."""
+    path = Path(path)
+    if path.is_dir():
+        files: dict[str, list[Path]] = {}
+        for p in sorted(path.glob("*.json")):
+            if not _is_metadata(p.name) and (t := track_of(p.name)):
+                files.setdefault(t, []).append(p)
+        out = {}
+        for t in tracks:
+            if not files.get(t):
+                raise ScoreError(f"--truth {path}: no truth file for {t} (a JSON whose name holds '{t}', e.g. {t}.json)")
+            if len(files[t]) > 1:
+                raise ScoreError(f"--truth {path}: several truth files for {t}: {[p.name for p in files[t]]}; keep one")
+            out[t] = (str(files[t][0]), load_json_object(files[t][0]))
+        return out
+    if len(tracks) > 1:
+        raise ScoreError(f"--truth {path} is one file, but the submission holds {len(tracks)} tracks ({', '.join(tracks)}); "
+                         f"give --truth a folder with one truth JSON per track")
+    return {tracks[0]: (str(path), load_json_object(path))}
 
 
 def _is_index(v, n: int) -> bool:

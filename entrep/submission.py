@@ -6,7 +6,7 @@ import zipfile
 from pathlib import Path
 
 from entrep.errors import EntrepError
-from entrep.io import atomic_path, atomic_write_json
+from entrep.io import atomic_dir, atomic_path, atomic_write_json
 
 TRACK_TITLES = {"cls": "Track 1 classification", "i2i": "Track 2 image-to-image", "t2i": "Track 3 text-to-image"}
 
@@ -45,6 +45,9 @@ def validate(track: str, sub: dict, queries: list[str], gallery: set[str] | None
         raise SubmissionError(f"{TRACK_TITLES[track]} submission is invalid:\n  - " + "\n  - ".join(problems[:20]))
 
 
+SUBMISSION_FILES = {f"{t}.{ext}" for t in TRACK_TITLES for ext in ("json", "zip")}
+
+
 def write_track(track: str, sub: dict, out_dir: Path) -> tuple[Path, Path]:
     """`<track>.json` and `<track>.zip` (that JSON alone, at the zip's root), both atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -56,8 +59,19 @@ def write_track(track: str, sub: dict, out_dir: Path) -> tuple[Path, Path]:
     return js, zp
 
 
+def write_submission(subs: dict[str, dict], out_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """Every track's JSON and zip in `out_dir` as one unit (io.atomic_dir): the folder then holds this
+    set and nothing of an earlier one; a failed write (a full disk) leaves the earlier set whole."""
+    with atomic_dir(out_dir, SUBMISSION_FILES) as tmp:
+        for track, sub in subs.items():
+            write_track(track, sub, tmp)
+    return {t: (out_dir / f"{t}.json", out_dir / f"{t}.zip") for t in subs}
+
+
 def rankings_to_submission(rankings: dict[str, list[dict]], topk: int) -> dict:
     """{query: [{"image", "score"}, ...]} -> {query: top-1 name} or {query: [top-k names]}."""
     if topk < 1:
         raise SubmissionError("--topk must be >= 1")
+    if empty := [q for q, r in rankings.items() if not r]:
+        raise SubmissionError(f"{len(empty)} queries have no ranked answer (e.g. {empty[0]!r}); re-run infer.py")
     return {q: (r[0]["image"] if topk == 1 else [x["image"] for x in r[:topk]]) for q, r in rankings.items()}

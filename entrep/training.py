@@ -25,23 +25,24 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 
 from entrep import rundir
 from entrep.config import flat_dict, load_config, run_defining_diff, save_config, to_dict
-from entrep.data.folds import file_signatures, load_or_make_folds, missing_classes
+from entrep.data.folds import file_signatures, load_or_make_folds, missing_classes, read_folds
 from entrep.data.identity import data_identity, describe_data_change
 from entrep.data.images import CachedPixels, ImageCache
 from entrep.data.release import DataError, file_sha1, load_release
 from entrep.embedding import DEFAULT_HEAD_WEIGHT, embed_images, embed_texts, eval_loader
 from entrep.engine import FoldTrainer, make_accelerator
 from entrep.errors import EntrepError
-from entrep.io import atomic_write_csv, atomic_write_json, read_json
+from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, read_json
 from entrep.labels import LabelSet
 from entrep.model.backbone import image_stats, input_size
 from entrep.model.checkpoint import (
+    FOLD_FILES,
     METRICS_FILE,
     fold_dir,
     fold_finished,
     load_fold_weights,
     mark_finished,
-    save_weights,
+    write_weights,
 )
 from entrep.model.entrep_clip import build_model
 from entrep.oof import OOF_FILE, FoldOOF, load_fold_oof, save_fold_oof
@@ -323,13 +324,9 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None, timer: Sta
                     "written_by": {"process_index": accelerator.process_index,
                                    "num_processes": accelerator.num_processes,
                                    "distributed_type": accelerator.distributed_type.value}}
-            save_weights(unwrapped, out_dir, meta)
+            write_fold(out_dir, unwrapped, meta, history, oof, metrics | {"timing": timer.as_dict()})
             log.info("fold %s: saved to %s by process %d of %d", k, out_dir, accelerator.process_index,
                      accelerator.num_processes)
-            atomic_write_csv(out_dir / "history.csv", pd.DataFrame(history))
-            if oof is not None:
-                save_fold_oof(out_dir / OOF_FILE, oof)
-            mark_finished(out_dir, metrics | {"timing": timer.as_dict()})
     log.info("fold %s done in %.0fs: %s", k, time.time() - t0, last)
     with timer.stage("teardown"):
         del model, unwrapped
@@ -338,6 +335,18 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None, timer: Sta
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return FoldResult(k, out_dir, metrics, history, oof if accelerator.is_main_process else None)
+
+
+def write_fold(out_dir: Path, model, meta: dict, history: list[dict], oof: FoldOOF | None, metrics: dict) -> None:
+    """A trained fold's folder as one unit (weights, history, OOF file, metrics.json last): a failed
+    write leaves the earlier folder whole, so a retrained fold can never be its new weights beside
+    the old metrics.json that marks it finished."""
+    with atomic_dir(out_dir, FOLD_FILES) as tmp:
+        write_weights(model, tmp, meta)
+        atomic_write_csv(tmp / "history.csv", pd.DataFrame(history))
+        if oof is not None:
+            save_fold_oof(tmp / OOF_FILE, oof)
+        mark_finished(tmp, metrics)
 
 
 @dataclass
@@ -359,7 +368,7 @@ def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
     source = Path(cfg.train.pseudo_from)
     if not (source / rundir.CONFIG).is_file() or not (source / rundir.FOLDS).is_file():
         raise EntrepError(f"train.pseudo_from={source}: not a run directory (config.yaml, folds.csv)")
-    theirs = pd.read_csv(source / rundir.FOLDS, keep_default_na=False)
+    theirs = read_folds(source / rundir.FOLDS)
     fold_of = dict(zip(theirs["image"], theirs["fold"]))
     differ = [n for n, f in zip(data.folds["image"], data.folds["fold"]) if fold_of.get(n) != f]
     if differ:

@@ -66,9 +66,28 @@ def tune(oof: dict[int, FoldOOF], table, names, cfg) -> dict:
 
 def track_settings(tuned: dict, track: str) -> tuple[float, dict]:
     """(alpha, kept re-ranking methods) of a track; tuned.json files from before per-track tuning
-    held one alpha and one set for both tracks."""
+    held one alpha and one set for both tracks. Values of another type raise (io.kit_file names the file)."""
     t = tuned.get(track) or {"alpha": tuned.get("alpha", 0.0), "rerank": tuned.get("rerank", {})}
-    return t["alpha"], t["rerank"].get("kept", {})
+    return unit_float(t["alpha"], "alpha"), checked_rerank(t["rerank"].get("kept", {}))
+
+
+def unit_float(x, what: str) -> float:
+    """A weight read from a kit file: a number in [0, 1]."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 1:
+        raise ValueError(f"{what} is {x!r}, not a number in [0, 1]")
+    return float(x)
+
+
+def checked_rerank(kept) -> dict:
+    """Re-ranking methods as a kit file holds them ({method: params}), each known and with the
+    parameters the method takes, cast to their types."""
+    from entrep.config import RerankConfig
+
+    out = {}
+    for m, params in dict(kept).items():
+        want = method_params(m, RerankConfig())  # KeyError: not a method
+        out[m] = {k: type(v)(params[k]) for k, v in want.items()}
+    return out
 
 
 @dataclass

@@ -95,8 +95,14 @@ def test_infer_refuses_or_uses_unfinished_folds(demo, trained_demo_run, tmp_path
 
 
 @pytest.mark.slow
-def test_adapters_on_another_base_are_refused(trained_demo_run, demo):
+def test_adapters_on_another_base_are_refused(trained_demo_run, demo, tmp_path):
     r = py("infer.py", "--run", trained_demo_run, "--data", demo / "test", "model.name=ViT-B-32", check=False)
+    assert r.returncode == 2 and "model.name defines the run" in r.stdout  # an override never reaches the folds
+    run = tmp_path / "edited"
+    shutil.copytree(trained_demo_run, run)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("name: entrep-tiny", "name: ViT-B-32", 1))  # a hand edit
+    r = py("infer.py", "--run", run, "--data", demo / "test", check=False)
     assert r.returncode == 2 and "trained on base 'entrep-tiny'" in r.stdout
 
 
@@ -182,9 +188,7 @@ def test_bad_image_error_names_the_file(tmp_path):
 
 
 def test_run_dir_arrays_and_weights_are_never_unpickled(tmp_path):
-    from safetensors import SafetensorError
-
-    from entrep.model.checkpoint import load_fold_weights
+    from entrep.model.checkpoint import CheckpointError, load_fold_weights
     from entrep.oof import load_fold_oof
 
     with open(tmp_path / "oof.npz", "wb") as f:
@@ -196,8 +200,8 @@ def test_run_dir_arrays_and_weights_are_never_unpickled(tmp_path):
     (tmp_path / "kit.safetensors").write_bytes(pickle.dumps({"head.weight": [1.0]}))
     loaded = []
     model = SimpleNamespace(load_kit_state_dict=loaded.append, eval=lambda: None)
-    with pytest.raises(SafetensorError):
-        load_fold_weights(model, tmp_path, "fold0")  # a pickle is not safetensors: refused while reading
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_fold_weights(model, tmp_path, "fold0")  # a pickle is not safetensors: refused before reading
     assert loaded == []
 
 

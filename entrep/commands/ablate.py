@@ -22,7 +22,7 @@ from entrep.cli import console, parser, setup_logging
 from entrep.commands.train import main as train_main
 from entrep.commands.train import parse
 from entrep.config import SCORING_KEYS, Config, load_config, parse_override, to_dict
-from entrep.io import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text
+from entrep.io import atomic_files, atomic_write_json, kit_file, read_json
 
 
 def default_ladder(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
@@ -88,7 +88,7 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
         run = root / rung
         reuse = previous is not None and inference_only(switch)
         resolved = rung_config(argv)
-        if (run / "rung.json").is_file() and json.loads((run / "rung.json").read_text()).get("config") != resolved:
+        if (run / "rung.json").is_file() and read_json(run / "rung.json").get("config") != resolved:
             print(f"{rung}: its resolved config differs from the one it ran with; running it again")
             shutil.rmtree(run)
         if not (run / "rung.json").is_file():
@@ -111,29 +111,29 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
 
 
 def row_for(rung: str, run: Path) -> dict:
-    rep = json.loads((run / rundir.REPORT).read_text())
-    info = json.loads((run / "rung.json").read_text())
-    metrics = [json.loads(p.read_text()) for p in sorted(run.glob("fold*/metrics.json"))]
-    return {
-        "rung": rung,
-        "accuracy": rep["classification"].get("accuracy"),
-        "f1_macro": rep["classification"].get("f1_macro"),
-        "i2i_R@1": rep["i2i"].get("recall@1"), "i2i_MRR": rep["i2i"].get("mrr"),
-        "t2i_R@1": rep["t2i"].get("recall@1"), "t2i_MRR": rep["t2i"].get("mrr"),
-        "trainable_params": metrics[0].get("trainable_params") if metrics else None,
-        "wall_s": round(info["wall_s"], 1),  # training + OOF scoring; re-scoring only for reused folds
-        "reused_folds_of": info["reused_folds_of"] or "",
-    }
+    rep = read_json(run / rundir.REPORT)
+    info = read_json(run / "rung.json")
+    metrics = [read_json(p) for p in sorted(run.glob("fold*/metrics.json"))]
+    with kit_file(run / rundir.REPORT):
+        return {
+            "rung": rung,
+            "accuracy": rep["classification"].get("accuracy"),
+            "f1_macro": rep["classification"].get("f1_macro"),
+            "i2i_R@1": rep["i2i"].get("recall@1"), "i2i_MRR": rep["i2i"].get("mrr"),
+            "t2i_R@1": rep["t2i"].get("recall@1"), "t2i_MRR": rep["t2i"].get("mrr"),
+            "trainable_params": metrics[0].get("trainable_params") if metrics else None,
+            "wall_s": round(info["wall_s"], 1),  # training + OOF scoring; re-scoring only for reused folds
+            "reused_folds_of": info["reused_folds_of"] or "",
+        }
 
 
 def write_table(root: Path, table: pd.DataFrame) -> None:
-    atomic_write_csv(root / "ablation.csv", table)
+    """ablation.csv, .md and .png as one unit (io.atomic_files)."""
     fmt = table.copy()
     for col in ("accuracy", "f1_macro", "i2i_R@1", "i2i_MRR", "t2i_R@1", "t2i_MRR"):
         fmt[col] = fmt[col].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.3f}")
     header = "| " + " | ".join(fmt.columns) + " |\n|" + "---|" * len(fmt.columns) + "\n"
     body = "".join("| " + " | ".join(str(v) for v in r) + " |\n" for r in fmt.itertuples(index=False))
-    atomic_write_text(root / "ablation.md", header + body)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,9 +149,13 @@ def write_table(root: Path, table: pd.DataFrame) -> None:
     ax.set_ylabel("out of fold")
     ax.legend(loc="upper left", ncols=3)
     fig.tight_layout()
-    with atomic_path(root / "ablation.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_files(root) as files:
+            files.write_csv("ablation.csv", table)
+            files.write_text("ablation.md", header + body)
+            fig.savefig(files.path("ablation.png"), format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:

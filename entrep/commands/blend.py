@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from entrep.labels import LabelSet
 
     if (out / rundir.BLEND).is_file():
-        had = read_json(out / rundir.BLEND)["members"]
+        had = read_json(out / rundir.BLEND).get("members")
         now = member_refs(args.runs, out)
         if had != now:
             raise EntrepError(f"{out} is a blend of {had}; give a blend of {now} another --name")

@@ -122,7 +122,9 @@ def _findings(table, rep) -> list[tuple]:
     n_pairs = int(table["partners"].map(len).sum()) // 2
     return [
         ("images (after merging)", len(table), ""),
-        ("captioned images / i2i links", f"{n_captioned} / {n_pairs}", ""),
+        ("captioned images / i2i pairs (undirected: a->b and b->a are one pair)",
+         f"{n_captioned} / {n_pairs}", f"from {rep.i2i_entries} i2i.json entries" if rep.i2i_entries else ""),
+        ("macOS metadata files skipped (._*, __MACOSX)", len(rep.macos_skipped), _examples(rep.macos_skipped)),
         ("unlabelled images (contrastive losses only)", len(rep.unlabelled), _examples(rep.unlabelled)),
         ("image files named by no annotation", len(rep.unannotated), _examples(rep.unannotated)),
         ("labels or links naming missing files", len(rep.missing), _examples(rep.missing)),
@@ -142,7 +144,9 @@ def _test_findings(table, ts, leaks) -> list[tuple]:
     by_content = sorted(n for n, p in ts.images.items() if file_sha1(p) in train_hashes)
     captions = {c for caps in table["captions"] for c in caps}
     return [
-        ("test images", len(ts.images), ""),
+        ("test images", len(ts.images), "; ".join(f"{t} gallery: {len(g)} under {ts.folders[t]}"
+                                                   for t, g in ts.galleries.items() if t != "cls")),
+        ("test macOS metadata files skipped (._*, __MACOSX)", len(ts.skipped), _examples(ts.skipped)),
         ("test queries cls / i2i / t2i", " / ".join(str(len(q or [])) for q in (ts.cls, ts.i2i, ts.t2i)), ""),
         ("test images also in training (by name)", len(by_name), _examples(by_name)),
         ("test images also in training (by content)", len(by_content), _examples(by_content)),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from entrep.data.demo import make_demo
 from entrep.errors import EntrepError
+from entrep.io import atomic_dir
 
 
 def main(argv=None) -> int:
@@ -33,7 +34,9 @@ def main(argv=None) -> int:
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise EntrepError(f"{args.out} exists and is not empty: the demo would mix with what is there; remove it "
                           f"or choose another folder")
-    out = make_demo(args.out, args.seed, args.size, args.cases, args.test_cases)
+    with atomic_dir(args.out, set()) as tmp:  # one unit: a full disk leaves no half dataset that blocks a re-run
+        make_demo(tmp, args.seed, args.size, args.cases, args.test_cases)
+    out = Path(args.out)
     n = sum(1 for _ in out.rglob("*.png"))
     print(f"demo dataset: {n} images under {out}")
     return 0

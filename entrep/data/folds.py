@@ -126,11 +126,11 @@ def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, s
         src = Path(source) / rundir.FOLDS if Path(source).is_dir() else Path(source)
         if not src.is_file():
             raise FoldError(f"cv.folds_from={source}: no folds.csv there (a run directory or a folds.csv file)")
-        check_folds(pd.read_csv(src, keep_default_na=False), df, n_splits, src, groups)
+        check_folds(read_folds(src), df, n_splits, src, groups)
         with atomic_path(path) as tmp:
             shutil.copyfile(src, tmp)  # a copy, not a re-serialisation of what pandas read
     if path.is_file():
-        folds = pd.read_csv(path, keep_default_na=False)
+        folds = read_folds(path)
         check_folds(folds, df, n_splits, path, groups)
         fold_of = dict(zip(folds["image"], folds["fold"]))
         return pd.DataFrame({"image": df["image"], "label": df["label"].fillna(""), "group": link_groups(df),
@@ -141,16 +141,52 @@ def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, s
     return folds
 
 
+FOLD_INTS = ("fold", "group", "fold_group")  # integer columns (group and fold_group: when present)
+
+
+def read_folds(path: Path) -> pd.DataFrame:
+    """A folds.csv (the run's, another run's for cv.folds_from, a blend member's) with the columns and
+    types the kit reads: image (unique names) and fold (integers); group and fold_group, when present,
+    integers too. A hand edit that breaks any of it is one line naming the file, never an image read
+    twice or a fold number read as text."""
+    fix = "delete it to refold (a new --name keeps the old run), or restore the file"
+    try:
+        folds = pd.read_csv(path, keep_default_na=False, dtype=str, encoding="utf-8")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise FoldError(f"{path}: not a folds table ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"{fix}") from None
+    if missing := [c for c in ("image", "fold") if c not in folds.columns]:
+        raise FoldError(f"{path}: no column {missing} (columns: {list(folds.columns)[:8]}); {fix}")
+    if (folds["image"].str.strip() == "").any():
+        raise FoldError(f"{path}: row {int((folds['image'].str.strip() == '').to_numpy().argmax()) + 2} has no image "
+                        f"name; {fix}")
+    if folds["image"].duplicated().any():
+        raise FoldError(f"{path}: image {folds.loc[folds['image'].duplicated(), 'image'].iloc[0]!r} is listed twice; "
+                        f"{fix}")
+    for col in (c for c in FOLD_INTS if c in folds.columns):
+        values = pd.to_numeric(folds[col].str.strip(), errors="coerce")
+        bad = values.isna() | (values != values.round()) | values.abs().gt(2**31)
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            raise FoldError(f"{path}: {col} of {folds['image'].iloc[i]!r} is {folds[col].iloc[i]!r}, not an integer; "
+                            f"{fix}")
+        folds[col] = values.astype(np.int64)
+    return folds
+
+
 def check_folds(folds: pd.DataFrame, df: pd.DataFrame, n_splits: int, path: Path, groups: np.ndarray) -> None:
-    """A folds file must name exactly the data's images, n_splits folds, and keep every group of alike
-    images (today's i2i links, patients and near-duplicates) in one fold."""
+    """A folds file (read_folds) must name exactly the data's images, folds numbered 0..n_splits-1 and
+    none empty, and keep every group of alike images (today's i2i links, patients and
+    near-duplicates) in one fold."""
     if set(folds["image"]) != set(df["image"]):
         extra = sorted(set(df["image"]) - set(folds["image"]))[:3]
         gone = sorted(set(folds["image"]) - set(df["image"]))[:3]
         raise FoldError(f"{path} does not match the data (new: {extra}, gone: {gone}); "
                         f"use a new --name or delete the file to refold")
-    if folds["fold"].max() + 1 != n_splits:
-        raise FoldError(f"{path} has {folds['fold'].max() + 1} folds but cv.n_splits={n_splits}")
+    found = set(folds["fold"].tolist())
+    if found != set(range(n_splits)):
+        raise FoldError(f"{path} has {len(found)} folds but cv.n_splits={n_splits} (fold numbers {sorted(found)[:10]}; "
+                        f"wanted 0..{n_splits - 1}, each holding images); use a new --name or delete the file to refold")
     fold_of = dict(zip(folds["image"], folds["fold"]))
     first: dict[int, str] = {}
     for name, g in zip(df["image"], groups):

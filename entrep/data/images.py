@@ -119,11 +119,24 @@ class ImageCache:
         self._verified: set[str] = set()
 
     def _read_index(self) -> dict:
-        if self.index_path.is_file():
-            idx = json.loads(self.index_path.read_text())
-            if "segments" in idx:  # an older single-store index is simply rebuilt
-                return idx
-        return {"segments": {}, "slots": {}}
+        """The index, with only well-formed entries; an unreadable one (truncated, hand-edited) is
+        rebuilt: its segments are decoded again, with a warning."""
+        from entrep.io import load_json_text
+
+        empty = {"segments": {}, "slots": {}}
+        if not self.index_path.is_file():
+            return empty
+        try:
+            idx = load_json_text(self.index_path)
+            segments = {n: s for n, s in idx["segments"].items() if isinstance(n, str) and isinstance(s, dict)
+                        and isinstance(s.get("rows"), int) and isinstance(s.get("blake2b"), str)}
+            slots = {h: v for h, v in idx["slots"].items() if isinstance(v, list) and len(v) == 2
+                     and v[0] in segments and isinstance(v[1], int) and 0 <= v[1] < segments[v[0]]["rows"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("image cache %s: unreadable index (%s); its images are decoded again", self.index_path,
+                        type(e).__name__)
+            return empty
+        return {"segments": segments, "slots": slots}
 
     def _damaged(self, idx: dict, names: set[str]) -> list[str]:
         bad = []
@@ -144,12 +157,38 @@ class ImageCache:
         missing = [h for h in hashes if h not in idx["slots"]]
         bad = self._damaged(idx, {idx["slots"][h][0] for h in hashes if h in idx["slots"]})
         if missing or bad:
-            idx = self._write({h: p for h, p in zip(hashes, paths)}, workers, bad)
-        names = sorted({idx["slots"][h][0] for h in hashes})
+            try:
+                idx = self._write({h: p for h, p in zip(hashes, paths)}, workers, bad)
+            except OSError as e:  # a read-only run (a Kaggle input dataset), a full disk: decode in memory
+                return self._in_memory(idx, bad, paths, hashes, workers, e)
+        return self._view(idx, hashes)
+
+    def _view(self, idx: dict, hashes: list[str], extra: dict[str, tuple[np.ndarray, int]] | None = None
+              ) -> CachedPixels:
+        """The images of `hashes` from the index's segments, or from `extra` (hash -> (array, row))."""
+        extra = extra or {}
+        names = sorted({idx["slots"][h][0] for h in hashes if h not in extra})
         stores = [self._open(n, idx["segments"][n]["rows"]) for n in names]
         pos = {n: i for i, n in enumerate(names)}
-        return CachedPixels(stores, np.array([pos[idx["slots"][h][0]] for h in hashes], dtype=np.int64),
-                            np.array([idx["slots"][h][1] for h in hashes], dtype=np.int64), self.size)
+        if extra:
+            stores.append(next(iter(extra.values()))[0])
+        seg = [len(names) if h in extra else pos[idx["slots"][h][0]] for h in hashes]
+        row = [extra[h][1] if h in extra else idx["slots"][h][1] for h in hashes]
+        return CachedPixels(stores, np.array(seg, dtype=np.int64), np.array(row, dtype=np.int64), self.size)
+
+    def _in_memory(self, idx: dict, bad: list[str], paths: list[str], hashes: list[str], workers: int,
+                   error: OSError) -> CachedPixels:
+        """What the cache cannot hold, decoded into memory for this process; said once per folder."""
+        usable = {h for h in hashes if h in idx["slots"] and idx["slots"][h][0] not in bad}
+        todo = dict.fromkeys(h for h in hashes if h not in usable)
+        path_of = dict(zip(hashes, paths))
+        if self.folder not in _WARNED:
+            _WARNED.add(self.folder)
+            log.warning("image cache %s is not writable (%s): decoding %d images in memory instead (data.cache_dir="
+                        "DIR names a writable cache)", self.folder, error.strerror or error, len(todo))
+        arr = decode_all([path_of[h] for h in todo], self.size, workers, desc=f"decoding {len(todo)} images",
+                         sha1=list(todo))
+        return self._view(idx, hashes, {h: (arr, i) for i, h in enumerate(todo)})
 
     def _write(self, wanted: dict[str, str], workers: int, bad: list[str]) -> dict:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -173,7 +212,8 @@ class ImageCache:
                 name = f"seg-{self.size}-{uuid.uuid4().hex}.u8"
                 tmp = self.folder / f".{name}.tmp"
                 try:
-                    new = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(todo), self.size, self.size, 3))
+                    _reserve(tmp, len(todo) * self.size * self.size * 3)
+                    new = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=(len(todo), self.size, self.size, 3))
                     new[:] = decode_all(list(todo.values()), self.size, workers,
                                         desc=f"caching {len(todo)} images at {self.size}px", sha1=list(todo))
                     new.flush()
@@ -186,13 +226,38 @@ class ImageCache:
                     Path(tmp).unlink(missing_ok=True)
                 idx["segments"][name] = {"rows": len(todo), "blake2b": digest}
                 idx["slots"].update({h: [name, i] for i, h in enumerate(todo)})
-                atomic_write_text(self.index_path, json.dumps(idx))
+                try:
+                    atomic_write_text(self.index_path, json.dumps(idx))
+                except BaseException:  # no index names the new segment: it would only take up disk
+                    (self.folder / name).unlink(missing_ok=True)
+                    raise
                 self._verified.add(name)
                 log.info("image cache %s: decoded %d new images; it now holds %d", self.folder, len(todo),
                          len(idx["slots"]))
             return idx
         finally:
             lock.release()
+
+
+_WARNED: set[Path] = set()  # cache folders whose in-memory fallback was logged
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Create `path` with `nbytes` allocated on disk: a memory map over a sparse file that the disk
+    cannot fill kills the process with SIGBUS, where this raises ENOSPC, which the caller handles."""
+    import errno
+    import os
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except (AttributeError, OSError) as e:  # no posix_fallocate (macOS), or a filesystem without it
+            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.ftruncate(fd, nbytes)
+    finally:
+        os.close(fd)
 
 
 def _checksum(path: Path) -> str:

@@ -20,7 +20,31 @@ from entrep.errors import EntrepError
 
 log = logging.getLogger("entrep.data")
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def _readable_extensions() -> frozenset[str]:
+    """Every file extension PIL opens and decodes by itself: not its stubs (HDF5, GRIB, WMF on Linux:
+    they need handlers), not EPS (it needs Ghostscript) nor MPEG (identified, never decoded)."""
+    from PIL import Image, ImageFile
+
+    Image.init()
+    out = set()
+    for ext, fmt in Image.registered_extensions().items():
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+        if factory is not None and not stub and fmt not in ("EPS", "MPEG"):
+            out.add(ext.lower())
+    return frozenset(out)
+
+
+IMAGE_EXTS = _readable_extensions()
+COMMON_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"} & IMAGE_EXTS  # named in messages
+
+
+def macos_metadata(path: Path) -> bool:
+    """macOS's zip and copy leftovers: AppleDouble `._name` files (resource forks, not images) and
+    `__MACOSX` folders. Skipped wherever images or annotation files are looked for."""
+    return path.name.startswith("._") or "__MACOSX" in path.parts
 
 
 class DataError(EntrepError):
@@ -38,6 +62,8 @@ class DataReport:
     unknown_labels: list[tuple[str, str, str]] = field(default_factory=list)  # (file, image, label)
     bad_images: list[tuple[str, str]] = field(default_factory=list)           # (path, error)
     bad_captions: list[tuple[str, str, str]] = field(default_factory=list)    # (file, image, why)
+    macos_skipped: list[str] = field(default_factory=list)                    # `._*` / __MACOSX files skipped
+    i2i_entries: int = 0                                                      # i2i.json entries (directed)
     content_duplicates: list[tuple[str, str]] = field(default_factory=list)   # (kept, merged)
     label_conflicts: list[tuple[str, str, str]] = field(default_factory=list)  # (image, label, other)
 
@@ -50,11 +76,15 @@ class _Pairs(list):
 
 def _load_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_Pairs)
+        return json.loads(path.read_bytes().decode("utf-8-sig"), object_pairs_hook=_Pairs)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise DataError(f"{path}: malformed JSON ({e})") from None
 
 
 def read_json_object(path: Path, report: DataReport | None = None) -> list[tuple[str, str]]:
@@ -113,20 +143,42 @@ def split_lines(text) -> list[str]:
 # ---------------------------------------------------------------- file resolution
 
 class ImageFolder:
-    """The image files of one folder, found by exact name or, failing that, case-insensitively."""
+    """The image files of one folder, found by exact name or, failing that, case-insensitively.
+    macOS metadata (`._*`, __MACOSX) is skipped and listed in `skipped`; files of other extensions
+    are kept by name in `others`, so a query naming one can be told why it is not an image; the same
+    file (same bytes) under one name in two sub-folders is one image, its places in `copies`."""
 
     def __init__(self, folder: Path, recursive: bool = False):
         self.folder = folder
         files = folder.rglob("*") if recursive else folder.glob("*")
         self.files: dict[str, Path] = {}
+        self.copies: dict[str, list[Path]] = {}
+        self.skipped: list[Path] = []
+        self.others: dict[str, Path] = {}
         for p in sorted(files):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-                if p.name in self.files:
-                    raise DataError(f"two images named {p.name}: {self.files[p.name]} and {p}")
-                self.files[p.name] = p
+            if macos_metadata(p.relative_to(folder)):
+                if p.is_file():
+                    self.skipped.append(p)
+                continue
+            if not p.is_file():
+                continue
+            if p.suffix.lower() not in IMAGE_EXTS:
+                self.others.setdefault(p.name, p)
+                continue
+            if p.name in self.files:
+                first = self.files[p.name]
+                if first.stat().st_size != p.stat().st_size or first.read_bytes() != p.read_bytes():
+                    raise DataError(f"two different images named {p.name}: {first} and {p}; rename one")
+                self.copies.setdefault(p.name, [first]).append(p)
+                continue
+            self.files[p.name] = p
         self.lower: dict[str, list[str]] = defaultdict(list)
         for name in self.files:
             self.lower[name.lower()].append(name)
+
+    def places(self, name: str) -> list[Path]:
+        """Every path of the image `name` (one, or its identical copies)."""
+        return self.copies.get(name, [self.files[name]])
 
     def resolve(self, name: str) -> tuple[str | None, bool]:
         """(name on disk, whether the case was fixed); (None, False) when not found."""
@@ -135,6 +187,14 @@ class ImageFolder:
             return name, False
         hits = self.lower.get(name.lower(), [])
         return (hits[0], True) if len(hits) == 1 else (None, False)
+
+    def not_an_image(self, name: str) -> Path | None:
+        """The file `name` names when it exists with an extension the kit does not read."""
+        name = Path(name).name
+        if name in self.others:
+            return self.others[name]
+        hits = [p for n, p in self.others.items() if n.lower() == name.lower()]
+        return hits[0] if len(hits) == 1 else None
 
     def path(self, name: str) -> Path:
         return self.files[name]
@@ -178,8 +238,8 @@ def find_train_sources(root: Path) -> tuple[list[Path], list[Path]]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
-    train_dirs = sorted({p.parent for p in root.rglob("cls.json")})
-    public = sorted(root.rglob("data.json"))
+    train_dirs = sorted({p.parent for p in root.rglob("cls.json") if not macos_metadata(p.relative_to(root))})
+    public = sorted(p for p in root.rglob("data.json") if not macos_metadata(p.relative_to(root)))
     if not train_dirs and not public:
         raise DataError(f"{root}: no cls.json (training layout) or data.json (public sample) found under it")
     return train_dirs, public
@@ -242,7 +302,9 @@ class _Reader:
             if (rec := self.record(folder, name, d / "cls.json", "train")) is not None:
                 self.set_label(rec, label, d / "cls.json")
         if (d / "i2i.json").is_file():
-            for q, t in read_json_object(d / "i2i.json", self.report):
+            pairs = read_json_object(d / "i2i.json", self.report)
+            self.report.i2i_entries += len(pairs)
+            for q, t in pairs:
                 a, b = self.record(folder, q, d / "i2i.json", "train"), self.record(folder, t, d / "i2i.json", "train")
                 if a is not None and b is not None and a is not b:
                     a.partners.add(b.path)
@@ -294,10 +356,15 @@ class _Reader:
                     other.partners.add(keep.path)
 
     def note_unannotated(self) -> None:
-        """Image files that no annotation names (before unreadable ones and copies are dropped)."""
+        """Image files that no annotation names (before unreadable ones and copies are dropped), and the
+        macOS metadata files skipped."""
         named = set(self.recs)
         for folder in self.folders:
             self.report.unannotated += [str(p) for p in folder.files.values() if p not in named]
+            self.report.macos_skipped += [str(p) for p in folder.skipped if str(p) not in self.report.macos_skipped]
+        if self.report.macos_skipped:
+            log.info("skipped %d macOS metadata files (._* AppleDouble files, __MACOSX folders), e.g. %s",
+                     len(self.report.macos_skipped), self.report.macos_skipped[0])
 
     def table(self) -> pd.DataFrame:
         names = {r.path: r.image for r in self.recs.values()}
@@ -344,30 +411,49 @@ QUERY_FILES = ("cls.csv", "i2i.csv", "t2i.csv")
 @dataclass
 class TestSet:
     root: Path
-    images: dict[str, Path]              # gallery: name on disk -> path
+    images: dict[str, Path]              # every image: name on disk -> path
     cls: list[str] | None = None         # image names as listed (submission keys)
     i2i: list[str] | None = None         # image names as listed (submission keys)
     t2i: list[str] | None = None         # captions as written
     on_disk: dict[str, str] = field(default_factory=dict)  # listed query name -> name on disk
     case_fixes: list[tuple[str, str, str]] = field(default_factory=list)
     duplicate_queries: list[tuple[str, str]] = field(default_factory=list)
+    galleries: dict[str, list[str]] = field(default_factory=dict)  # track -> the images its queries rank
+    folders: dict[str, Path] = field(default_factory=dict)        # track -> the folder its gallery is
+    skipped: list[str] = field(default_factory=list)              # macOS metadata files skipped
+
+
+def _track_folder(csv: Path, root: Path, folder: ImageFolder) -> tuple[Path, list[str]]:
+    """A query list's gallery: the images under the folder holding it when that folder holds images
+    (the release's Track1_Public/{imgs,cls.csv}, Track2_Public/{imgs,i2i.csv}), else every image."""
+    here = csv.parent
+    if here != root:
+        own = sorted(n for n in folder.files if any(here in p.parents for p in folder.places(n)))
+        if own:
+            return here, own
+    return root, sorted(folder.files)
 
 
 def load_test(root: str | Path) -> TestSet:
-    """Images anywhere under `root` plus whichever of cls/i2i/t2i.csv it holds."""
+    """Images anywhere under `root` plus whichever of cls/i2i/t2i.csv it holds; each query list's
+    gallery is the images of its own folder (`_track_folder`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"test folder not found: {root}")
     folder = ImageFolder(root, recursive=True)
     if not folder.files:
-        raise DataError(f"{root}: no image files under it")
-    ts = TestSet(root=root, images=dict(folder.files))
+        raise DataError(f"{root}: no image files under it" + (f" (extensions found: {sorted({p.suffix for p in folder.others.values()})}; "
+                                                             f"the kit reads {', '.join(sorted(COMMON_EXTS))} and "
+                                                             f"every other format PIL decodes)" if folder.others else ""))
+    ts = TestSet(root=root, images=dict(folder.files), skipped=[str(p) for p in folder.skipped])
     for fname in QUERY_FILES:
-        hits = sorted(root.rglob(fname))
+        hits = sorted(p for p in root.rglob(fname) if not macos_metadata(p.relative_to(root)))
         if len(hits) > 1:
             raise DataError(f"{root}: several {fname} files ({', '.join(map(str, hits))}); point --data at one test set")
         if not hits:
             continue
+        track = fname[:3]
+        ts.folders[track], ts.galleries[track] = _track_folder(hits[0], root, folder)
         lines = read_query_lines(hits[0])
         seen = set()
         for line in lines:
@@ -381,9 +467,13 @@ def load_test(root: str | Path) -> TestSet:
         for n, line in enumerate(lines, 1):
             name, fixed = folder.resolve(line)
             if name is None:
+                if (other := folder.not_an_image(line)) is not None:
+                    raise DataError(f"{hits[0]} line {n}: {other} has the extension {other.suffix!r}, which is not "
+                                    f"an image format the kit reads ({', '.join(sorted(COMMON_EXTS))} and every "
+                                    f"other format PIL decodes); convert it, e.g. to PNG")
                 raise DataError(f"{hits[0]} line {n}: query image {line!r} is not in the test folder {root}")
             if fixed:
                 ts.case_fixes.append((str(hits[0]), line, name))
             ts.on_disk[line] = name
-        setattr(ts, fname[:3], lines)
+        setattr(ts, track, lines)
     return ts
