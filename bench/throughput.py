@@ -671,6 +671,10 @@ def log(msg: str) -> None:
 
 def _child(fn, args, queue):
     try:
+        if os.environ.get("BENCH_THREADS"):  # --threads, inherited through the environment
+            import torch
+
+            torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
         rows = fn(*args)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         for r in rows.values():
@@ -734,12 +738,17 @@ def main() -> int:
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out: " +
                     " ".join([*TRAIN_OPTIONS, "pipeline", "hnsw-1m"]))
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in each group's process "
+                    "(default: torch's own, as the kit runs). On an oversubscribed CPU box 1 keeps a descheduled "
+                    "thread from stalling every parallel op, which makes windows far less noisy")
     ap.add_argument("--count-flops", action="store_true", help="only count GFLOP per image of the ViT-B/16 "
                     "kit train step (its img/s need at 40%% MFU of an H100 follows)")
     args = ap.parse_args()
     os.chdir(Path(__file__).resolve().parents[1])
     if args.count_flops:
         return count_main(args.device)
+    if args.threads:
+        os.environ["BENCH_THREADS"] = str(args.threads)
     if args.smoke:
         global SMOKE
         SMOKE = args.quick = True
@@ -786,7 +795,8 @@ def main() -> int:
                **{f"train kit {o}": "(/ kit)" for o in TRAIN_OPTIONS},
                "infer kit": "(/ model)", "infer kit merged": "(merged / unmerged)", "infer kit compile": "(/ kit)"}
     t = Table(title=f"entrep throughput, {args.device}, {platform.node()}, {time.strftime('%Y-%m-%d')}, "
-                    f"torch {__import__('torch').__version__}, {time.perf_counter() - t_start:.0f} s")
+                    f"torch {__import__('torch').__version__}, {args.threads or 'default'} threads, "
+                    f"{time.perf_counter() - t_start:.0f} s")
     for col in ("row", "value (load-dependent)", "ratio [min-max]", "target", "peak RSS MiB", "notes"):
         t.add_column(escape(col), justify="left" if col in ("row", "notes") else "right")
     shown = ("img/s", "ms/1k queries", "ratio", "ratio_min", "ratio_max", "rounds", "ref", "peak_rss_MiB",
@@ -803,7 +813,7 @@ def main() -> int:
             target = "(/ workers 0)" if "ratio" in r else ""
         notes = [f"{k} {v:.3g}" for k, v in r.items() if k not in shown]
         if "feed/need" in r:
-            notes.insert(0, f"{r['feed/need']:.2f} of the {r['need_img/s']:,.0f} img/s an H100 needs")
+            notes.insert(0, f"{r['feed/need']:.2g} of the {r['need_img/s']:,.0f} img/s an H100 needs")
         t.add_row(name, f"{r[key]:,.1f} {key}", escape(ratio), target, f"{r['peak_rss_MiB']:,.0f}", ", ".join(notes))
     t.caption = escape(f"ratio: median over rounds of row / reference timed in alternating windows in one process "
                  f"[min-max of the rounds]; value: median rate, depends on what else loads the machine; "
