@@ -52,9 +52,14 @@ bad_rows = []
 for name, r in bench.items():
     if "error" in r:
         bad_rows.append(name)
-    if name.startswith(("train", "infer")):
+    if name.startswith(("train", "infer", "pipeline")):
+        # ratio: median over rounds of row / r["ref"] timed in alternating windows, [min-max of the rounds]
+        ratio = (f", {r['ratio']:.2f} [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}] x {r['ref']}"
+                 if "ratio" in r else "")
+        need = f", {r['feed/need']:.2g} of the {r['need_img/s']:,.0f} img/s an H100 needs" if "feed/need" in r else ""
         extra = ", ".join(f"{k} {r[k]:.3g}" for k in ("TFLOP/s", "MFU", "gpu_peak_MiB") if k in r)
-        t.add_row(f"bench {name}", r.get("error") or f"{r['img/s']:,.1f} img/s" + (f", {extra}" if extra else ""))
+        t.add_row(f"bench {name}", r.get("error") or f"{r['img/s']:,.1f} img/s" + ratio + need +
+                  (f", {extra}" if extra else ""))
     elif "error" in r:
         t.add_row(f"bench {name}", r["error"])
 if bad_rows:
