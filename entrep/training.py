@@ -29,7 +29,7 @@ from entrep.data.folds import file_signatures, load_or_make_folds, missing_class
 from entrep.data.identity import data_identity, describe_data_change
 from entrep.data.images import CachedPixels, ImageCache
 from entrep.data.release import DataError, load_release
-from entrep.embedding import embed_images, embed_texts, eval_loader
+from entrep.embedding import eval_loader
 from entrep.engine import FoldTrainer, make_accelerator
 from entrep.errors import EntrepError
 from entrep.io import atomic_write_csv, atomic_write_json, read_json
@@ -37,8 +37,9 @@ from entrep.labels import LabelSet
 from entrep.model.backbone import image_stats, input_size
 from entrep.model.checkpoint import fold_dir, fold_finished, mark_finished, save_weights
 from entrep.model.entrep_clip import build_model
-from entrep.oof import OOF_FILE, FoldOOF, load_fold_oof, save_fold_oof
+from entrep.oof import OOF_FILE, FoldOOF, save_fold_oof
 from entrep.report import write_report
+from entrep.wise import embed_fold_outputs, load_run_oof
 
 log = logging.getLogger("entrep.train")
 
@@ -264,6 +265,14 @@ class FoldResult:
     oof: FoldOOF | None
 
 
+def fold_outputs(cfg, model, accelerator, data: RunData, k: int, val_loader, stats, out_dir: Path) -> FoldOOF | None:
+    """Fold k's held-out images and captions embedded with flip TTA, at every WiSE scale of infer.wise_grid
+    (1.0 always: the model as trained), and the known-pair memory (every image of the release, written to
+    out_dir/memory.npz) when infer.memory_weight is on; None for the all-data model (k = -1)."""
+    return embed_fold_outputs(cfg, model, accelerator, data.labels, data.table, data.pixels, data.fold_of, k,
+                              val_loader, stats, out_dir)
+
+
 def train_fold(cfg, accelerator, data: RunData, k: int, console=None) -> FoldResult:
     """Fit fold k (k = -1: one model on all data), embed its held-out images and captions with flip TTA,
     and save adapter + kit weights, history, OOF file and metrics.json (last: it marks the fold finished)."""
@@ -280,14 +289,7 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None) -> FoldRes
         model, data.pixels, table, train_rows, val_rows, data.groups, stats, val_loader=val,
         tag="all data" if k == -1 else f"fold {k}")
     unwrapped = accelerator.unwrap_model(model)
-    oof = None
-    if len(val_rows):
-        e = embed_images(model, val, accelerator, labels, stats, tta_flip=True)
-        captions = sorted({c for caps in table["captions"].iloc[val_rows] for c in caps})
-        if not unwrapped.has_text:
-            captions = []
-        oof = FoldOOF(table["image"].iloc[val_rows].tolist(), e, captions, embed_texts(model, captions, accelerator),
-                      unwrapped.has_text)
+    oof = fold_outputs(cfg, model, accelerator, data, k, val, stats, out_dir)
     metrics = {**last, "epochs": history, "seconds": time.time() - t0,
                "trainable_params": int(sum(p.numel() for p in unwrapped.parameters() if p.requires_grad))}
     if accelerator.is_main_process:
@@ -316,7 +318,7 @@ def finish_run(cfg, data: RunData) -> dict | None:
     done = {k: fold_dir(cfg.run_dir, k) for k in range(cfg.cv.n_splits) if fold_finished(fold_dir(cfg.run_dir, k))}
     if len(done) < cfg.cv.n_splits:
         return None
-    oof = {k: load_fold_oof(d / OOF_FILE) for k, d in done.items()}
+    oof = load_run_oof(cfg, data, done)  # completes the files where infer.wise_grid / infer.memory_weight ask more
     return write_report(cfg.run_dir, oof, data.table, list(data.labels.names), cfg)
 
 
