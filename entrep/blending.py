@@ -41,7 +41,7 @@ from entrep.oof import (
     pooled_retrieval,
 )
 from entrep.report import score_folds, write_scored
-from entrep.tuning import Scored, checked_rerank, track_settings, tune_rerank
+from entrep.tuning import Scored, checked_rerank, track_settings, tune_rerank, view_kwargs
 
 log = logging.getLogger("entrep.blend")
 
@@ -91,11 +91,12 @@ class Member:
                    read_json(run / rundir.REPORT), read_json(run / rundir.TUNED))
 
     def settings(self, held_out: int | None) -> dict:
-        """head_weight and per-track alpha: tuned without fold `held_out` (the report's cross-fitted
+        """head_weight, WiSE scales, memory weight and per-track alpha: tuned without fold `held_out` (the report's cross-fitted
         settings of that fold), or on all folds (tuned.json) when None."""
         if held_out is None:
             with kit_file(self.run / rundir.TUNED):
-                return {"head_weight": float(self.tuned["head_weight"]),
+                return {"head_weight": float(self.tuned["head_weight"]), "wise": self.tuned.get("wise", {}),
+                        "memory_weight": float(self.tuned.get("memory_weight", 0.0)),
                         **{t: {"alpha": float(track_settings(self.tuned, t)[0])} for t in RETRIEVAL_TRACKS}}
         with kit_file(self.run / rundir.REPORT):
             row = next((r for r in self.report.get("folds", []) if r["fold"] == held_out), {})
@@ -108,8 +109,9 @@ class Member:
         s = self.settings(held_out)
         with kit_file(self.run / (rundir.TUNED if held_out is None else rundir.REPORT)):
             tta = bool(self.tuned.get("tta_flip", self.cfg.infer.tta_flip))  # what the member's settings were tuned with
-            head, alpha = float(s["head_weight"]), {t: float(s[t]["alpha"]) for t in RETRIEVAL_TRACKS}
-        return {k: f.view(head, tta, alpha) for k, f in self.oof.items()}
+            kw = view_kwargs(s)  # its own WiSE scales and memory weight too
+        return {k: f.view(kw["head_weight"], tta, kw["alpha"], kw["wise"], kw["memory_weight"])
+                for k, f in self.oof.items()}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

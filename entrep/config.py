@@ -205,6 +205,14 @@ class InferConfig:
     max_sim_bytes: int = opt(MAX_SIM_BYTES, "bound on every similarity block while ranking and re-ranking")
     search: Search = opt("torch", "torch (exact, chunked) or faiss-flat (exact), faiss-ivf, faiss-hnsw")
     faiss_nprobe: int = opt(16, "inverted lists probed by faiss-ivf")
+    wise_grid: list[float] = opt(help="WiSE-FT: scales of the fine-tuning (LoRA delta, or fully fine-tuned backbone "
+                                      "tensors interpolated with the base; 0 = zero-shot, 1 = as trained) embedded out "
+                                      "of fold and tuned per part (cls, i2i, t2i) by cross-fitting; [1.0] = off",
+                                 factory=lambda: [1.0])
+    memory_weight: list[float] = opt(help="known-pair memory for t2i: weights w of the mean embedding of the training "
+                                          "images carrying a query caption, mixed into its query (normalised "
+                                          "(1-w) text + w memory), tuned on OOF by cross-fitting; [0.0] = off",
+                                     factory=lambda: [0.0])
 
 
 @dataclass
@@ -477,6 +485,9 @@ def _validate_ranges(cfg: Config) -> None:
         raise ConfigError(f"config key 'infer.head_weight' = {cfg.infer.head_weight!r}; must be -1 (the OOF-tuned "
                           f"value) or a weight in [0, 1]")
     validate_run_name(cfg.name)
+    for key, grid in (("infer.wise_grid", cfg.infer.wise_grid), ("infer.memory_weight", cfg.infer.memory_weight)):
+        if not grid or any(not 0 <= v <= 1 for v in grid):
+            raise ConfigError(f"config key '{key}' = {grid}: a non-empty list of values in [0, 1]")
     if any(a < 0 or a > 1 for a in cfg.model.slerp.alpha_grid):
         raise ConfigError(f"model.slerp.alpha_grid {cfg.model.slerp.alpha_grid}: every alpha must lie in [0, 1]")
 

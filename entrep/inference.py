@@ -24,6 +24,7 @@ from entrep.errors import EntrepError
 from entrep.data.folds import read_folds
 from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, kit_file, read_json, shown
 from entrep.labels import LabelSet
+from entrep.memory import MEMORY_FILE, load_memory, mix_queries
 from entrep.model.backbone import image_stats, set_offline
 from entrep.model.checkpoint import check_compatible, fold_dir, fold_finished, load_fold_weights, verify_fold
 from entrep.model.entrep_clip import build_model
@@ -31,6 +32,7 @@ from entrep.model.lora import merged
 from entrep.oof import RETRIEVAL_TRACKS, FoldView
 from entrep.retrieval import average_embeddings, rank_gallery, text_class_probs
 from entrep.tuning import offered_methods, track_settings, unit_float
+from entrep.wise import has_lora, start_state, wise_scaled
 
 log = logging.getLogger("entrep.infer")
 
@@ -111,9 +113,10 @@ def training_overlap(run: Path, names: list[str], hashes: list[str]) -> dict:
 
 
 def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
-    """flip TTA, head_weight and per-track slerp alpha and re-ranking: the values tuned.json was tuned
-    with and chose, except where the command line sets the key (infer.tta_flip, infer.head_weight,
-    model.slerp.alpha, model.slerp.infer, rerank.methods), which always wins."""
+    """flip TTA, head_weight, WiSE scales per part, t2i memory weight and per-track slerp alpha and
+    re-ranking: the values tuned.json was tuned with and chose, except where the command line sets the key
+    (infer.tta_flip, infer.head_weight, model.slerp.alpha, model.slerp.infer, rerank.methods; infer.wise_grid
+    or infer.memory_weight of one value), which always wins."""
     tta = cfg.infer.tta_flip if "infer.tta_flip" in given or "tta_flip" not in tuned else tuned["tta_flip"]
     if not isinstance(tta, bool):
         raise TypeError(f"tta_flip is {tta!r}, not true/false")
@@ -121,6 +124,7 @@ def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
            else unit_float(tuned.get("head_weight", DEFAULT_HEAD_WEIGHT), "head_weight")}
     if out["head_weight"] < 0:
         out["head_weight"] = DEFAULT_HEAD_WEIGHT
+    out |= wise_memory_settings(cfg, tuned, given)
     for track in RETRIEVAL_TRACKS:
         alpha, kept = track_settings(tuned, track) if tuned else (cfg.model.slerp.alpha, {})
         if "model.slerp.alpha" in given:
@@ -131,6 +135,24 @@ def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
             kept = offered_methods(cfg.rerank, track)
         out[track] = {"alpha": alpha, "rerank": kept}
     return out
+
+
+def wise_memory_settings(cfg, tuned: dict, given: set[str]) -> dict:
+    """{"wise": scale per part (cls, i2i, t2i), "memory_weight": t2i's}: tuned.json's choice (none in a
+    tuned.json from before them: scale 1, no memory); a grid of one value given on the command line (or in
+    the config of a run without tuned.json) is used as it is; a longer one given at inference tunes nothing."""
+    wise = {p: float(tuned.get("wise", {}).get(p, 1.0)) for p in ("cls", *RETRIEVAL_TRACKS)}
+    memory = float(tuned.get("memory_weight", 0.0))
+    for key, grid in (("infer.wise_grid", cfg.infer.wise_grid), ("infer.memory_weight", cfg.infer.memory_weight)):
+        if (key in given or not tuned) and len(grid) == 1:
+            if key == "infer.wise_grid":
+                wise = dict.fromkeys(wise, float(grid[0]))
+            else:
+                memory = float(grid[0])
+        elif key in given:
+            log.info("%s=%s: a grid is tuned on OOF (train.py re-scoring), not at inference; using tuned.json's "
+                     "choice (give one value to force it)", key, grid)
+    return {"wise": wise, "memory_weight": memory}
 
 
 @dataclass
@@ -268,24 +290,56 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     loader = eval_loader(pixels, accelerator, cfg.train.eval_batch_size)  # prepared once, embedded by every fold
     probs_sum, rets, texts, text_probs = 0.0, {t: [] for t in RETRIEVAL_TRACKS}, [], []
     captions = (test.t2i or []) if unwrapped.has_text else []
+    wise, memory_weight = settings["wise"], (settings["memory_weight"] if captions else 0.0)
+    # full fine-tuning interpolates with the backbone as built, before any fold is loaded (LoRA scales its delta)
+    start = start_state(unwrapped) if any(s != 1.0 for s in wise.values()) and not has_lora(unwrapped) else None
     for d in dirs:
         load_fold_weights(unwrapped, d, adapter_name=d.name)
-        with merged(unwrapped.clip) if cfg.infer.merge_lora else contextlib.nullcontext():
-            e = embed_images(model, loader, accelerator, labels, stats, tta_flip=settings["tta_flip"])
-            if captions:
-                texts.append(torch.from_numpy(embed_texts(model, captions, accelerator)))
+        out = {}  # WiSE scale -> (image outputs, caption embeddings): one pass per distinct scale
+        for scale in dict.fromkeys([wise["cls"], *(wise[t] for t in RETRIEVAL_TRACKS)]):
+            with wise_scaled(unwrapped, scale, start), \
+                    merged(unwrapped.clip) if cfg.infer.merge_lora else contextlib.nullcontext():
+                e = embed_images(model, loader, accelerator, labels, stats, tta_flip=settings["tta_flip"])
+                cap = (torch.from_numpy(embed_texts(model, captions, accelerator))
+                       if captions and scale == wise["t2i"] else None)
+            out[scale] = (e, cap)
+        e = out[wise["cls"]][0]
         probs = e.probs(settings["head_weight"], settings["tta_flip"])
         probs_sum = probs_sum + probs
         for track in RETRIEVAL_TRACKS:
-            rets[track].append(torch.from_numpy(retrieval_embedding(e.emb, probs, e.class_emb,
-                                                                    settings[track]["alpha"])))
-        if captions and e.class_emb is not None:
-            text_probs.append(text_class_probs(texts[-1], torch.from_numpy(e.class_emb)))
+            et = out[wise[track]][0]
+            rets[track].append(torch.from_numpy(retrieval_embedding(
+                et.emb, probs if et is e else et.probs(settings["head_weight"], settings["tta_flip"]), et.class_emb,
+                settings[track]["alpha"])))
+        if captions:
+            et, cap = out[wise["t2i"]]
+            if memory_weight > 0:
+                cap = torch.from_numpy(with_memory(d, cap.numpy(), captions, wise["t2i"], settings, memory_weight))
+            texts.append(cap)
+            if et.class_emb is not None:  # a caption's class distribution, from its text alone
+                text_probs.append(text_class_probs(out[wise["t2i"]][1], torch.from_numpy(et.class_emb)))
         log.info("embedded %d images with %s", len(names), d.name)
     view = FoldView(names, probs_sum / len(dirs), {t: average_embeddings(r).numpy() for t, r in rets.items()},
                     captions, average_embeddings(texts).numpy() if captions else np.zeros((0, 1), np.float32),
                     (sum(text_probs) / len(text_probs)).numpy() if text_probs else None, unwrapped.has_text)
     return view, {"run": str(run), "folds": [d.name for d in dirs], **settings}
+
+
+def with_memory(fold: Path, caption_emb: np.ndarray, captions: list[str], scale: float, settings: dict,
+                weight: float) -> np.ndarray:
+    """A fold model's caption queries mixed with its known-pair memory: the carriers of each caption among
+    every training image (memory.npz, embedded by this fold's model when it was trained)."""
+    memory = load_memory(fold / MEMORY_FILE)
+    if memory is None or scale not in memory.scales:
+        raise RunError(f"{fold}: no known-pair memory{'' if memory is None else f' at WiSE scale {scale}'} "
+                       f"({MEMORY_FILE}) for infer.memory_weight={weight}; re-score the run with it: python train.py "
+                       f"--name {fold.parent.name} output_dir={fold.parent.parent} train.resume=true "
+                       f"infer.memory_weight=[...] (or infer.memory_weight=0)")
+    proto, has = memory.prototypes(captions, scale, settings["head_weight"], settings["tta_flip"],
+                                   settings["t2i"]["alpha"], include_held_out=True)
+    log.info("%s: known-pair memory answers %d of %d captions (weight %s)", fold.name, int(has.sum()), len(captions),
+             weight)
+    return mix_queries(caption_emb, proto, has, weight)
 
 
 def rank_test(view, test, galleries: dict[str, list[str]], rerank: dict[str, dict], cfg) -> tuple[dict, dict]:

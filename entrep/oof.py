@@ -10,7 +10,7 @@ embedded by the model that never saw them. Grouped folds keep i2i partners toget
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,9 @@ import pandas as pd
 import torch
 
 from entrep.embedding import Embedded, retrieval_embedding
+from entrep.errors import EntrepError
 from entrep.io import atomic_path
+from entrep.memory import MEMORY_FILE, Memory, embedded_arrays, embedded_from, load_memory, mix_queries, scale_key
 from entrep.metrics import classification_metrics, retrieval_metrics
 from entrep.retrieval import rank_gallery, text_class_probs
 
@@ -49,46 +51,100 @@ class FoldView:
     text: bool = True                 # False: an image-only member (no text tower), which answers no t2i query
 
 
+PARTS = ("cls", *RETRIEVAL_TRACKS)  # what gets its own WiSE scale
+
+
+class MissingOutputs(EntrepError):
+    pass
+
+
 @dataclass(frozen=True)
 class FoldOOF:
-    """One fold's held-out outputs as train.py saved them (oof.npz)."""
+    """One fold's held-out outputs as train.py saved them (oof.npz, and memory.npz beside it).
+
+    `embedded` and `caption_emb` are the fold model as trained (WiSE scale 1.0); `scaled` holds the same
+    outputs at the other WiSE scales of infer.wise_grid; `memory` the fold model's known-pair memory."""
     images: list[str]
     embedded: Embedded
     captions: list[str]
     caption_emb: np.ndarray
     text: bool = True  # False: an image-only member (no text tower)
+    scaled: dict = field(default_factory=dict)  # WiSE scale (not 1.0) -> (Embedded, caption_emb)
+    memory: Memory | None = None
 
-    def view(self, head_weight: float, tta: bool, alpha: dict[str, float] | float = 0.0) -> FoldView:
-        """The fold under these settings; `alpha` per track, or one value for both."""
+    @property
+    def scales(self) -> set[float]:
+        return {1.0, *self.scaled}
+
+    def at(self, scale: float) -> tuple[Embedded, np.ndarray]:
+        """(image outputs, caption embeddings) of the fold model at a WiSE scale."""
+        if scale == 1.0:
+            return self.embedded, self.caption_emb
+        if scale not in self.scaled:
+            raise MissingOutputs(f"this fold's OOF file holds no outputs at WiSE scale {scale} (it has "
+                                 f"{sorted(self.scales)}); re-score the run with that scale in infer.wise_grid "
+                                 f"(train.py --name RUN train.resume=true infer.wise_grid=[...]), which embeds it "
+                                 f"from the saved fold weights")
+        return self.scaled[scale]
+
+    def view(self, head_weight: float, tta: bool, alpha: dict[str, float] | float = 0.0,
+             wise: dict[str, float] | float | None = None, memory_weight: float = 0.0) -> FoldView:
+        """The fold under these settings; `alpha` per track, or one value for both; `wise` the WiSE scale
+        per part (cls, i2i, t2i) or one for all (default 1.0: as trained); `memory_weight` mixes the
+        known-pair memory (the other folds' carriers of a caption) into the t2i queries."""
         alpha = alpha if isinstance(alpha, dict) else dict.fromkeys(RETRIEVAL_TRACKS, alpha)
-        e = self.embedded
+        wise = wise if isinstance(wise, dict) else dict.fromkeys(PARTS, 1.0 if wise is None else wise)
+        e, _ = self.at(wise.get("cls", 1.0))
         probs = e.probs(head_weight, tta)
-        caption_probs = (text_class_probs(torch.from_numpy(self.caption_emb), torch.from_numpy(e.class_emb)).numpy()
-                         if e.class_emb is not None and len(self.captions) else None)
-        return FoldView(self.images, probs, {t: retrieval_embedding(e.emb, probs, e.class_emb, a)
-                                             for t, a in alpha.items()}, self.captions, self.caption_emb,
-                        caption_probs, self.text)
+        ret = {}
+        for t, a in alpha.items():
+            et, _ = self.at(wise.get(t, 1.0))
+            ret[t] = retrieval_embedding(et.emb, probs if et is e else et.probs(head_weight, tta), et.class_emb, a)
+        s_t2i = wise.get("t2i", 1.0)
+        et, caption_emb = self.at(s_t2i)
+        caption_probs = (text_class_probs(torch.from_numpy(caption_emb), torch.from_numpy(et.class_emb)).numpy()
+                         if et.class_emb is not None and len(self.captions) else None)
+        if memory_weight > 0 and len(self.captions):
+            if self.memory is None:
+                raise MissingOutputs("this fold has no known-pair memory (memory.npz); re-score the run with "
+                                     "infer.memory_weight set (train.py --name RUN train.resume=true "
+                                     "infer.memory_weight=[...]), which embeds it from the saved fold weights")
+            if s_t2i not in self.memory.scales:
+                raise MissingOutputs(f"this fold's memory holds no outputs at WiSE scale {s_t2i}; re-score the run "
+                                     f"with it in infer.wise_grid")
+            proto, has = self.memory.prototypes(self.captions, s_t2i, head_weight, tta, alpha.get("t2i", 0.0),
+                                                include_held_out=False)
+            caption_emb = mix_queries(caption_emb, proto, has, memory_weight)
+        return FoldView(self.images, probs, ret, self.captions, caption_emb, caption_probs, self.text)
 
 
 def save_fold_oof(path: Path, oof: FoldOOF) -> None:
-    """Everything needed to re-score a fold later, as plain arrays (loaded with allow_pickle=False)."""
+    """Everything needed to re-score a fold later, as plain arrays (loaded with allow_pickle=False). The
+    model as trained keeps the original keys; other WiSE scales add keys suffixed `@scale`. The memory,
+    when there is one, is saved by `save_memory` beside it (train_fold writes it for the all-data model too)."""
     e = oof.embedded
     arrays = {"images": np.array(oof.images, dtype=str), "emb": e.emb, "head": np.stack(e.head),
               "captions": np.array(oof.captions, dtype=str), "caption_emb": oof.caption_emb,
               "text": np.array(oof.text)}
     if e.prompt is not None:
         arrays |= {"prompt": np.stack(e.prompt), "class_emb": e.class_emb}
+    if oof.scaled:
+        arrays["wise_scales"] = np.array(sorted(oof.scales), dtype=np.float64)
+    for s, (e, cap) in oof.scaled.items():
+        arrays |= embedded_arrays(e, s) | {scale_key("caption_emb", s): cap}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
 
 def load_fold_oof(path: Path) -> FoldOOF:
+    """A fold's OOF file (files from before WiSE hold scale 1.0 only) and its memory where it has one."""
     with np.load(path, allow_pickle=False) as z:
-        e = Embedded(list(z["head"]), list(z["prompt"]) if "prompt" in z else None, z["emb"],
-                     z["class_emb"] if "class_emb" in z else None)
+        e = embedded_from(z, 1.0)
+        scales = [float(s) for s in z["wise_scales"]] if "wise_scales" in z else [1.0]
+        scaled = {s: (embedded_from(z, s), z[scale_key("caption_emb", s)]) for s in scales if s != 1.0}
         return FoldOOF(list(z["images"]), e, list(z["captions"]), z["caption_emb"],
-                       bool(z["text"]) if "text" in z else True)
+                       bool(z["text"]) if "text" in z else True, scaled, load_memory(path.parent / MEMORY_FILE))
 
 
 def _rank(queries: np.ndarray, gallery: np.ndarray, names: list[str], rerank: dict, *, exclude=None,

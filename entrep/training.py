@@ -29,11 +29,12 @@ from entrep.data.folds import file_signatures, load_or_make_folds, missing_class
 from entrep.data.identity import data_identity, describe_data_change
 from entrep.data.images import CachedPixels, ImageCache
 from entrep.data.release import DataError, file_sha1, load_release
-from entrep.embedding import DEFAULT_HEAD_WEIGHT, embed_images, embed_texts, eval_loader
+from entrep.embedding import DEFAULT_HEAD_WEIGHT, embed_images, eval_loader
 from entrep.engine import FoldTrainer, make_accelerator
 from entrep.errors import EntrepError
 from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, read_json
 from entrep.labels import LabelSet
+from entrep.memory import MEMORY_FILE, Memory, save_memory
 from entrep.model.backbone import image_stats, input_size
 from entrep.model.checkpoint import (
     FOLD_FILES,
@@ -45,9 +46,10 @@ from entrep.model.checkpoint import (
     write_weights,
 )
 from entrep.model.entrep_clip import build_model
-from entrep.oof import OOF_FILE, FoldOOF, load_fold_oof, save_fold_oof
+from entrep.oof import OOF_FILE, FoldOOF, save_fold_oof
 from entrep.report import write_report
 from entrep.timing import StageTimer
+from entrep.wise import embed_fold_outputs, load_run_oof
 
 log = logging.getLogger("entrep.train")
 
@@ -278,6 +280,15 @@ class FoldResult:
     oof: FoldOOF | None
 
 
+def fold_outputs(cfg, model, accelerator, data: RunData, k: int, val_loader, stats) -> tuple[FoldOOF | None, Memory | None]:
+    """Fold k's held-out images and captions embedded with flip TTA, at every WiSE scale of infer.wise_grid
+    (1.0 always: the model as trained), and the known-pair memory (every image of the release, written
+    into the fold folder with the rest) when infer.memory_weight is on; the OOF outputs are None for
+    the all-data model (k = -1)."""
+    return embed_fold_outputs(cfg, model, accelerator, data.labels, data.table, data.pixels, data.fold_of, k,
+                              val_loader, stats, None)
+
+
 def train_fold(cfg, accelerator, data: RunData, k: int, console=None, timer: StageTimer | None = None) -> FoldResult:
     """Fit fold k (k = -1: one model on all data), embed its held-out images and captions with flip TTA,
     and save adapter + kit weights, history, OOF file and metrics.json (last: it marks the fold finished).
@@ -304,15 +315,8 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None, timer: Sta
     for name, seconds in fit_timer.seconds.items():
         timer.add(name, seconds)
     unwrapped = accelerator.unwrap_model(model)
-    oof = None
     with timer.stage("oof_embedding"):
-        if len(val_rows):
-            e = embed_images(model, val, accelerator, labels, stats, tta_flip=True)
-            captions = sorted({c for caps in table["captions"].iloc[val_rows] for c in caps})
-            if not unwrapped.has_text:
-                captions = []
-            oof = FoldOOF(table["image"].iloc[val_rows].tolist(), e, captions,
-                          embed_texts(model, captions, accelerator), unwrapped.has_text)
+        oof, memory = fold_outputs(cfg, model, accelerator, data, k, val, stats)
     metrics = {**last, "epochs": history, "seconds": time.time() - t0,
                "trainable_params": int(sum(p.numel() for p in unwrapped.parameters() if p.requires_grad))}
     if pseudo is not None:
@@ -324,7 +328,7 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None, timer: Sta
                     "written_by": {"process_index": accelerator.process_index,
                                    "num_processes": accelerator.num_processes,
                                    "distributed_type": accelerator.distributed_type.value}}
-            write_fold(out_dir, unwrapped, meta, history, oof, metrics | {"timing": timer.as_dict()})
+            write_fold(out_dir, unwrapped, meta, history, oof, metrics | {"timing": timer.as_dict()}, memory)
             log.info("fold %s: saved to %s by process %d of %d", k, out_dir, accelerator.process_index,
                      accelerator.num_processes)
     log.info("fold %s done in %.0fs: %s", k, time.time() - t0, last)
@@ -337,8 +341,9 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None, timer: Sta
     return FoldResult(k, out_dir, metrics, history, oof if accelerator.is_main_process else None)
 
 
-def write_fold(out_dir: Path, model, meta: dict, history: list[dict], oof: FoldOOF | None, metrics: dict) -> None:
-    """A trained fold's folder as one unit (weights, history, OOF file, metrics.json last): a failed
+def write_fold(out_dir: Path, model, meta: dict, history: list[dict], oof: FoldOOF | None, metrics: dict,
+               memory: Memory | None = None) -> None:
+    """A trained fold's folder as one unit (weights, history, OOF file, memory, metrics.json last): a failed
     write leaves the earlier folder whole, so a retrained fold can never be its new weights beside
     the old metrics.json that marks it finished."""
     with atomic_dir(out_dir, FOLD_FILES) as tmp:
@@ -346,6 +351,8 @@ def write_fold(out_dir: Path, model, meta: dict, history: list[dict], oof: FoldO
         atomic_write_csv(tmp / "history.csv", pd.DataFrame(history))
         if oof is not None:
             save_fold_oof(tmp / OOF_FILE, oof)
+        if memory is not None:
+            save_memory(tmp / MEMORY_FILE, memory)
         mark_finished(tmp, metrics)
 
 
@@ -410,7 +417,7 @@ def finish_run(cfg, data: RunData) -> dict | None:
     done = {k: fold_dir(cfg.run_dir, k) for k in range(cfg.cv.n_splits) if fold_finished(fold_dir(cfg.run_dir, k))}
     if len(done) < cfg.cv.n_splits:
         return None
-    oof = {k: load_fold_oof(d / OOF_FILE) for k, d in done.items()}
+    oof = load_run_oof(cfg, data, done)  # completes the files where infer.wise_grid / infer.memory_weight ask more
     pseudo = {str(k): m["pseudo_labels"] for k, d in done.items()
               if "pseudo_labels" in (m := read_json(d / METRICS_FILE))}
     extra = {"pseudo_labels": {"from": cfg.train.pseudo_from, "threshold": cfg.train.pseudo_threshold,

@@ -1,7 +1,8 @@
 """Inference settings chosen on out-of-fold predictions, and cross-fitting.
 
-`tune` picks the head-vs-prompt weight by macro F1, then per track the slerp alpha and the
-re-ranking methods by that track's MRR. `crossfit` scores fold k with settings tuned on the other
+`tune` picks the head-vs-prompt weight (with the classification WiSE scale) by macro F1, then per track
+the slerp alpha, WiSE scale and (t2i) known-pair memory weight, then the re-ranking methods, by that
+track's MRR. `crossfit` scores fold k with settings tuned on the other
 folds only, so no reported figure is chosen on the predictions it scores; tuned.json (for infer.py)
 is `tune` on all folds.
 """
@@ -44,24 +45,55 @@ def tune_rerank(views: dict, table, track: str, rerank_cfg) -> dict:
             "not_offered": [m for m in rerank_cfg.methods if m not in RERANK_OFFERED[track]]}
 
 
+def _wise_grid(cfg) -> list[float]:
+    return sorted({float(x) for x in cfg.infer.wise_grid})
+
+
 def tune(oof: dict[int, FoldOOF], table, names, cfg) -> dict:
-    """Inference settings chosen on the given folds' OOF predictions: the head-vs-prompt weight by
-    macro F1, then per track the slerp alpha and the re-ranking methods by that track's MRR."""
+    """Inference settings chosen on the given folds' OOF predictions: the head-vs-prompt weight and the
+    classification WiSE scale by macro F1, then per track the slerp alpha and WiSE scale (and for t2i the
+    known-pair memory weight) by that track's MRR, then its re-ranking methods. Ties prefer the model as
+    trained (scale 1), no memory, and the head weight / alpha the config names."""
     tta = cfg.infer.tta_flip
     has_prompt = all(f.embedded.prompt is not None for f in oof.values())
     grid_w = list(HEAD_WEIGHT_GRID) if has_prompt else [1.0]
-    f1 = {w: pooled_classification({k: f.view(w, tta) for k, f in oof.items()}, table, names).get("f1_macro", 0.0)
-          for w in grid_w}
-    w = max(grid_w, key=lambda v: (f1[v], v))
-    out = {"head_weight": w, "tta_flip": tta, "head_weight_grid_f1_macro": {str(k): v for k, v in f1.items()}}
+    grid_s = _wise_grid(cfg)
+    f1 = {(s, w): pooled_classification({k: f.view(w, tta, wise={"cls": s}) for k, f in oof.items()}, table,
+                                        names).get("f1_macro", 0.0)
+          for s in grid_s for w in grid_w}
+    s_cls, w = max(f1, key=lambda sw: (f1[sw], -abs(sw[0] - 1.0), sw[1]))
+    out = {"head_weight": w, "tta_flip": tta, "head_weight_grid_f1_macro": {str(k): f1[(s_cls, k)] for k in grid_w},
+           "wise": {"cls": s_cls}, "memory_weight": 0.0,
+           "wise_grid_f1_macro": {str(k): f1[(k, w)] for k in grid_s}}
     grid_a = cfg.model.slerp.alpha_grid if has_prompt and cfg.model.slerp.infer else [0.0]
+    text = all(f.text for f in oof.values())
     for track in RETRIEVAL_TRACKS:
-        views = {a: {k: f.view(w, tta, {track: a}) for k, f in oof.items()} for a in grid_a}
-        mrr = {a: pooled_retrieval(views[a], table, track)["mrr"] for a in grid_a}
-        a = max(grid_a, key=lambda v: (mrr[v], -abs(v - cfg.model.slerp.alpha)))
-        out[track] = {"alpha": a, "alpha_grid_mrr": {str(k): v for k, v in mrr.items()},
-                      "rerank": tune_rerank(views[a], table, track, cfg.rerank)}
+        grid_m = sorted({float(x) for x in cfg.infer.memory_weight}) if track == "t2i" and text else [0.0]
+
+        def views(s, a, m, track=track):
+            return {k: f.view(w, tta, {track: a}, wise={"cls": s_cls, track: s}, memory_weight=m)
+                    for k, f in oof.items()}
+
+        mrr = {(s, a, m): pooled_retrieval(views(s, a, m), table, track)["mrr"]
+               for s in grid_s for a in grid_a for m in grid_m}
+        s, a, m = max(mrr, key=lambda c: (mrr[c], -abs(c[0] - 1.0), -c[2], -abs(c[1] - cfg.model.slerp.alpha)))
+        out["wise"][track] = s
+        if track == "t2i":
+            out["memory_weight"] = m
+        out[track] = {"alpha": a, "alpha_grid_mrr": {str(x): mrr[(s, x, m)] for x in grid_a},
+                      "wise_grid_mrr": {str(x): mrr[(x, a, m)] for x in grid_s},
+                      **({"memory_grid_mrr": {str(x): mrr[(s, a, x)] for x in grid_m}} if track == "t2i" else {}),
+                      "rerank": tune_rerank(views(s, a, m), table, track, cfg.rerank)}
     return out
+
+
+def view_kwargs(settings: dict) -> dict:
+    """FoldOOF.view's keywords for a settings dict (tuned.json, or a report's folds[k].settings); settings
+    from before WiSE and the memory mean scale 1 and no memory."""
+    return {"head_weight": settings["head_weight"],
+            "alpha": {t: settings[t]["alpha"] for t in RETRIEVAL_TRACKS},
+            "wise": {p: float(settings.get("wise", {}).get(p, 1.0)) for p in ("cls", *RETRIEVAL_TRACKS)},
+            "memory_weight": float(settings.get("memory_weight", 0.0))}
 
 
 def track_settings(tuned: dict, track: str) -> tuple[float, dict]:
@@ -105,9 +137,10 @@ def crossfit(oof: dict[int, FoldOOF], table, names, cfg) -> dict[int, Scored]:
     scored = {}
     for k, fold in sorted(oof.items()):
         t = tune({j: f for j, f in oof.items() if j != k}, table, names, cfg)
-        scored[k] = Scored(fold.view(t["head_weight"], tta, {tr: t[tr]["alpha"] for tr in RETRIEVAL_TRACKS}),
-                           {tr: t[tr]["rerank"]["kept"] for tr in RETRIEVAL_TRACKS},
-                           {"head_weight": t["head_weight"],
-                            **{tr: {"alpha": t[tr]["alpha"], "rerank": list(t[tr]["rerank"]["kept"])}
-                               for tr in RETRIEVAL_TRACKS}})
+        settings = {"head_weight": t["head_weight"], "wise": t["wise"], "memory_weight": t["memory_weight"],
+                    **{tr: {"alpha": t[tr]["alpha"], "rerank": list(t[tr]["rerank"]["kept"])}
+                       for tr in RETRIEVAL_TRACKS}}
+        kw = view_kwargs(settings)
+        scored[k] = Scored(fold.view(kw.pop("head_weight"), tta, **kw),
+                           {tr: t[tr]["rerank"]["kept"] for tr in RETRIEVAL_TRACKS}, settings)
     return scored

@@ -77,6 +77,81 @@ def test_each_fold_is_scored_with_settings_tuned_on_the_other_folds(cfg):
     assert "cross-fitted" in report["how"]["classification"] and "other folds" in report["how"]["i2i"]
 
 
+def with_scales_and_memory(oof, table, seed=5, scales=(0.0, 0.5)):
+    """The folds with outputs at other WiSE scales (each scale its own perturbation of the trained outputs) and
+    a known-pair memory: every image of every fold embedded by fold k's model, fold k's own flagged held out."""
+    from dataclasses import replace
+
+    from entrep.memory import Memory, table_pairs
+
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def perturbed(e, scale):
+        noise = 1.5 * (1 - scale)
+        head = [np.abs(h + rng.normal(scale=0.2 * noise, size=h.shape)).astype(np.float32) for h in e.head]
+        head = [h / h.sum(1, keepdims=True) for h in head]
+        return Embedded(head, e.prompt, unit(e.emb + rng.normal(scale=noise, size=e.emb.shape)), e.class_emb)
+
+    images = [n for f in oof.values() for n in f.images]
+    out = {}
+    for k, f in oof.items():
+        scaled = {s: (perturbed(f.embedded, s), unit(f.caption_emb + rng.normal(scale=0.5, size=f.caption_emb.shape)))
+                  for s in scales}
+        embedded = {s: Embedded([np.concatenate([g.embedded.head[0] for g in oof.values()])],
+                                [np.concatenate([g.embedded.prompt[0] for g in oof.values()])],
+                                unit(np.concatenate([g.embedded.emb for g in oof.values()])
+                                     + rng.normal(scale=0.3, size=(len(images), f.embedded.emb.shape[1]))),
+                                f.embedded.class_emb) for s in (1.0, *scales)}
+        pair_image, pair_caption = table_pairs(images, table)
+        memory = Memory(images, np.array([n in set(f.images) for n in images]), embedded, pair_image, pair_caption)
+        out[k] = replace(f, scaled=scaled, memory=memory)
+    return out
+
+
+def test_wise_scales_and_memory_weight_of_each_fold_are_chosen_without_it():
+    oof, table = synthetic_oof(seed=3)
+    oof = with_scales_and_memory(oof, table)
+    cfg = load_config(None, ["model.pretrained=", "infer.tta_flip=false", "rerank.min_gain=0.0",
+                             "model.slerp.alpha_grid=[0.0,0.2]", "rerank.methods=[dba,class_bonus]",
+                             "infer.wise_grid=[0.0,0.5,1.0]", "infer.memory_weight=[0.0,0.5,1.0]"])
+    report, scored = crossfit_figures(oof, table, NAMES, cfg)
+    chosen = set()
+    for k in oof:
+        others = {j: f for j, f in oof.items() if j != k}
+        t = tune(others, table, NAMES, cfg)
+        s = scored[k].settings
+        assert s["wise"] == t["wise"] and s["memory_weight"] == t["memory_weight"]
+        assert set(s["wise"]) == {"cls", "i2i", "t2i"}
+        chosen |= {s["memory_weight"], *s["wise"].values()}
+        # fold k is scored under exactly those settings, its memory the other folds' carriers only
+        view = oof[k].view(t["head_weight"], False, {tr: t[tr]["alpha"] for tr in RETRIEVAL_TRACKS}, t["wise"],
+                           t["memory_weight"])
+        assert np.array_equal(scored[k].view.caption_emb, view.caption_emb)
+        assert all(np.array_equal(scored[k].view.ret[tr], view.ret[tr]) for tr in RETRIEVAL_TRACKS)
+        assert np.array_equal(scored[k].view.probs, view.probs)
+        # a choice on fold k's own predictions would be another function of them: the grid it scored is recorded
+        assert set(t["t2i"]["memory_grid_mrr"]) == {"0.0", "0.5", "1.0"} and set(t["i2i"]["wise_grid_mrr"]) == {
+            "0.0", "0.5", "1.0"}
+    assert chosen - {1.0, 0.0}, "the synthetic case should make some other choice than the defaults"
+    full = tune(oof, table, NAMES, cfg)
+    assert set(full["wise"]) == {"cls", "i2i", "t2i"} and "memory_weight" in full
+
+
+def test_default_grids_leave_the_figures_as_they_were(cfg):
+    """infer.wise_grid=[1.0] and infer.memory_weight=[0.0] (the defaults): files with other scales and a memory
+    score exactly as the plain files do."""
+    oof, table = synthetic_oof()
+    report, scored = crossfit_figures(oof, table, NAMES, cfg)
+    again, scored2 = crossfit_figures(with_scales_and_memory(oof, table), table, NAMES, cfg)
+    for key in ("classification", "i2i", "t2i", "t2i_any", "folds"):
+        assert report[key] == again[key], key
+    assert all(s.settings["wise"] == {"cls": 1.0, "i2i": 1.0, "t2i": 1.0} and s.settings["memory_weight"] == 0.0
+               for s in scored.values())
+
+
 def signal_free(oof, seed=9):
     """The same folds, images and captions, with head, prompt and embedding outputs that carry no signal."""
     rng = np.random.default_rng(seed)

@@ -27,7 +27,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.json"
 # what a fold folder holds (training.train_fold writes the last three); anything else is not the kit's
-FOLD_FILES = {ADAPTER_DIR, KIT_FILE, META_FILE, METRICS_FILE, "history.csv", "oof.npz"}
+FOLD_FILES = {ADAPTER_DIR, KIT_FILE, META_FILE, METRICS_FILE, "history.csv", "oof.npz", "memory.npz"}
 
 
 class CheckpointError(EntrepError):
