@@ -1,9 +1,10 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is missing.
+# On a fresh machine: `make demo`, `make test-fast` (minutes) and `make test` (everything; CI runs it through
+# .ci/run). Each creates .venv when it is missing. docs/testing.md says what each tier covers and costs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA ?= demo_data
 
-.PHONY: demo test venv venv-dev clean
+.PHONY: demo test test-fast venv venv-dev clean
 
 venv: $(VENV)/.installed
 venv-dev: $(VENV)/.installed-dev
@@ -43,8 +44,14 @@ demo: venv
 		done || exit 1; \
 	done
 
+# Tests spread over 2 worker processes (pytest-xdist). --dist loadgroup keeps the tests marked
+# xdist_group("ddp") (real 2-process launches) on one worker, so no two of them share the cores at once.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
 test: venv-dev
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+test-fast: venv-dev
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(DEMO_DATA) runs .pytest_cache

@@ -26,7 +26,7 @@ HOW = {
     "per_fold": "folds[k].classification averages macro F1 over the classes present in fold k's truth (a class "
                 "absent from a fold would otherwise count as F1 0); the pooled figures cover every class",
     "folds": "stratified by class, grouped by the union of i2i components, patient ids and near-duplicate "
-             "(pHash) clusters",
+             "clusters (cv.near_dup: aligned correlation, so motion does not split them)",
     "tuned": "tuned.json: the same tuning on all folds, for infer.py; it scores none of these figures",
 }
 

@@ -14,7 +14,9 @@ from entrep.data.release import load_release, read_query_lines
 from entrep.labels import ENTREP_CLASSES
 
 ROOT = Path(__file__).parents[1]
-pytestmark = pytest.mark.slow
+# one xdist worker runs every test here in turn (make test: --dist loadgroup): two 2-process launches at once
+# on a 2-core machine would each wait for the other
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]
 
 
 def free_port() -> int:

@@ -364,6 +364,31 @@ def test_entrep_predict_is_a_library_call_that_matches_infer_py(trained_demo_run
 
 
 @pytest.mark.slow
+def test_entrep_train_fold_trains_a_fold_as_train_py_does(trained_demo_run, tmp_path):
+    """The README's library call: fold 1 retrained in this process equals the one `python train.py` trained
+    (same config, folds and seed: deterministic on CPU), and completing the run's last fold writes the report."""
+    from accelerate.state import AcceleratorState
+
+    import entrep
+
+    run = tmp_path / "runs" / "a"
+    shutil.copytree(trained_demo_run, run)
+    shutil.rmtree(run / "fold1")
+    for name in ("report.json", "tuned.json", "oof.csv"):
+        (run / name).unlink()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        result = entrep.train_fold(run, 1)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert result.fold == 1 and result.dir == run / "fold1" and (run / "fold1/metrics.json").is_file()
+    assert result.oof is not None and len(result.history) == 1
+    a, b = (json.loads((r / "report.json").read_text()) for r in (trained_demo_run, run))
+    for key in ("classification", "i2i", "t2i", "folds"):
+        assert a[key] == b[key], key
+
+
+@pytest.mark.slow
 def test_tensorboard_tracker_writes_per_epoch_losses_and_held_out_scores(demo, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

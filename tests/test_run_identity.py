@@ -130,6 +130,7 @@ def test_preflight_says_when_a_busy_cpu_slowed_its_steps():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp")  # a timed 2-process launch: never beside another (tests/test_launch.py)
 def test_processes_given_other_arguments_stop_at_start_up_naming_the_key(demo, tmp_path):
     """Two processes over gloo whose command lines differ (train.epochs): both stop within seconds."""
     script = tmp_path / "launch_me.py"
