@@ -76,7 +76,7 @@ class Faults:
         """One write operation on `path`. Once the fault has fired, data writes keep failing (a full disk
         stays full: zipfile, for one, retries a failed open) while renames succeed (they need no space),
         unless `every` (a read-only folder)."""
-        if self.root is None or not os.fspath(path).startswith(str(self.root)):
+        if self.root is None or not self.covers(path):
             return
         self.count += 1
         if self.fail_at is not None and (self.count == self.fail_at or (
@@ -89,6 +89,15 @@ class Faults:
 
     def off(self) -> None:
         self.root = None
+
+    def covers(self, path) -> bool:
+        """`path` is under root, or is (or is under) a temp or set-aside sibling of root (`.NAME.*`): when root
+        is one unit's own folder, the unit is written beside it and swapped in."""
+        if not isinstance(path, (str, os.PathLike)):
+            return False
+        path, root = Path(os.path.abspath(path)), Path(os.path.abspath(self.root))
+        return any(p == root or (p.parent == root.parent and p.name.startswith(f".{root.name}."))
+                   for p in (path, *path.parents))
 
 
 @pytest.fixture()
