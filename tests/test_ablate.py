@@ -60,11 +60,15 @@ def test_the_recipe_rungs_each_add_one_switch_and_pseudo_labels_learn_from_the_r
     from entrep.commands.ablate import recipe_rungs
 
     rungs = recipe_rungs("runs/x_ablation", "data/test")
-    assert list(rungs) == ["9_ema", "10_mixup_cutmix", "11_layer_decay", "12_pseudo_labels"]
-    assert rungs["12_pseudo_labels"][0] == "train.pseudo_from=runs/x_ablation/11_layer_decay"
+    assert list(rungs) == ["9_ema", "10_mixup_cutmix", "11_layer_decay", "12_input_size", "13_wise_ft", "14_memory",
+                           "15_pseudo_labels"]
+    # WiSE-FT and the memory are scoring settings: they re-score the folds of the last trained rung, which
+    # is the one the pseudo-labels come from
+    assert [inference_only(o) for o in rungs.values()] == [False] * 4 + [True] * 2 + [False]
+    assert rungs["15_pseudo_labels"][0] == "train.pseudo_from=runs/x_ablation/12_input_size"
     for overrides in rungs.values():  # every switch is a real config key with a valid value
         load_config(None, overrides)
-    assert "12_pseudo_labels" not in recipe_rungs("runs/x_ablation")
+    assert "15_pseudo_labels" not in recipe_rungs("runs/x_ablation")
 
 
 def test_the_photo_release_is_a_release_the_kit_reads(tmp_path):

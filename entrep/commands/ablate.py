@@ -47,14 +47,19 @@ def default_ladder(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
 
 def recipe_rungs(previous: str, pseudo_data: str | None = None) -> dict[str, list[str]]:
     """The fine-tuning recipe's switches (issue 23), each rung adding one on top of the method's ladder;
-    `previous` is the run directory of the rung before (the pseudo-label rung takes its labels from it)."""
+    `previous` is the ablation folder (the pseudo-label rung takes its labels from the last trained rung)."""
     rungs = {
         "9_ema": ["train.ema_decay=0.99"],
         "10_mixup_cutmix": ["train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_prob=0.5"],
         "11_layer_decay": ["train.layer_decay=0.8"],
+        "12_input_size": ["model.image_size=96"],  # 1.5x the tiny models' 64 px; a real config sets its own side
+        # inference-only rungs: they re-score rung 12's folds, embedding the extra scales out of fold
+        "13_wise_ft": ["infer.wise_grid=[0.5,0.75,1.0]"],
+        "14_memory": ["infer.memory_weight=[0.0,0.25,0.5,0.75]"],
     }
     if pseudo_data:  # last: its run must share the folds of the rung it learns from (every rung does)
-        rungs["12_pseudo_labels"] = [f"train.pseudo_from={previous}/11_layer_decay", f"train.pseudo_data={pseudo_data}",
+        teacher = [rung for rung, switch in rungs.items() if not inference_only(switch)][-1]
+        rungs["15_pseudo_labels"] = [f"train.pseudo_from={previous}/{teacher}", f"train.pseudo_data={pseudo_data}",
                                      "train.pseudo_threshold=0.9"]
     return rungs
 
@@ -163,8 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="training release folder (overrides data.root)")
     ap.add_argument("--name", help="the ladder goes to OUTPUT_DIR/NAME_ablation/ (default: the config's name)")
     ap.add_argument("--recipe", action="store_true",
-                    help="add the recipe's rungs on top: EMA, mixup+cutmix, layer decay (and pseudo-labels with "
-                         "--pseudo-data)")
+                    help="add the recipe's rungs on top: EMA, mixup+cutmix, layer decay, input size, WiSE-FT, "
+                         "known-pair memory (and pseudo-labels with --pseudo-data)")
     ap.add_argument("--pseudo-data", help="with --recipe: an unlabelled test folder for the pseudo-label rung")
     args = ap.parse_intermixed_args(argv)
     setup_logging()
