@@ -1,12 +1,17 @@
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+ROOT = Path(__file__).parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
+TRAIN = ["--config", "configs/demo.yaml", "cv.n_splits=2", "train.epochs=1"]  # the smallest real run
 REAL = FIXTURES / "entrep"
 
 
@@ -97,3 +102,37 @@ def local_tokenizer(tmp_path_factory) -> Path:
     train_tokenizer(folder, ["a polyp on the left vocal fold", "erythema of the right nasal cavity",
                              "white discharge", "superior septal deviation"])
     return folder
+
+
+def py(*args, timeout=600, check=True):
+    """`python ARGS` from the project root in a fresh process, for what only a launch can show (a kill,
+    a signal, a second process on the same run); refusals run in-process through `one_line`."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    if check:
+        assert r.returncode == 0, f"{args}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def one_line(capsys, main, argv) -> str:
+    """`main` through run_main: exit 2 and one line, `error: ...` (print_error never wraps it), with no
+    traceback; that line."""
+    from entrep.cli import run_main
+
+    rc = run_main(main, [str(a) for a in argv])
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert rc == 2 and len(lines) >= 1 and lines[-1].startswith("error: "), out.out + out.err
+    assert "Traceback" not in out.out + out.err
+    return lines[-1]
+
+
+def ok(capsys, main, argv) -> str:
+    """`main` through run_main: exit 0; what it printed, its wrapping undone."""
+    from entrep.cli import run_main
+
+    rc = run_main(main, [str(a) for a in argv])
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-3000:] + out.err[-3000:]
+    return " ".join((out.out + out.err).split())

@@ -15,22 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import placeholder
+from conftest import one_line, placeholder
 from entrep.cli import run_main
 from entrep.errors import EntrepError
 
 ROOT = Path(__file__).parents[1]
 LABELS = ["nose-right", "nose-left", "ear-right", "ear-left", "vc-open", "vc-closed", "throat"]
-
-
-def one_line(capsys, main, argv) -> str:
-    """`main` through run_main: exit 2 and one line, `error: ...`, with no traceback; that line."""
-    rc = run_main(main, [str(a) for a in argv])
-    out = capsys.readouterr()
-    lines = out.out.strip().splitlines()
-    assert rc == 2 and len(lines) >= 1 and lines[-1].startswith("error: "), out.out + out.err
-    assert "Traceback" not in out.out + out.err
-    return lines[-1]
 
 
 # ------------------------------------------------------------------ 1. a fold used half-present

@@ -50,7 +50,7 @@ COVERED = {
     ("accelerate launch train.py", "--name"): (DEMO, "--name demo_seed1"),
     ("accelerate launch train.py", "train.seed"): (DEMO, "train.seed=1"),
     ("accelerate launch train.py", "train.resume"): (E2E, '"train.resume=true"'),
-    ("python train.py", ""): ("tests/test_reliability.py::test_killed_run_resumes_to_the_same_result", '"train.py"'),
+    ("python train.py", ""): ("tests/test_resume.py::test_killed_run_resumes_to_the_same_result", '"train.py"'),
     ("python infer.py", ""): (DEMO, "infer.py --run"),
     ("python infer.py", "--run"): (DEMO, "infer.py --run"),
     ("python infer.py", "--data"): (DEMO, "--data $(DEMO_DATA)/test"),
@@ -68,9 +68,9 @@ COVERED = {
     ("python -m entrep.ablate", ""): ("tests/test_ablate.py::test_ladder_runs_and_each_rung_flips_exactly_its_switch",
                                       "from entrep.commands.ablate import"),
     ("python -m entrep.demo", ""): (DEMO, "-m entrep.demo"),
-    ("entrep.predict", ""): ("tests/test_reliability.py::test_entrep_predict_is_a_library_call_that_matches_infer_py",
+    ("entrep.predict", ""): ("tests/test_entry_points.py::test_entrep_predict_is_a_library_call_that_matches_infer_py",
                              "entrep.predict("),
-    ("entrep.train_fold", ""): ("tests/test_reliability.py::test_entrep_train_fold_trains_a_fold_as_train_py_does",
+    ("entrep.train_fold", ""): ("tests/test_entry_points.py::test_entrep_train_fold_trains_a_fold_as_train_py_does",
                                 "entrep.train_fold("),
 }
 
