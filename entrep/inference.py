@@ -211,25 +211,12 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     if not (test.cls or test.i2i or test.t2i):
         raise RunError(f"{test_dir}: no query list (cls.csv, i2i.csv or t2i.csv) anywhere below it; nothing to "
                        f"predict, and no predictions are written")
-    if test.skipped:
-        log.info("skipped %d macOS metadata files (._* AppleDouble files, __MACOSX folders), e.g. %s",
-                 len(test.skipped), test.skipped[0])
-    for f, listed, disk in test.case_fixes:
-        log.info("%s: query %r resolved to %r", f, listed, disk)
     names = sorted(test.images)
     galleries = track_galleries(test, read_gallery(cfg.infer.gallery, test.images) if cfg.infer.gallery else None,
                                 cfg.infer.gallery)
     test_hashes = [file_sha1(test.images[n]) for n in names]
     in_training = training_overlap(run, names, test_hashes)
-    if in_training["by_name"] or in_training["by_content"]:
-        log.warning("%d test images are training images (by name: %d, e.g. %s; by content: %d, e.g. %s): in the "
-                    "gallery they can be answers; to leave them out, list the gallery in infer.gallery=FILE",
-                    len(set(in_training["by_name"]) | set(in_training["by_content"])), len(in_training["by_name"]),
-                    in_training["by_name"][:3], len(in_training["by_content"]), in_training["by_content"][:3])
-    for track, gallery in galleries.items():
-        log.info("%s gallery: %s%s (%d images)%s", track, f"every image of {test.folders[track]}",
-                 f", those listed in infer.gallery={cfg.infer.gallery}" if cfg.infer.gallery else "", len(gallery),
-                 " (an i2i query never retrieves itself)" if track == "i2i" else "")
+    log_test_folder(test, in_training, galleries, cfg.infer.gallery)
 
     views, infos = [], []
     for m, c in zip(members, cfgs):
@@ -265,6 +252,24 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": None if "t2i" in not_predicted else test.t2i},
         "not_predicted": not_predicted, "on_disk": test.on_disk, "test_images_in_training": in_training}
     return Predictions(cls_df, i2i, t2i, meta)
+
+
+def log_test_folder(test, in_training: dict, galleries: dict, gallery_file: str) -> None:
+    """What the test folder holds that the user should know before reading the predictions."""
+    if test.skipped:
+        log.info("skipped %d macOS metadata files (._* AppleDouble files, __MACOSX folders), e.g. %s",
+                 len(test.skipped), test.skipped[0])
+    for f, listed, disk in test.case_fixes:
+        log.info("%s: query %r resolved to %r", f, listed, disk)
+    if in_training["by_name"] or in_training["by_content"]:
+        log.warning("%d test images are training images (by name: %d, e.g. %s; by content: %d, e.g. %s): in the "
+                    "gallery they can be answers; to leave them out, list the gallery in infer.gallery=FILE",
+                    len(set(in_training["by_name"]) | set(in_training["by_content"])), len(in_training["by_name"]),
+                    in_training["by_name"][:3], len(in_training["by_content"]), in_training["by_content"][:3])
+    for track, gallery in galleries.items():
+        log.info("%s gallery: %s%s (%d images)%s", track, f"every image of {test.folders[track]}",
+                 f", those listed in infer.gallery={gallery_file}" if gallery_file else "", len(gallery),
+                 " (an i2i query never retrieves itself)" if track == "i2i" else "")
 
 
 def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: set[str]):
