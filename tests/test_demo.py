@@ -49,19 +49,13 @@ def test_demo_is_in_the_release_layouts(demo):
     assert all("left" in c for caps in left["captions"] for c in caps)
 
 
-def test_demo_cli_refuses_a_non_empty_folder_and_a_useless_size(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    def demo_cli(*args):
-        return subprocess.run([sys.executable, "-m", "entrep.demo", *map(str, args)], capture_output=True, text=True,
-                              cwd=Path(__file__).parents[1], timeout=120)
+def test_demo_cli_refuses_a_non_empty_folder_and_a_useless_size(tmp_path, capsys):
+    from conftest import one_line
+    from entrep.commands.demo import main as demo_cli
 
     (tmp_path / "old").mkdir()
     (tmp_path / "old/keep.txt").write_text("mine")
-    r = demo_cli(tmp_path / "old")
-    assert r.returncode == 2 and "exists and is not empty" in r.stdout and "Traceback" not in r.stderr
+    assert "exists and is not empty" in one_line(capsys, demo_cli, [tmp_path / "old"])
     assert [p.name for p in (tmp_path / "old").iterdir()] == ["keep.txt"]
-    r = demo_cli(tmp_path / "new", "--size", "0")
-    assert r.returncode == 2 and "at least 32 px" in r.stdout and not (tmp_path / "new").exists()
+    assert "at least 32 px" in one_line(capsys, demo_cli, [tmp_path / "new", "--size", "0"])
+    assert not (tmp_path / "new").exists()

@@ -328,37 +328,31 @@ def test_a_blend_member_applies_its_own_scales_and_memory():
 
 @pytest.mark.slow
 def test_rescoring_adds_scales_and_memory_tuned_json_records_them_and_infer_applies_them(demo, trained_demo_run,
-                                                                                         tmp_path):
+                                                                                         tmp_path, capsys):
     """A finished run re-scored with the grids (no retraining): its OOF files gain the scales and the memory
     from the saved weights (scale 1.0 kept bit for bit), tuned.json and the report record the choices, infer.py
     applies them, and at scale 1 / no memory it writes exactly the predictions of before."""
     import json
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import entrep
+    from conftest import ok, py
+    from entrep.commands.infer import main as infer
 
-    root = Path(__file__).parents[1]
     run = tmp_path / "a"
     shutil.copytree(trained_demo_run, run)
-
-    def py(*args):
-        r = subprocess.run([sys.executable, *map(str, args)], cwd=root, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return r.stdout + r.stderr
 
     def predictions():
         return {f: (run / "predictions" / f).read_bytes() for f in ("classes.csv", "i2i.json", "t2i.json")}
 
-    py("infer.py", "--run", run, "--data", demo / "test")
+    ok(capsys, infer, ["--run", run, "--data", demo / "test"])
     before_files = predictions()
     before_oof = {k: load_fold_oof(run / f"fold{k}/oof.npz") for k in (0, 1)}
     original = json.loads((run / "tuned.json").read_text())
-    out = py("train.py", "--name", "a", f"output_dir={tmp_path}", "train.resume=true", "infer.wise_grid=[0.5,1.0]",
+    r = py("train.py", "--name", "a", f"output_dir={tmp_path}", "train.resume=true", "infer.wise_grid=[0.5,1.0]",
              "infer.memory_weight=[0.0,1.0]")
-    assert "embedding WiSE scales [0.5] and the known-pair memory from the saved weights" in " ".join(out.split())
+    out = " ".join((r.stdout + r.stderr).split())
+    assert "embedding WiSE scales [0.5] and the known-pair memory from the saved weights" in out
     folds = pd.read_csv(run / "folds.csv")
     for k in (0, 1):
         oof = load_fold_oof(run / f"fold{k}/oof.npz")
@@ -370,13 +364,13 @@ def test_rescoring_adds_scales_and_memory_tuned_json_records_them_and_infer_appl
     report = json.loads((run / "report.json").read_text())
     assert set(tuned["wise"]) == {"cls", "i2i", "t2i"} and tuned["memory_weight"] in (0.0, 1.0)
     assert all("wise" in f["settings"] and "memory_weight" in f["settings"] for f in report["folds"])
-    py("infer.py", "--run", run, "--data", demo / "test")
+    ok(capsys, infer, ["--run", run, "--data", demo / "test"])
     meta = json.loads((run / "predictions/meta.json").read_text())
     assert meta["wise"] == tuned["wise"] and meta["memory_weight"] == tuned["memory_weight"]
     # the tuned settings of before, with WiSE and the memory recorded at scale 1 / weight 0: bit-identical files
     (run / "tuned.json").write_text(json.dumps(original | {"wise": dict.fromkeys(("cls", "i2i", "t2i"), 1.0),
                                                            "memory_weight": 0.0}))
-    py("infer.py", "--run", run, "--data", demo / "test")
+    ok(capsys, infer, ["--run", run, "--data", demo / "test"])
     assert predictions() == before_files
     half = entrep.predict(run, demo / "test", ["infer.wise_grid=[0.5]", "infer.memory_weight=[1.0]"])
     plain = entrep.predict(run, demo / "test", ["infer.wise_grid=[1.0]", "infer.memory_weight=[0.0]"])
