@@ -109,7 +109,7 @@ def _circle(h: int, w: int, r: float) -> np.ndarray:
 
 
 def _demo_copy(case: dict, k: dict, rng) -> np.ndarray:
-    from entrep.demo import render
+    from entrep.data.demo import render
 
     s = DEMO_SIZE
     p = dict(case, findings=[dict(f) for f in case["findings"]])
@@ -144,7 +144,7 @@ def _demo_copy(case: dict, k: dict, rng) -> np.ndarray:
 
 def demo_set(n_cases: int, seed: int = 0):
     """Images and their (group, case, kind) rows: each case's base render and one copy per kind."""
-    from entrep.demo import _cases, _view, render
+    from entrep.data.demo import _cases, _view, render
 
     rng = np.random.default_rng(seed)
     images, rows = [], []
@@ -320,7 +320,7 @@ def release_rows():
     import tempfile
 
     from entrep.data.release import load_release
-    from entrep.demo import make_demo
+    from entrep.data.demo import make_demo
     from entrep.labels import ENTREP_CLASSES
 
     with tempfile.TemporaryDirectory() as tmp:
