@@ -152,3 +152,21 @@ def test_ratios_pair_each_window_with_the_reference_windows_next_to_it():
     assert rows["ref"]["img/s"] == 8.0 and "ratio" not in rows["ref"]
     times = throughput.summarize(timing, {"x": "ref"}, unit="ms/1k queries", items_per_unit=1000)
     assert times["x"]["ratio"] == pytest.approx((1 / 3 + 1 / 2) / 2) and times["x"]["ms/1k queries"] == 1000 * 1000 / 23.0
+
+
+@pytest.mark.slow
+def test_every_bench_script_runs_in_its_smallest_mode(tmp_path):
+    """A bench script no test runs breaks unseen (near_duplicates.py once imported a module that had
+    moved): each runs end to end here, small, and writes the rows it reports."""
+    import json
+
+    from conftest import py
+
+    py("bench/near_duplicates.py", "--quick", "--markdown", tmp_path / "near.md", timeout=900)
+    md = (tmp_path / "near.md").read_text()
+    for row in ("| shift 10% (camera) |", "| rotate 5 deg |", "| false joins: ", "| signatures |", "| new |"):
+        assert row in md, row
+    py("bench/throughput.py", "--smoke", "--json", tmp_path / "speed.json", timeout=900)
+    rows = json.loads((tmp_path / "speed.json").read_text())
+    for row in ("train tensors", "train kit", "infer kit", "pipeline 224", "retrieval 10,000 kit"):
+        assert row in rows and "error" not in rows[row], (row, rows.get(row))

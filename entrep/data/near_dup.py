@@ -53,12 +53,14 @@ MIN_TEXTURE = 0.5  # band-passed luminance spread (grey levels) below which a fr
 DARK = 10  # max channel value of the black surround
 MIN_VALID = 0.5  # share of a template inside the field of view below which an image is never joined
 THRESHOLD = 0.8  # default fine score that joins a pair (cv.near_dup_threshold)
-COLOUR_TOLERANCE = 0.06  # colour difference (see `_verify`) beyond which a pair is never joined
+COLOUR_TOLERANCE = 0.05  # colour difference (see `_verify`) beyond which a pair is never joined
 LOCAL_TOLERANCE = 0.15  # worst tile mismatch (see `_verify`) beyond which a pair is never joined
 CANDIDATES = 24  # coarse partners per image that are aligned and verified
 COLOUR_WEIGHT = 0.5  # what one unit of global colour distance costs in the coarse ranking
 COLOUR_FLOOR = 6.0  # chroma RMS (grey levels) below which colour differences count as absolute (dark, grey)
 COLOUR_BLUR = 0.7  # Gaussian blur (FINE px) of the chroma compared
+COLOUR_TILES = 2  # the compared region's chroma as n x n tile means: 4 x 4 tiles rejected shifted copies of
+# a photo for chroma edges a tile apart (bench/near_duplicates.py: photo shifts 86-92% -> 89-96%)
 MARGIN = 0.15  # grid scores this far below the threshold are still verified (refinement can raise them)
 
 
@@ -437,7 +439,7 @@ def _verify(a: Signatures, i, b: Signatures, j, rot, scale, dy, dx, s):
     - local: the worst 16 x 16 tile (of 9, overlapping) of |a - b|^2 / (|a|^2 + |b|^2 + the mean
       tile energy), a and b normalised: 0 where the tiles agree, about 1 where one shows something
       the other lacks (a lesion, an instrument), however well the rest agrees;
-    - colour: mean chroma (two opponent channels) of 16 tiles of the compared region, the other's
+    - colour: mean chroma (two opponent channels) of 2 x 2 tiles of the compared region, the other's
       fitted by one gain (which is all a gain, a contrast change or an offset common to the three
       channels does to chroma), RMS residual over the RMS chroma (at least COLOUR_FLOOR grey
       levels); clipped pixels are left out. Another tint, or a red patch in one frame only,
@@ -463,9 +465,10 @@ def _verify(a: Signatures, i, b: Signatures, j, rot, scale, dy, dx, s):
     cola = _gather(np.concatenate([a.colour[i].astype(np.float32), a.cmask[i][:, None]], 1), py, px)
     colb = _crop(b.colour[j].astype(np.float32), s, 1)
     mc = (cola[:, 2] > 0.999) & _crop(b.cmask[j], s, 1)
-    def tiles(v):  # (P, 2, T*T) -> (P, 2, 16): sums over 4 x 4 px tiles (misalignment and JPEG chroma drop out)
-        t = TEMPLATE // 4
-        return v.reshape(len(v), 2, 4, t, 4, t).sum((3, 5)).reshape(len(v), 2, 16)
+    def tiles(v):  # (P, 2, T*T) -> (P, 2, n*n): sums over n x n tiles (misalignment and JPEG chroma drop out)
+        n = COLOUR_TILES
+        t = TEMPLATE // n
+        return v.reshape(len(v), 2, n, t, n, t).sum((3, 5)).reshape(len(v), 2, n * n)
 
     cnt = tiles(np.repeat(mc[:, None].astype(np.float32), 2, 1))
     ra = tiles(cola[:, :2] * mc[:, None]) / np.maximum(cnt, 1)  # mean chroma per tile, grey levels
