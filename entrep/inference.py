@@ -211,12 +211,13 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     if not (test.cls or test.i2i or test.t2i):
         raise RunError(f"{test_dir}: no query list (cls.csv, i2i.csv or t2i.csv) anywhere below it; nothing to "
                        f"predict, and no predictions are written")
+    log_test_folder(test)  # before the galleries: a case fix can explain a gallery error
     names = sorted(test.images)
     galleries = track_galleries(test, read_gallery(cfg.infer.gallery, test.images) if cfg.infer.gallery else None,
                                 cfg.infer.gallery)
     test_hashes = [file_sha1(test.images[n]) for n in names]
     in_training = training_overlap(run, names, test_hashes)
-    log_test_folder(test, in_training, galleries, cfg.infer.gallery)
+    log_galleries(test, in_training, galleries, cfg.infer.gallery)
 
     views, infos = [], []
     for m, c in zip(members, cfgs):
@@ -254,13 +255,17 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     return Predictions(cls_df, i2i, t2i, meta)
 
 
-def log_test_folder(test, in_training: dict, galleries: dict, gallery_file: str) -> None:
-    """What the test folder holds that the user should know before reading the predictions."""
+def log_test_folder(test) -> None:
+    """Files of the test folder left out or resolved by case."""
     if test.skipped:
         log.info("skipped %d macOS metadata files (._* AppleDouble files, __MACOSX folders), e.g. %s",
                  len(test.skipped), test.skipped[0])
     for f, listed, disk in test.case_fixes:
         log.info("%s: query %r resolved to %r", f, listed, disk)
+
+
+def log_galleries(test, in_training: dict, galleries: dict, gallery_file: str) -> None:
+    """Each track's gallery, and the test images that are training images."""
     if in_training["by_name"] or in_training["by_content"]:
         log.warning("%d test images are training images (by name: %d, e.g. %s; by content: %d, e.g. %s): in the "
                     "gallery they can be answers; to leave them out, list the gallery in infer.gallery=FILE",

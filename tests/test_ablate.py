@@ -69,6 +69,10 @@ def test_the_recipe_rungs_each_add_one_switch_and_pseudo_labels_learn_from_the_r
     for overrides in rungs.values():  # every switch is a real config key with a valid value
         load_config(None, overrides)
     assert "15_pseudo_labels" not in recipe_rungs("runs/x_ablation")
+    # the input-size rung is 1.5x the model's own side, whatever it is
+    assert rungs["12_input_size"] == ["model.image_size=96"]
+    assert recipe_rungs("r", side=224)["12_input_size"] == ["model.image_size=336"]
+    assert recipe_rungs("r", side=336)["12_input_size"] == ["model.image_size=504"]
 
 
 def test_the_photo_release_is_a_release_the_kit_reads(tmp_path):

@@ -157,7 +157,9 @@ def test_ratios_pair_each_window_with_the_reference_windows_next_to_it():
 @pytest.mark.slow
 def test_every_bench_script_runs_in_its_smallest_mode(tmp_path):
     """A bench script no test runs breaks unseen (near_duplicates.py once imported a module that had
-    moved): each runs end to end here, small, and writes the rows it reports."""
+    moved): the two measuring scripts run end to end here, small (near_duplicates.py's timing still
+    decodes its 1,925 frames), and write the rows they report. gpu_check.sh and its gpu_summary.py run
+    in the rehearsal (tests/test_offline.py), offline_wheels.sh in tests/test_offline.py too."""
     import json
 
     from conftest import py
@@ -168,5 +170,5 @@ def test_every_bench_script_runs_in_its_smallest_mode(tmp_path):
         assert row in md, row
     py("bench/throughput.py", "--smoke", "--json", tmp_path / "speed.json", timeout=900)
     rows = json.loads((tmp_path / "speed.json").read_text())
-    for row in ("train tensors", "train kit", "infer kit", "pipeline 224", "retrieval 10,000 kit"):
+    for row in ("train tensors", "train kit", "infer kit", "pipeline 224 workers 0", "retrieval 10,000 kit"):
         assert row in rows and "error" not in rows[row], (row, rows.get(row))

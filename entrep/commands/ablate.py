@@ -3,9 +3,11 @@
     python -m entrep.ablate --config C.yaml [--data DIR] [--name NAME] [key=value ...]
 
 Each rung switches one more component on and writes its own run directory under
-runs/<name>_ablation/<rung>/. Rungs that change only inference settings (slerp retrieval, flip TTA,
-re-ranking) reuse the previous rung's trained folds and are re-scored from its OOF files. Finished
-rungs are reused on a re-run while their resolved config is unchanged, and run again otherwise. The table goes to ablation.md / ablation.csv / ablation.png.
+runs/<name>_ablation/<rung>/. Rungs that change only scoring settings (slerp retrieval, flip TTA,
+re-ranking, WiSE-FT scales, the known-pair memory) reuse the previous rung's trained folds and are
+re-scored from its OOF files (what those lack, extra WiSE scales or the memory, is embedded from the
+saved fold weights; nothing is retrained). Finished rungs are reused on a re-run while their resolved
+config is unchanged, and run again otherwise. The table goes to ablation.md / ablation.csv / ablation.png.
 """
 from __future__ import annotations
 
@@ -45,21 +47,22 @@ def default_ladder(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
     return base, rungs
 
 
-def recipe_rungs(previous: str, pseudo_data: str | None = None) -> dict[str, list[str]]:
-    """The fine-tuning recipe's switches (issue 23), each rung adding one on top of the method's ladder;
-    `previous` is the ablation folder (the pseudo-label rung takes its labels from the last trained rung)."""
+def recipe_rungs(root: str, pseudo_data: str | None = None, side: int = 64) -> dict[str, list[str]]:
+    """The fine-tuning recipe's switches (issue 23), each rung adding one on top of the method's ladder.
+    `root`: the ablation folder (the pseudo-label rung takes its labels from the last trained rung there);
+    `side`: the model's own input side (the input-size rung trains at 1.5x it)."""
     rungs = {
         "9_ema": ["train.ema_decay=0.99"],
         "10_mixup_cutmix": ["train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.mix_prob=0.5"],
         "11_layer_decay": ["train.layer_decay=0.8"],
-        "12_input_size": ["model.image_size=96"],  # 1.5x the tiny models' 64 px; a real config sets its own side
+        "12_input_size": [f"model.image_size={8 * round(1.5 * side / 8)}"],  # 224 -> 336, 336 -> 504, 64 -> 96
         # inference-only rungs: they re-score rung 12's folds, embedding the extra scales out of fold
         "13_wise_ft": ["infer.wise_grid=[0.5,0.75,1.0]"],
         "14_memory": ["infer.memory_weight=[0.0,0.25,0.5,0.75]"],
     }
     if pseudo_data:  # last: its run must share the folds of the rung it learns from (every rung does)
         teacher = [rung for rung, switch in rungs.items() if not inference_only(switch)][-1]
-        rungs["15_pseudo_labels"] = [f"train.pseudo_from={previous}/{teacher}", f"train.pseudo_data={pseudo_data}",
+        rungs["15_pseudo_labels"] = [f"train.pseudo_from={root}/{teacher}", f"train.pseudo_data={pseudo_data}",
                                      "train.pseudo_threshold=0.9"]
     return rungs
 
@@ -83,7 +86,10 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
     name = name or user.name
     root = Path(user.output_dir) / f"{name}_ablation"
     if recipe:
-        rungs = rungs | recipe_rungs(str(root), pseudo_data)
+        from entrep.model.backbone import input_size
+
+        side = input_size(user.model.name, user.model.pretrained, user.model.image_size)
+        rungs = rungs | recipe_rungs(str(root), pseudo_data, side)
     extra = [f"output_dir={root}"] + ([f"data.root={data}"] if data else [])
     rows, cumulative, previous = [], [], None
     for rung, switch in rungs.items():

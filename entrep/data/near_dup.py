@@ -465,7 +465,7 @@ def _verify(a: Signatures, i, b: Signatures, j, rot, scale, dy, dx, s):
     cola = _gather(np.concatenate([a.colour[i].astype(np.float32), a.cmask[i][:, None]], 1), py, px)
     colb = _crop(b.colour[j].astype(np.float32), s, 1)
     mc = (cola[:, 2] > 0.999) & _crop(b.cmask[j], s, 1)
-    def tiles(v):  # (P, 2, T*T) -> (P, 2, n*n): sums over n x n tiles (misalignment and JPEG chroma drop out)
+    def tiles(v):  # (P, 2, T*T) -> (P, 2, n*n): sums over n x n tiles of T/n px (misalignment, JPEG chroma drop out)
         n = COLOUR_TILES
         t = TEMPLATE // n
         return v.reshape(len(v), 2, n, t, n, t).sum((3, 5)).reshape(len(v), 2, n * n)
