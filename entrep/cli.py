@@ -60,14 +60,27 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what SLURM, Kaggle and `kill` send): handled as Ctrl-C is, with the resume hint."""
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+_received: list[int] = []  # the signals run_main's handler has taken, until run_main reports them
+
+
+def _interrupt(signum, frame):
+    _received.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def raise_if_interrupted() -> None:
+    """Raise again a Ctrl-C or SIGTERM that was swallowed: Python ignores an exception raised inside a
+    __del__ or a gc callback, which is where a signal's handler runs when it lands there. The loops
+    that take long (train steps, embedding batches, folds) call this, so no signal is lost."""
+    if _received:
+        raise Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def run_main(main, argv=None) -> int:
     """Run an entry point; a known user error prints one clear line (no traceback) and exits 2."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    handled = threading.current_thread() is threading.main_thread()
+    before = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if handled else {}
+    _received.clear()
     try:
         return main(argv)
     except EntrepError as e:
@@ -84,6 +97,10 @@ def run_main(main, argv=None) -> int:
                       f"kept: add train.resume=true to the same train.py command to continue from the first "
                       f"unfinished fold.", highlight=False, soft_wrap=True)
         return 143 if isinstance(e, Terminated) else 130
+    finally:
+        _received.clear()
+        for s, handler in before.items():  # an in-process caller (a test, a notebook) gets its own back
+            signal.signal(s, handler)
 
 
 class EpochBars:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from entrep.cli import raise_if_interrupted
 from entrep.data.dataset import EvalDataset, collate, eval_transform
 from entrep.labels import LabelSet
 from entrep.model.slerp import slerp
@@ -62,6 +63,7 @@ def embed_images(model, images, accelerator, labels: LabelSet, stats, *, batch_s
     for flip in [False, True] if tta_flip else [False]:
         idx, head, prompt, emb = [], [], [], []
         for batch in loader:
+            raise_if_interrupted()
             x = tf(batch["image"].flip(-1) if flip else batch["image"])  # batched, on the device
             with accelerator.autocast():
                 out = model(x)

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin
 from torch.utils.data import DataLoader
 
-from entrep.cli import EpochBars
+from entrep.cli import EpochBars, raise_if_interrupted
 from entrep.data.augment import BatchAugment
 from entrep.data.dataset import ConcatRows, TrainCollate, TrainDataset
 from entrep.embedding import DEFAULT_HEAD_WEIGHT, Embedded, embed_images
@@ -328,6 +328,7 @@ class FoldTrainer:
                 t0, seen, sums = time.perf_counter(), 0, {}
                 with timer.stage("train_steps"):
                     for batch in loader:
+                        raise_if_interrupted()
                         loss, parts = step(batch)
                         seen += len(batch["y"]) * accelerator.num_processes
                         for key, v in {"loss": loss, **parts}.items():

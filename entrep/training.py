@@ -24,6 +24,7 @@ import torch
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 
 from entrep import rundir
+from entrep.cli import raise_if_interrupted
 from entrep.config import flat_dict, load_config, run_defining_diff, save_config, to_dict
 from entrep.data.folds import file_signatures, load_or_make_folds, missing_classes, read_folds
 from entrep.data.identity import data_identity, describe_data_change
@@ -439,12 +440,14 @@ def train_run(cfg, accelerator, console=None, started: float | None = None) -> t
         on_main_first(accelerator, lambda: claim_run(cfg, data.table, accelerator), others=lambda: None)
     results, folds = [], {}
     for k in cfg.train.folds or list(range(cfg.cv.n_splits)):
+        raise_if_interrupted()
         if cfg.train.resume and fold_finished(fold_dir(cfg.run_dir, k)):
             log.info("fold %s: finished earlier, skipped (train.resume=true)", k)
             continue
         folds[k] = StageTimer()
         results.append(train_fold(cfg, accelerator, data, k, console, folds[k]))
     accelerator.wait_for_everyone()
+    raise_if_interrupted()
     if not accelerator.is_main_process:
         return results, None
     with timer.stage("report"):

@@ -151,3 +151,31 @@ def test_processes_given_other_arguments_stop_at_start_up_naming_the_key(demo, t
     assert r.returncode != 0 and "were given different settings: train.epochs" in out, out[-3000:]
     assert time.time() - t0 < 120
     assert not (tmp_path / "runs/x/config.yaml").exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing is the point
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_swallowed_by_a_destructor_still_stops_the_run_at_the_next_step(signum, code, capsys):
+    """Python ignores an exception raised in a __del__; a signal whose handler runs there must not be lost
+    (CI once saw Ctrl-C during training end in a finished run and exit 0)."""
+    from entrep.cli import raise_if_interrupted, run_main
+
+    class Swallows:
+        def __del__(self):
+            os.kill(os.getpid(), signum)  # the handler runs here, inside __del__: its exception is ignored
+
+    steps = []
+
+    def main(argv=None):
+        for i in range(3):
+            if i == 1:
+                Swallows()
+            raise_if_interrupted()
+            steps.append(i)
+        return 0
+
+    before = signal.getsignal(signum)
+    assert run_main(main) == code and steps == [0]
+    assert "train.resume=true" in capsys.readouterr().out
+    assert signal.getsignal(signum) is before  # an in-process caller gets its own handler back
+    raise_if_interrupted()  # nothing left pending once run_main has reported it
