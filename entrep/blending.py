@@ -37,7 +37,7 @@ from entrep.oof import (
     FoldOOF,
     FoldView,
     load_fold_oof,
-    pooled_classification,
+    pooled_f1_macro,
     pooled_retrieval,
 )
 from entrep.report import score_folds, write_scored
@@ -173,7 +173,7 @@ def choose(member_views: list[dict[int, FoldView]], folds: list[int], table, nam
 
     weights, trace = {}, {}
     weights["cls"], trace["cls"] = select(
-        lambda w: pooled_classification(blended({"cls": w}), table, names).get("f1_macro", 0.0), n, rounds)
+        lambda w: pooled_f1_macro(blended({"cls": w}), table, names), n, rounds)
     weights["i2i"], trace["i2i"] = select(lambda w: pooled_retrieval(blended({"i2i": w}), table, "i2i")["mrr"], n,
                                           rounds)
     # t2i among the members with a text tower; the others weigh 0 there

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 KS = (1, 5, 10)
 
@@ -24,6 +24,12 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: 
                         for i, n in enumerate(names)}
     out["confusion"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return out
+
+
+def f1_macro(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> float:
+    """classification_metrics' f1_macro in one scikit-learn call instead of five: what the tuning and
+    blending grids maximise, hundreds of times per run."""
+    return float(f1_score(y_true, y_pred, labels=list(range(n_classes)), average="macro", zero_division=0))
 
 
 def first_hit_rank(ranking: Sequence[str], relevant: set) -> int | None:

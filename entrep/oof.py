@@ -21,7 +21,7 @@ from entrep.embedding import Embedded, retrieval_embedding
 from entrep.errors import EntrepError
 from entrep.io import atomic_path
 from entrep.memory import MEMORY_FILE, Memory, embedded_arrays, embedded_from, load_memory, mix_queries, scale_key
-from entrep.metrics import classification_metrics, retrieval_metrics
+from entrep.metrics import classification_metrics, f1_macro, retrieval_metrics
 from entrep.retrieval import rank_gallery, text_class_probs
 
 OOF_FILE = "oof.npz"
@@ -197,14 +197,25 @@ def pooled_retrieval(views: dict, table, track: str, rerank: dict | None = None,
     return retrieval_metrics(rankings, relevant) if rankings else {"n_queries": 0, "mrr": 0.0}
 
 
-def pooled_classification(views: dict, table, names, present_only: bool = False) -> dict:
-    """Classification metrics over the labelled images of the given folds' views; `present_only`:
-    macro averages over the classes present in their truth only."""
+def pooled_labels(views: dict, table) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, predicted class) of the labelled images of the given folds' views, pooled."""
     y_of = dict(zip(table["image"], table["y"]))
     y, pred = [], []
     for v in views.values():
-        yy = np.array([y_of[n] for n in v.images])
-        p = v.probs.argmax(1)
-        y += list(yy[yy >= 0])
-        pred += list(p[yy >= 0])
-    return classification_metrics(y, pred, names, present_only=present_only) if y else {}
+        yy = np.array([y_of[n] for n in v.images], dtype=np.int64)
+        y.append(yy[yy >= 0])
+        pred.append(v.probs.argmax(1)[yy >= 0])
+    return (np.concatenate(y), np.concatenate(pred)) if y else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def pooled_classification(views: dict, table, names, present_only: bool = False) -> dict:
+    """Classification metrics over the labelled images of the given folds' views; `present_only`:
+    macro averages over the classes present in their truth only."""
+    y, pred = pooled_labels(views, table)
+    return classification_metrics(y, pred, names, present_only=present_only) if len(y) else {}
+
+
+def pooled_f1_macro(views: dict, table, names) -> float:
+    """pooled_classification's f1_macro (0 without labelled images), computed alone: for the grids."""
+    y, pred = pooled_labels(views, table)
+    return f1_macro(y, pred, len(names)) if len(y) else 0.0

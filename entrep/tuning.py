@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from entrep.oof import RETRIEVAL_TRACKS, FoldOOF, FoldView, pooled_classification, pooled_retrieval
+from entrep.oof import RETRIEVAL_TRACKS, FoldOOF, FoldView, pooled_f1_macro, pooled_retrieval
 from entrep.retrieval import method_params
 
 HEAD_WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -58,8 +58,7 @@ def tune(oof: dict[int, FoldOOF], table, names, cfg) -> dict:
     has_prompt = all(f.embedded.prompt is not None for f in oof.values())
     grid_w = list(HEAD_WEIGHT_GRID) if has_prompt else [1.0]
     grid_s = _wise_grid(cfg)
-    f1 = {(s, w): pooled_classification({k: f.view(w, tta, wise={"cls": s}) for k, f in oof.items()}, table,
-                                        names).get("f1_macro", 0.0)
+    f1 = {(s, w): pooled_f1_macro({k: f.view(w, tta, wise={"cls": s}) for k, f in oof.items()}, table, names)
           for s in grid_s for w in grid_w}
     s_cls, w = max(f1, key=lambda sw: (f1[sw], -abs(sw[0] - 1.0), sw[1]))
     out = {"head_weight": w, "tta_flip": tta, "head_weight_grid_f1_macro": {str(k): f1[(s_cls, k)] for k in grid_w},

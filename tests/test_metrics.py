@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import f1_score, precision_score
 
-from entrep.metrics import classification_metrics, retrieval_metrics
+from entrep.metrics import classification_metrics, f1_macro, retrieval_metrics
 
 
 def test_retrieval_hand_computed():
@@ -29,6 +31,17 @@ def test_classification_hand_case():
     assert m["precision_macro"] == pytest.approx((1 + 2 / 3) / 2)
     assert m["confusion"] == [[1, 1], [0, 2]]
     assert m["per_class"]["b"]["support"] == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 7).flatmap(lambda k: st.tuples(st.just(k), st.lists(st.tuples(st.integers(0, k - 1),
+                                                                                      st.integers(-1, k - 1)),
+                                                                            min_size=1, max_size=40))))
+def test_the_grids_f1_macro_is_the_reports(case):
+    """What tuning and blending maximise is exactly the report's f1_macro (absent classes, a -1 prediction)."""
+    k, pairs = case
+    y, p = [a for a, _ in pairs], [b for _, b in pairs]
+    assert f1_macro(y, p, k) == classification_metrics(y, p, [str(i) for i in range(k)])["f1_macro"]
 
 
 def test_classification_matches_sklearn_with_absent_classes():

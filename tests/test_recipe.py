@@ -190,23 +190,29 @@ def test_a_vit_above_its_pretraining_size_gets_resampled_position_embeddings(tmp
     torch.testing.assert_close(m.base.visual.positional_embedding[0], clip.visual.positional_embedding[0])  # CLS kept
 
 
-def test_pseudo_labels_need_the_same_folds(tmp_path, trained_demo_run, demo):
-    import shutil
+def test_pseudo_labels_need_the_same_folds(tmp_path, demo):
+    """Checked before any model is built: a source run (config.yaml, folds.csv) whose folds differ."""
+    import pandas as pd
 
+    from entrep.config import save_config
     from entrep.errors import EntrepError
     from entrep.training import RunData, pseudo_labels
 
     source = tmp_path / "src"
-    shutil.copytree(trained_demo_run, source)
-    folds = __import__("pandas").read_csv(source / "folds.csv", keep_default_na=False)
-    cfg = load_config(source / "config.yaml", [f"train.pseudo_from={source}", f"train.pseudo_data={demo / 'test'}",
-                                               f"output_dir={tmp_path}"])
-    other = folds.assign(fold=1 - folds["fold"])
-    data = RunData(LabelSet.from_config(cfg.labels), None, None, other)
-    with pytest.raises(EntrepError, match="has other folds than this run"):
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"train.pseudo_from={source}", f"train.pseudo_data={demo / 'test'}",
+                                                   f"output_dir={tmp_path}"])
+    save_config(cfg, source / "config.yaml")
+    folds = pd.DataFrame({"image": ["a.png", "b.png", "c.png", "d.png"], "fold": [0, 1, 0, 1]})
+    folds.to_csv(source / "folds.csv", index=False)
+    data = RunData(LabelSet.from_config(cfg.labels), None, None, folds)
+    other = RunData(data.labels, None, None, folds.assign(fold=1 - folds["fold"]))
+    with pytest.raises(EntrepError, match="has other folds than this run .*a.png"):
+        pseudo_labels(cfg, None, other, 0)
+    with pytest.raises(EntrepError, match="fold0 is not finished"):  # the same folds pass the check
         pseudo_labels(cfg, None, data, 0)
 
 
+@pytest.mark.slow
 def test_timing_stages_add_up_to_the_run_wall_time(trained_demo_run):
     t = json.loads((trained_demo_run / "timing.json").read_text())
     assert {"start_up", "release", "image_cache", "folds", "build", "train_steps", "oof_embedding", "save",
