@@ -9,6 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker per core: torch's default of a thread per core would put two threads on each core, and
+    # the subprocesses a test launches inherit the setting
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 ROOT = Path(__file__).parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAIN = ["--config", "configs/demo.yaml", "cv.n_splits=2", "train.epochs=1"]  # the smallest real run
