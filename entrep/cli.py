@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import threading
 
 from rich.console import Console
@@ -60,47 +61,78 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what SLURM, Kaggle and `kill` send): handled as Ctrl-C is, with the resume hint."""
 
 
-_received: list[int] = []  # the signals run_main's handler has taken, until run_main reports them
+# run_main's signal state: every SIGINT/SIGTERM its handler took, and whether it is already reporting one
+_received: list[int] = []
+_reporting = [False]
 
 
 def _interrupt(signum, frame):
     _received.append(signum)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if not _reporting[0]:  # once the interruption is being reported, a second Ctrl-C lets that finish
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def raise_if_interrupted() -> None:
     """Raise again a Ctrl-C or SIGTERM that was swallowed: Python ignores an exception raised inside a
     __del__ or a gc callback, which is where a signal's handler runs when it lands there. The loops
-    that take long (train steps, embedding batches, folds) call this, so no signal is lost."""
+    that take long (train steps, embedding batches, folds) and run_main itself call this, so no signal
+    is lost."""
     if _received:
         raise Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt()
 
 
-def run_main(main, argv=None) -> int:
-    """Run an entry point; a known user error prints one clear line (no traceback) and exits 2."""
-    handled = threading.current_thread() is threading.main_thread()
-    before = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if handled else {}
-    _received.clear()
-    try:
-        return main(argv)
-    except EntrepError as e:
-        print_error(str(e))
-        return 2
-    except OSError as e:  # a full disk, a read-only or unwritable folder, a file gone: one line naming the path
-        from entrep.io import describe_os_error
+def _quiet_swallowed(hook):
+    """sys.unraisablehook without the traceback of a swallowed interruption: it is recorded, and
+    reported once, by run_main."""
+    def quiet(unraisable):
+        if not (unraisable.exc_type and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+            hook(unraisable)
+    return quiet
 
-        print_error(describe_os_error(e))
-        return 2
+
+def _report_interrupt(sigterm: bool) -> int:
+    # every file is written atomically, so what was finished stays finished
+    console.print(f"{'terminated (SIGTERM)' if sigterm else 'interrupted'}. Finished folds are kept: add "
+                  f"train.resume=true to the same train.py command to continue from the first unfinished fold.",
+                  highlight=False, soft_wrap=True)
+    return 143 if sigterm else 130
+
+
+def run_main(main, argv=None) -> int:
+    """Run an entry point; a known user error prints one clear line (no traceback) and exits 2, Ctrl-C
+    exits 130 and SIGTERM 143, each with the resume hint."""
+    before, hook = {}, sys.unraisablehook
+    _received.clear()
+    _reporting[0] = False
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is not signal.SIG_IGN:  # `cmd &` in a script, nohup: ignored stays ignored
+                    before[s] = signal.signal(s, _interrupt)
+            sys.unraisablehook = _quiet_swallowed(hook)
+        code = main(argv)
+        raise_if_interrupted()
+        return code
     except KeyboardInterrupt as e:
-        # every file is written atomically, so what was finished stays finished
-        console.print(f"{'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}. Finished folds are "
-                      f"kept: add train.resume=true to the same train.py command to continue from the first "
-                      f"unfinished fold.", highlight=False, soft_wrap=True)
-        return 143 if isinstance(e, Terminated) else 130
+        _reporting[0] = True
+        return _report_interrupt(isinstance(e, Terminated))
+    except (EntrepError, OSError) as e:
+        _reporting[0] = True
+        if _received:  # an error on the way out of an interruption: the interruption is what happened
+            return _report_interrupt(_received[-1] == signal.SIGTERM)
+        if isinstance(e, EntrepError):
+            print_error(str(e))
+        else:  # a full disk, a read-only or unwritable folder, a file gone: one line naming the path
+            from entrep.io import describe_os_error
+
+            print_error(describe_os_error(e))
+        return 2
     finally:
-        _received.clear()
+        _reporting[0] = True
         for s, handler in before.items():  # an in-process caller (a test, a notebook) gets its own back
             signal.signal(s, handler)
+        sys.unraisablehook = hook
+        _received.clear()
 
 
 class EpochBars:

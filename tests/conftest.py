@@ -5,17 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # the cores shared out among the workers: torch's default of a thread per core would put several
+    # threads on each core; set before numpy and torch load, and inherited by the processes tests launch
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    if "torch" in sys.modules:  # a plugin loaded it first: its thread pool is already sized
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
+
 import numpy as np
 import pytest
 from PIL import Image
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # one worker per core: torch's default of a thread per core would put two threads on each core, and
-    # the subprocesses a test launches inherit the setting
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

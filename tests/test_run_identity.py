@@ -153,29 +153,54 @@ def test_processes_given_other_arguments_stop_at_start_up_naming_the_key(demo, t
     assert not (tmp_path / "runs/x/config.yaml").exists()
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing is the point
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_swallowed_by_a_destructor_still_stops_the_run_at_the_next_step(signum, code, capsys):
-    """Python ignores an exception raised in a __del__; a signal whose handler runs there must not be lost
-    (CI once saw Ctrl-C during training end in a finished run and exit 0)."""
-    from entrep.cli import raise_if_interrupted, run_main
+class _Swallows:
+    """Sends a signal from inside __del__: its handler runs there, and Python only prints what it raises."""
 
-    class Swallows:
-        def __del__(self):
-            os.kill(os.getpid(), signum)  # the handler runs here, inside __del__: its exception is ignored
+    def __init__(self, signum):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # nor printed as a traceback
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("after", ["a step", "the last step", "an error"])
+def test_a_signal_swallowed_by_a_destructor_still_stops_the_run(signum, code, after, capsys):
+    """Python ignores an exception raised in a __del__; a signal whose handler runs there must not be lost
+    (CI once saw Ctrl-C during training end in a finished run and exit 0): the next step raises it, or
+    run_main when the entry point returns, or an error on the way out is reported as the interruption."""
+    from entrep.cli import raise_if_interrupted, run_main
 
     steps = []
 
     def main(argv=None):
         for i in range(3):
-            if i == 1:
-                Swallows()
-            raise_if_interrupted()
+            if i == {"a step": 1, "the last step": 2, "an error": 2}[after]:
+                _Swallows(signum)
+                if after == "an error":
+                    raise EntrepError("a file the interruption left half-read")
+            if after != "the last step":
+                raise_if_interrupted()
             steps.append(i)
         return 0
 
     before = signal.getsignal(signum)
-    assert run_main(main) == code and steps == [0]
-    assert "train.resume=true" in capsys.readouterr().out
+    assert run_main(main) == code and steps == {"a step": [0], "the last step": [0, 1, 2], "an error": [0, 1]}[after]
+    out = capsys.readouterr()
+    assert "train.resume=true" in out.out and "half-read" not in out.out + out.err and "Traceback" not in out.err
     assert signal.getsignal(signum) is before  # an in-process caller gets its own handler back
     raise_if_interrupted()  # nothing left pending once run_main has reported it
+
+
+def test_a_signal_the_caller_ignores_stays_ignored():
+    """`train.py &` in a script, or nohup: the shell's Ctrl-C is not meant for it."""
+    from entrep.cli import run_main
+
+    seen = []
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert run_main(lambda argv=None: seen.append(signal.getsignal(signal.SIGINT)) or 0) == 0
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from entrep.data.augment import BatchAugment
@@ -100,3 +101,33 @@ def test_a_fold_prepares_its_held_out_loader_once(demo):
     assert len(history) == 3 and all("val_f1_macro" in row for row in history)
     assert e.emb.shape[0] == 16 and len(e.head) == 2
     assert len(acc._dataloaders) == 2  # the train loader and the one eval loader
+
+
+def test_a_swallowed_signal_stops_the_next_train_step_and_embedding_batch(demo, monkeypatch):
+    """What run_main's handler recorded but a __del__ swallowed is raised by the loops that take long."""
+    import signal
+
+    from accelerate.state import AcceleratorState
+
+    from entrep import cli
+    from entrep.config import load_config
+    from entrep.embedding import embed_images, eval_loader
+    from entrep.engine import FoldTrainer, make_accelerator
+
+    cfg = load_config(Path(__file__).parents[1] / "configs/demo.yaml", ["train.epochs=1", "train.batch_size=8"])
+    labels = LabelSet.from_config(cfg.labels)
+    df, _ = load_release(demo, labels.names)
+    df = df.head(16).reset_index(drop=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        acc = make_accelerator(cfg, cpu=True)
+        model = build_model(cfg, labels)
+        stats = image_stats(model.base)
+        pixels = decode_all(df["path"].tolist(), cfg.data.working_side(stats.size))
+        monkeypatch.setattr(cli, "_received", [signal.SIGINT])
+        with pytest.raises(KeyboardInterrupt):
+            FoldTrainer(cfg, acc, labels).fit(model, pixels, df, np.arange(16), np.arange(0), link_groups(df), stats)
+        with pytest.raises(KeyboardInterrupt):
+            embed_images(model, eval_loader(pixels, acc, 8), acc, labels, stats)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
