@@ -107,7 +107,8 @@ def run_main(main, argv=None) -> int:
     try:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(s) is not signal.SIG_IGN:  # `cmd &` in a script, nohup: ignored stays ignored
+                # ignored stays ignored, as Python does (`cmd &` in a script: a background job ignores Ctrl-C)
+                if signal.getsignal(s) is not signal.SIG_IGN:
                     before[s] = signal.signal(s, _interrupt)
             sys.unraisablehook = _quiet_swallowed(hook)
         code = main(argv)

@@ -105,8 +105,11 @@ def test_a_second_train_on_the_same_run_is_refused_in_one_line(demo, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_during_training_says_how_to_resume(demo, tmp_path):
     args = [sys.executable, "train.py", *TRAIN, "--data", str(demo), "--name", "int", f"output_dir={tmp_path}"]
+    # as from a terminal: a runner that started pytest in the background (`cmd &` in a script) leaves SIGINT
+    # ignored, every process below inherits that, and train.py rightly keeps it ignored
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / "int/folds.csv").exists():
         assert proc.poll() is None and time.time() < deadline

@@ -81,7 +81,7 @@ def test_a_picture_filed_with_two_labels_stops_training_or_trains_unlabelled(tmp
     assert len(conflicted) == 1 and table.loc[conflicted[0], "y"] == -1 and table.loc["t1.png", "y"] >= 0
 
 
-def test_sigterm_gives_the_resume_hint_and_exit_143(capsys):
+def test_sigterm_gives_the_resume_hint_and_exit_143(capsys, terminal_signals):
     from entrep.cli import run_main
 
     def main(argv=None):
@@ -153,6 +153,17 @@ def test_processes_given_other_arguments_stop_at_start_up_naming_the_key(demo, t
     assert not (tmp_path / "runs/x/config.yaml").exists()
 
 
+@pytest.fixture()
+def terminal_signals():
+    """SIGINT and SIGTERM as a process started from a terminal has them: a runner that started pytest in
+    the background (`cmd &` in a script) leaves SIGINT ignored, and run_main keeps an ignored signal so."""
+    before = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                                   (signal.SIGTERM, signal.SIG_DFL))}
+    yield
+    for s, h in before.items():
+        signal.signal(s, h)
+
+
 class _Swallows:
     """Sends a signal from inside __del__: its handler runs there, and Python only prints what it raises."""
 
@@ -166,7 +177,7 @@ class _Swallows:
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # nor printed as a traceback
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("after", ["a step", "the last step", "an error"])
-def test_a_signal_swallowed_by_a_destructor_still_stops_the_run(signum, code, after, capsys):
+def test_a_signal_swallowed_by_a_destructor_still_stops_the_run(signum, code, after, capsys, terminal_signals):
     """Python ignores an exception raised in a __del__; a signal whose handler runs there must not be lost
     (CI once saw Ctrl-C during training end in a finished run and exit 0): the next step raises it, or
     run_main when the entry point returns, or an error on the way out is reported as the interruption."""
