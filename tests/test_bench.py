@@ -157,8 +157,9 @@ def test_ratios_pair_each_window_with_the_reference_windows_next_to_it():
 @pytest.mark.slow
 def test_every_bench_script_runs_in_its_smallest_mode(tmp_path):
     """A bench script no test runs breaks unseen (near_duplicates.py once imported a module that had
-    moved): the two measuring scripts run end to end here, small, and write the rows they report. gpu_check.sh and its gpu_summary.py run
-    in the rehearsal (tests/test_offline.py), offline_wheels.sh in tests/test_offline.py too."""
+    moved): the two measuring scripts run end to end here, small, and write the rows they report.
+    gpu_check.sh and its gpu_summary.py run in the rehearsal (tests/test_offline.py), offline_wheels.sh
+    in tests/test_offline.py too."""
     import json
 
     from conftest import py

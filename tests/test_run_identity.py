@@ -205,7 +205,7 @@ def test_a_signal_swallowed_by_a_destructor_still_stops_the_run(signum, code, af
 
 
 def test_a_signal_the_caller_ignores_stays_ignored():
-    """`train.py &` in a script, or nohup: the shell's Ctrl-C is not meant for it."""
+    """`train.py &` in a script starts with SIGINT ignored: the shell's Ctrl-C is not meant for it."""
     from entrep.cli import run_main
 
     seen = []
