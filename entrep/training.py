@@ -26,7 +26,8 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from entrep import rundir
 from entrep.cli import raise_if_interrupted
 from entrep.config import flat_dict, load_config, run_defining_diff, save_config, to_dict
-from entrep.data.folds import file_signatures, load_or_make_folds, missing_classes, read_folds
+from entrep.data.folds import (describe_shape, file_signatures, grouping_shape, load_or_make_folds, missing_classes,
+                                 read_folds)
 from entrep.data.identity import data_identity, describe_data_change
 from entrep.data.images import CachedPixels, ImageCache
 from entrep.data.release import DataError, file_sha1, load_release
@@ -261,9 +262,10 @@ def load_run_data(cfg, accelerator, timer: StageTimer | None = None) -> RunData:
 
     # the main process decodes and folds first; the others then read what it wrote (cache, folds.csv)
     pixels, folds = on_main_first(accelerator, pixels_and_folds)
-    log.info("%d images (%d labelled) from %s; %d folds over %d groups of alike images (i2i links, patients, "
-             "near-duplicates)", len(table), int((table["y"] >= 0).sum()), cfg.data.root, cfg.cv.n_splits,
-             folds["fold_group"].nunique())
+    log.info("%d images (%d labelled) from %s; %d folds of %s images; %s (i2i links, patients, near-duplicates%s)",
+             len(table), int((table["y"] >= 0).sum()), cfg.data.root, cfg.cv.n_splits,
+             "/".join(map(str, folds["fold"].value_counts().sort_index().tolist())),
+             describe_shape(grouping_shape(folds)), "" if cfg.cv.near_dup else ": off, cv.near_dup=false")
     for label, lacking in missing_classes(folds, cfg.cv.n_splits).items():
         log.warning("class %s has fewer groups of alike images than folds: folds %s hold none of it, so their "
                     "models are scored without it (see data check)", label, lacking)
@@ -421,8 +423,10 @@ def finish_run(cfg, data: RunData) -> dict | None:
     oof = load_run_oof(cfg, data, done)  # completes the files where infer.wise_grid / infer.memory_weight ask more
     pseudo = {str(k): m["pseudo_labels"] for k, d in done.items()
               if "pseudo_labels" in (m := read_json(d / METRICS_FILE))}
-    extra = {"pseudo_labels": {"from": cfg.train.pseudo_from, "threshold": cfg.train.pseudo_threshold,
-                               "added_per_fold_and_class": pseudo}} if pseudo else None
+    extra = {"grouping": grouping_shape(data.folds)}
+    if pseudo:
+        extra["pseudo_labels"] = {"from": cfg.train.pseudo_from, "threshold": cfg.train.pseudo_threshold,
+                                  "added_per_fold_and_class": pseudo}
     return write_report(cfg.run_dir, oof, data.table, list(data.labels.names), cfg, extra)
 
 

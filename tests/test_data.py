@@ -156,7 +156,7 @@ def test_check_command_reports_true_counts(real_release):
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if line.count("│") >= 3}
     assert rows["unlabelled images (contrastive losses only)"] == "68"
     assert rows["file names fixed by case"] == "566"
-    assert rows["near-duplicate clusters (aligned correlation >= 0.8; one fold each)"] == "0 (0 images)"  # noise PNGs
+    assert rows["near-duplicate groups (aligned correlation >= 0.8 and the relative test; one fold each)"] == "0 (0 images)"  # noise PNGs
 
 
 def test_check_command_fails_only_when_training_cannot_proceed(tmp_path):

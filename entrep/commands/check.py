@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+import numpy as np
+
 from rich.console import Console
 from rich.table import Table
 
 from entrep.config import load_config
-from entrep.data.folds import FoldError, components, make_folds, missing_classes
+from entrep.data.folds import (FoldError, describe_shape, grouping_shape, make_folds, missing_classes,
+                                near_duplicate_groups)
 from entrep.data.near_dup import file_signatures, near_duplicate_pairs
 from entrep.data.release import DataError, file_sha1, load_release, load_test
 
@@ -22,14 +25,17 @@ def _examples(items, n=3) -> str:
 
 
 def near_duplicates(table, ts, threshold: float, sig) -> tuple[list[list[str]], list[tuple[str, str, float]]]:
-    """(near-duplicate clusters within the training data, (test image, training image, score) leaks),
-    by the same pass that groups folds (entrep.data.near_dup; `sig`: the training images' signatures).
-    Byte-identical copies are already merged by the reader."""
-    pairs = near_duplicate_pairs(sig, threshold=threshold)
-    comp = components(len(table), pairs)
+    """(near-duplicate groups within the training data, (test image, training image, score) leaks),
+    by the same pass that groups folds (entrep.data.folds.near_duplicate_groups; `sig`: the training
+    images' signatures). Byte-identical copies are already merged by the reader."""
+    try:
+        ids, _ = near_duplicate_groups(sig, table["y"].to_numpy(), threshold)
+    except FoldError:  # over the cap: _fold_coverage says so in the findings
+        ids = np.arange(len(table))
     members: dict[int, list[str]] = {}
-    for i in sorted({x for p in pairs for x in p[:2]}):
-        members.setdefault(comp[i], []).append(table["image"].iloc[i])
+    for i, g in enumerate(ids):
+        members.setdefault(int(g), []).append(table["image"].iloc[i])
+    members = {g: m for g, m in members.items() if len(m) > 1}
     leaks = []
     if ts is not None and ts.images:
         names = sorted(ts.images)
@@ -56,8 +62,9 @@ def check(root: str, names, test_dir: str | None, console: Console, near_dup_thr
     sig = file_signatures(table["path"].tolist()) if near_dup_threshold else None
     clusters, leaks = near_duplicates(table, ts, near_dup_threshold, sig) if near_dup_threshold else ([], [])
     rows = _findings(table, rep)
-    rows.append(_fold_coverage(table, sig, near_dup_threshold, n_splits, seed))
-    rows.append((f"near-duplicate clusters (aligned correlation >= {near_dup_threshold}; one fold each)"
+    rows += _fold_coverage(table, sig, near_dup_threshold, n_splits, seed)
+    rows.append((f"near-duplicate groups (aligned correlation >= {near_dup_threshold} and the relative test; "
+                 f"one fold each)"
                  if near_dup_threshold else "near-duplicate clusters (cv.near_dup=false: not searched)",
                  f"{len(clusters)} ({sum(map(len, clusters))} images)", _examples([" ~ ".join(c) for c in clusters])))
     if ts is not None:
@@ -89,18 +96,22 @@ def check(root: str, names, test_dir: str | None, console: Console, near_dup_thr
     return 0
 
 
-def _fold_coverage(table, sig, threshold, n_splits: int, seed: int) -> tuple:
-    """Whether the folds train.py would make (cv settings) can be made, and which lack a class."""
+def _fold_coverage(table, sig, threshold, n_splits: int, seed: int) -> list[tuple]:
+    """Whether the folds train.py would make (cv settings) can be made, which lack a class, and the
+    grouping's shape."""
     what = f"classes missing from some of the {n_splits} folds (cv.n_splits)"
     if not (table["y"] >= 0).any():
-        return what, "-", "no labelled image"
+        return [(what, "-", "no labelled image")]
     try:
         folds = make_folds(table, n_splits, seed, sig, threshold or 0.8) if sig is not None else \
             make_folds(table, n_splits, seed)
     except FoldError as e:
-        return what, "cannot fold", str(e)
+        return [(what, "cannot fold", str(e))]
     lacking = missing_classes(folds, n_splits)
-    return what, len(lacking), _examples([f"{c}: folds {f}" for c, f in lacking.items()])
+    sizes = "/".join(map(str, folds["fold"].value_counts().sort_index().tolist()))
+    return [(what, len(lacking), _examples([f"{c}: folds {f}" for c, f in lacking.items()])),
+            (f"grouping the folds are built from (images per fold: {sizes})", grouping_shape(folds)["groups"],
+             describe_shape(grouping_shape(folds)))]
 
 
 def _counts(root, table, names) -> Table:

@@ -7,6 +7,7 @@ hide the patient, so frames of one exam can only be found by content).
 """
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import warnings
@@ -20,9 +21,16 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from entrep import rundir
 from entrep.data.near_dup import THRESHOLD as NEAR_DUP_THRESHOLD
-from entrep.data.near_dup import file_signatures, near_duplicate_pairs  # noqa: F401  (the fold code's API)
+from entrep.data.near_dup import file_signatures, joined_pairs  # noqa: F401  (the fold code's API)
 from entrep.errors import EntrepError
 from entrep.io import atomic_path, atomic_write_csv
+
+
+log = logging.getLogger(__name__)
+
+GROUP_CAP, GROUP_SHARE = 20, 0.02  # the largest near-duplicate group: max(20 images, 2% of the release)
+UNJOINED = 4.0  # the dissimilarity of a pair the pass did not join, in the average linkage
+STRICTER = (0.5, 0.25, 0.125)  # cut heights tried in turn on a group over the cap or across classes
 
 
 class FoldError(EntrepError):
@@ -54,8 +62,65 @@ def patient_id(name: str) -> str | None:
     return m.group(1) if m else None
 
 
+def group_cap(n: int) -> int:
+    return max(GROUP_CAP, int(GROUP_SHARE * n))
+
+
+def near_duplicate_groups(signatures, y: np.ndarray, threshold: float = NEAR_DUP_THRESHOLD) -> tuple[np.ndarray, int]:
+    """(one group id per image, how many groups a stricter cut split) of near-duplicate frames.
+
+    Pairs come from entrep.data.near_dup (`joined_pairs`: aligned correlation and the relative
+    test). Groups are the average linkage of the pairs' dissimilarities (an unjoined pair counts
+    UNJOINED), cut at 1, the join limit: a chain A~B~...~Z whose ends are not alike stays apart,
+    where connected components (single linkage) merged it whole. A group over `group_cap` or holding
+    two labelled classes (y >= 0) is cut again at each STRICTER height; one that still spans classes
+    is the same pixels under two labels and is kept (counted by `grouping_shape`); one still over
+    the cap is refused."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    n = len(y)
+    pairs, _, dist = joined_pairs(signatures, threshold=threshold)
+    comp = components(n, pairs)
+    out = np.arange(n)
+    cap, split = group_cap(n), 0
+    by_comp: dict[int, list[int]] = {}
+    for k, c in enumerate(comp[pairs[:, 0]]):
+        by_comp.setdefault(int(c), []).append(k)
+    for edges in by_comp.values():
+        members = np.unique(pairs[edges])
+        pos = np.searchsorted(members, pairs[edges])
+        m = np.full((len(members),) * 2, UNJOINED)
+        np.fill_diagonal(m, 0.0)
+        m[pos[:, 0], pos[:, 1]] = m[pos[:, 1], pos[:, 0]] = dist[edges]
+        tree = linkage(squareform(m, checks=False), "average")
+        cut = fcluster(tree, 1.0, "distance")
+        for height in STRICTER:
+            bad = [c for c in np.unique(cut) if (cut == c).sum() > cap or _classes(y[members[cut == c]]) > 1]
+            if not bad:
+                break
+            split += len(bad)
+            strict = fcluster(tree, height, "distance")
+            for c in bad:  # only the bad groups take the stricter cut
+                cut[cut == c] = cut.max() + 1 + strict[cut == c]
+        if (big := np.bincount(cut).max()) > cap:
+            raise FoldError(f"near-duplicate grouping: {big} images stay one group of alike frames even at the "
+                            f"strictest cut, over the cap of {cap} (max({GROUP_CAP}, {GROUP_SHARE:.0%} of the "
+                            f"{n} images)); raise cv.near_dup_threshold (now {threshold}) or set cv.near_dup=false")
+        _, first, cut = np.unique(cut, return_index=True, return_inverse=True)
+        out[members] = members[first[cut]]  # each image points at its group's first member
+    if split:
+        log.warning("near-duplicate grouping: %d groups over the cap of %d images or across classes were split by "
+                    "a stricter cut (cv.near_dup_threshold=%s)", split, cap, threshold)
+    return out, split
+
+
+def _classes(y: np.ndarray) -> int:
+    return len(set(y[y >= 0].tolist()))
+
+
 def fold_groups(df: pd.DataFrame, signatures=None, threshold: float = NEAR_DUP_THRESHOLD) -> np.ndarray:
-    """Connected components of the union of i2i links, same-patient pairs and near-duplicate pairs
+    """Connected components of the union of i2i links, same-patient pairs and near-duplicate groups
     (`signatures`: entrep.data.near_dup.Signatures of df's images, in order; None = no content pass)."""
     pairs = link_pairs(df)
     first_of: dict[str, int] = {}
@@ -63,8 +128,27 @@ def fold_groups(df: pd.DataFrame, signatures=None, threshold: float = NEAR_DUP_T
         if (pid := patient_id(name)) is not None:
             pairs.append((first_of.setdefault(pid, i), i))
     if signatures is not None:
-        pairs += near_duplicate_pairs(signatures, threshold=threshold)
+        near, _ = near_duplicate_groups(signatures, df["y"].to_numpy(), threshold)
+        pairs += [(int(g), i) for i, g in enumerate(near) if g != i]
     return components(len(df), pairs)
+
+
+def grouping_shape(folds: pd.DataFrame) -> dict:
+    """What the folds were built from: groups of two or more alike images (i2i links, patients,
+    near-duplicates), the images in them, the largest, and those holding two labelled classes."""
+    sizes = folds["fold_group"].value_counts()
+    multi = sizes[sizes > 1]
+    labelled = folds[folds["label"] != ""]
+    spanning = labelled.groupby("fold_group")["label"].nunique()
+    return {"groups": int(len(multi)), "images_grouped": int(multi.sum()), "images": int(len(folds)),
+            "largest_group": int(sizes.max()) if len(sizes) else 0, "cap": group_cap(len(folds)),
+            "groups_spanning_classes": int((spanning > 1).sum())}
+
+
+def describe_shape(shape: dict) -> str:
+    return (f"{shape['groups']} groups of alike images hold {shape['images_grouped']} of {shape['images']} images; "
+            f"largest {shape['largest_group']} (near-duplicate cap {shape['cap']}); "
+            f"{shape['groups_spanning_classes']} span two classes")
 
 
 def make_folds(df: pd.DataFrame, n_splits: int, seed: int, signatures=None,
@@ -79,7 +163,9 @@ def make_folds(df: pd.DataFrame, n_splits: int, seed: int, signatures=None,
     n_groups = len(set(groups[labelled]))
     if n_groups < n_splits:
         fix = (f"lower cv.n_splits to {n_groups} or fewer" if n_groups >= 2 else
-               "there is nothing to cross-validate: add labelled images of other cases")
+               "there is nothing to cross-validate")
+        fix += ("; where near-duplicates joined them (python -m entrep.data check shows the groups), raise "
+                "cv.near_dup_threshold or set cv.near_dup=false")
         raise FoldError(f"cv.n_splits={n_splits} but the {int(labelled.sum())} labelled images form only {n_groups} "
                         f"groups of alike images (i2i links, patients, near-duplicates), and a group never spans "
                         f"two folds; {fix}")

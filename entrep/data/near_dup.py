@@ -13,7 +13,8 @@ and reduced to what survives those changes:
 - chroma (two opponent channels), compared only after alignment.
 
 API: `file_signatures(paths)` (or `signatures(frames)`) -> `Signatures`;
-`near_duplicate_pairs(sig_a, sig_b=None, threshold)` -> [(i, j, score)].
+`near_duplicate_pairs(sig_a, sig_b=None, threshold)` -> [(i, j, score)]; `joined_pairs` -> the same
+with each pair's dissimilarity.
 
 Pairs are found in three steps:
 
@@ -26,9 +27,17 @@ Pairs are found in three steps:
    ways; the best of the 2025 alignments is refined below the grid by parabolas through its
    neighbours (rotation, scale, shift);
 3. verification at that alignment (`_verify`): the score is the normalised cross-correlation at
-   64 px; a pair is joined when score >= threshold (cv.near_dup_threshold), its worst tile
-   mismatch <= LOCAL_TOLERANCE (a lesion in one frame only) and its chroma, fitted by one gain,
-   leaves a residual <= COLOUR_TOLERANCE (another tint: another patient).
+   64 px, the worst tile mismatch (a lesion in one frame only) and the chroma residual after one
+   gain (another tint: another patient), folded into one `dissimilarity` that is 1 at the join
+   limit (score = cv.near_dup_threshold, LOCAL_TOLERANCE, COLOUR_TOLERANCE) and 0 for the same pixels;
+4. the relative test: a pair is joined when its dissimilarity is at most 1 and at most RATIO x each
+   image's ordinary look-alike (the BACKGROUND quantile of its candidates' dissimilarities). A copy
+   stands out from the frames that merely resemble it; in a release whose frames all look alike
+   (low-texture greyscale scans of one class), no pair does, and none is joined. Without it, one
+   loose pair per image chained 814 of 840 such scans into one group.
+
+Pairs are grouped by entrep.data.folds (average linkage, so that A~B~...~Z does not merge frames
+that are not alike).
 
 Deterministic: fixed decode, float32 numpy, scores rounded to 1e-4 before ranking and thresholds,
 ties broken by index. bench/near_duplicates.py measures recall per transform and false joins
@@ -53,9 +62,13 @@ MIN_TEXTURE = 0.5  # band-passed luminance spread (grey levels) below which a fr
 DARK = 10  # max channel value of the black surround
 MIN_VALID = 0.5  # share of a template inside the field of view below which an image is never joined
 THRESHOLD = 0.8  # default fine score that joins a pair (cv.near_dup_threshold)
-COLOUR_TOLERANCE = 0.05  # colour difference (see `_verify`) beyond which a pair is never joined
-LOCAL_TOLERANCE = 0.15  # worst tile mismatch (see `_verify`) beyond which a pair is never joined
-CANDIDATES = 24  # coarse partners per image that are aligned and verified
+COLOUR_TOLERANCE = 0.2  # colour difference (see `_verify`) beyond which a pair is never joined
+LOCAL_TOLERANCE = 0.25  # worst tile mismatch (see `_verify`) beyond which a pair is never joined
+RATIO = 0.35  # a pair joins only this much closer (`dissimilarity`) than either image's ordinary look-alikes
+BACKGROUND = 0.25  # quantile of an image's other candidates' dissimilarities that stands for its ordinary
+# look-alikes: with CANDIDATES partners, the 6th closest other, so a group of up to 6 copies stands out whole
+# (tolerances, RATIO and BACKGROUND: bench/near_duplicates.py over five image sources, docs/figures.md)
+CANDIDATES = 24  # coarse partners per image that are aligned and verified (and its background)
 COLOUR_WEIGHT = 0.5  # what one unit of global colour distance costs in the coarse ranking
 COLOUR_FLOOR = 6.0  # chroma RMS (grey levels) below which colour differences count as absolute (dark, grey)
 COLOUR_BLUR = 0.7  # Gaussian blur (FINE px) of the chroma compared
@@ -486,7 +499,7 @@ def pair_scores(a: Signatures, b: Signatures | None, pairs, threshold: float | N
     a when b is None); see `_verify`. Each pair is aligned both ways (i's templates in j, j's in i)
     and verified the better way. With `threshold`, the second way is tried only where the first
     reaches threshold - 2 MARGIN, and a pair whose grid score lies more than MARGIN below the
-    threshold is not verified (its grid score is returned, local and colour 1)."""
+    threshold is not verified (its grid score is returned, local and colour NaN: not measured)."""
     b = a if b is None else b
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     out = np.zeros((3, len(pairs)), np.float32)
@@ -501,7 +514,7 @@ def pair_scores(a: Signatures, b: Signatures | None, pairs, threshold: float | N
                 z[back] = v
         flip = two[0] > one[0]
         grid = np.maximum(one[0], two[0])
-        res = np.stack([grid, np.ones_like(grid), np.ones_like(grid)])
+        res = np.stack([grid, np.full_like(grid, np.nan), np.full_like(grid, np.nan)])
         todo = (grid >= threshold - MARGIN) if threshold is not None else np.ones(len(i), bool)
         for f, (x, y, al) in ((False, (a, b, one)), (True, (b, a, two))):
             k = np.flatnonzero(todo & (flip == f))
@@ -513,17 +526,56 @@ def pair_scores(a: Signatures, b: Signatures | None, pairs, threshold: float | N
     return np.round(out, 4)
 
 
-def near_duplicate_pairs(a: Signatures, b: Signatures | None = None, threshold: float = THRESHOLD,
-                         candidates: int = CANDIDATES) -> list[tuple[int, int, float]]:
-    """(i, j, score) of near-duplicate pairs: within `a` (i < j), or from `a` to `b` (i in a, j in b).
-    Each image's `candidates` best coarse partners are aligned and verified (`pair_scores`); a pair
-    is joined when its score reaches `threshold`, its worst tile mismatch is at most
-    LOCAL_TOLERANCE and its colour difference at most COLOUR_TOLERANCE."""
+def dissimilarity(scores: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """(P,) one number per pair from `pair_scores`' (3, P): the largest of (1 - score) / (1 - threshold),
+    local / LOCAL_TOLERANCE and colour / COLOUR_TOLERANCE. 0: the same pixels; 1: the join limit.
+    A check that was not measured (NaN: the pair was not verified) does not count."""
+    score, local, colour = np.asarray(scores, np.float64)
+    d = np.fmax(np.fmax((1 - score) / (1 - threshold), local / LOCAL_TOLERANCE), colour / COLOUR_TOLERANCE)
+    return np.round(d, 4)
+
+
+def joined_pairs(a: Signatures, b: Signatures | None = None, threshold: float = THRESHOLD,
+                 candidates: int = CANDIDATES, ratio: float = RATIO) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pairs (P, 2), scores (P,), dissimilarities (P,)) of the joined pairs: within `a` (i < j) or
+    from `a` to `b`. Each image's `candidates` best coarse partners are aligned and verified
+    (`pair_scores`); a pair joins when its dissimilarity is at most 1 and at most `ratio` x the
+    BACKGROUND quantile of each of its two images' candidate dissimilarities (ratio 0: no relative test)."""
     within = b is None
     bb = a if within else b
     if not len(a) or not len(bb):
-        return []
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32), np.zeros(0)
     cand = _coarse_candidates(a, bb, candidates, within)
-    score, local, colour = pair_scores(a, bb, cand, threshold=threshold)
-    ok = (score >= threshold) & (local <= LOCAL_TOLERANCE) & (colour <= COLOUR_TOLERANCE)
-    return [(int(i), int(j), float(x)) for (i, j), x in zip(cand[ok], score[ok])]
+    sc = pair_scores(a, bb, cand, threshold=threshold)
+    d = dissimilarity(sc, threshold)
+    ok = d <= 1
+    if ratio:
+        ends = np.concatenate([cand[:, 0], cand[:, 1] + (0 if within else len(a))])  # one index space
+        bg = _background(ends, np.concatenate([d, d]), len(a) + (0 if within else len(bb))).reshape(2, -1)
+        ok &= (d <= ratio * bg[0]) & (d <= ratio * bg[1])
+    return cand[ok], sc[0][ok], d[ok]
+
+
+def _background(item: np.ndarray, value: np.ndarray, n: int, q: float = BACKGROUND) -> np.ndarray:
+    """For each (item, value) entry, the q-quantile (the lower value) of the item's other entries'
+    values, so that a pair is never its own background; inf for an item with no other entry."""
+    order = np.lexsort((value, item))
+    count = np.bincount(item, minlength=n)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    rank = np.empty(len(item), np.int64)
+    rank[order] = np.arange(len(item)) - start[item[order]]  # each entry's place in its item's sorted values
+    c = count[item]
+    k = np.floor(q * np.maximum(c - 2, 0)).astype(np.int64)  # the quantile's place among the c - 1 others
+    k = np.where(rank <= k, k + 1, k)  # skip the entry itself
+    out = np.full(len(item), np.inf)
+    has = c > 1
+    out[has] = value[order][start[item[has]] + k[has]]
+    return out
+
+
+def near_duplicate_pairs(a: Signatures, b: Signatures | None = None, threshold: float = THRESHOLD,
+                         candidates: int = CANDIDATES) -> list[tuple[int, int, float]]:
+    """(i, j, score) of near-duplicate pairs (`joined_pairs`): within `a` (i < j), or from `a` to `b`
+    (i in a, j in b)."""
+    pairs, score, _ = joined_pairs(a, b, threshold, candidates)
+    return [(int(i), int(j), float(x)) for (i, j), x in zip(pairs, score)]
