@@ -138,3 +138,135 @@ def test_old_runs_config_with_near_dup_bits_still_loads(tmp_path):
     (tmp_path / "config.yaml").write_text("cv:\n  n_splits: 3\n  near_dup_bits: 12\n")
     cfg = load_config(tmp_path / "config.yaml")
     assert cfg.cv.n_splits == 3 and cfg.cv.near_dup and cfg.cv.near_dup_threshold == near_dup.THRESHOLD
+
+
+# ---------------------------------------------------------------------------------------------- grouping
+# The five bench sources (bench/near_dup_sources.py), small: the pass is measured on images it was
+# not tuned on. Full size: bench/near_duplicates.py, table in docs/figures.md.
+
+def _sources():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench/near_dup_sources.py"
+    spec = importlib.util.spec_from_file_location("near_dup_sources", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("near_dup_sources", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sig(images):
+    return near_dup.signatures([near_dup.letterbox(Image.fromarray(im)) for im in images])
+
+
+def _grouped(name: str, n: int, seed: int = 0):
+    """(recall on moved copies of the first half, false partners per image among the bases alone,
+    largest group, groups across classes) of a small version of a source."""
+    from entrep.data.folds import near_duplicate_groups
+
+    src = _sources().make(name, n, seed)
+    n, nc = len(src.images), len(src.images) // 2
+    rng = np.random.default_rng(seed + 1)
+    copies = [src.copy(i, rng) for i in range(nc)]
+    y = np.unique([str(v) for v in src.labels], return_inverse=True)[1]
+    g, _ = near_duplicate_groups(_sig(src.images + copies), np.concatenate([y, y[:nc]]))
+    gb, _ = near_duplicate_groups(_sig(src.images), y)
+    _, inv, sizes = np.unique(gb, return_inverse=True, return_counts=True)
+    across = sum(len(set(y[inv == k])) > 1 for k in np.flatnonzero(sizes > 1))
+    return float(np.mean(g[:nc] == g[n:])), float((sizes * (sizes - 1)).sum() / n), int(sizes.max()), across
+
+
+@pytest.mark.parametrize("name,n", [("photos", 48), ("scans", 84), ("textures", 48), ("jitter", 48)])
+def test_each_source_meets_the_targets_in_small(name, n):
+    """scans: 12 a class. With 7 or fewer look-alikes a class, the image's 6th closest other is no
+    longer a look-alike and the relative test has no background to hold its siblings apart: such a
+    class joins whole (under the cap), as a group of up to 6 copies must (docs/figures.md)."""
+    recall, false, largest, across = _grouped(name, n)
+    assert recall >= 0.95 and false < 0.1 and largest <= 20 and across == 0, (recall, false, largest, across)
+
+
+def test_demo_renders_stay_within_their_measured_bounds():
+    """Zero-finding demo cases of one class are one drawing moved by up to 5% under another tone: a
+    copy moved 3-10% is no closer to its base than they are to each other, so the demo misses the
+    recall and false-join targets (docs/figures.md). The bounds hold the measured figures."""
+    recall, false, largest, across = _grouped("demo", 48)
+    assert recall >= 0.75 and false <= 0.5 and largest <= 4 and across == 0, (recall, false, largest, across)
+
+
+def _issue_scans(n: int, seed: int = 0):
+    """Low-texture greyscale scans as the issue made them: 8 x 8 class patterns (7 classes) plus each
+    image's own noise, upscaled to 64 px; no two the same scan."""
+    rng = np.random.default_rng(seed)
+    patterns = [rng.uniform(0, 255, (8, 8)) for _ in range(7)]
+    out = []
+    for k in range(n):
+        cells = (patterns[k % 7] + rng.normal(0, 25, (8, 8))).clip(0, 255).astype(np.uint8)
+        up = np.asarray(Image.fromarray(cells).resize((64, 64), Image.BILINEAR)).astype(np.float32)
+        up = (up + rng.normal(0, 4, up.shape)).clip(0, 255).astype(np.uint8)
+        out.append(np.repeat(up[..., None], 3, -1))
+    return out, np.arange(n) % 7
+
+
+def test_scans_that_all_look_alike_do_not_chain_into_one_group():
+    from entrep.data.folds import components, near_duplicate_groups
+
+    images, y = _issue_scans(210)
+    sig = _sig(images)
+    groups, _ = near_duplicate_groups(sig, y)
+    assert np.bincount(groups).max() <= 2
+    # the absolute pair test alone joins siblings, and connected components chain each class whole
+    pairs, _, _ = near_dup.joined_pairs(sig, ratio=0.0)
+    assert np.bincount(components(len(y), pairs)).max() == 30
+
+
+def test_average_linkage_keeps_the_ends_of_a_chain_apart():
+    """A~B and B~C joined, A and C not alike: connected components would merge all three."""
+    from entrep.data.folds import UNJOINED, near_duplicate_groups
+
+    scene = _scene(7, side=600)
+    chain = [_frame(scene, dx=d) for d in (0.0, 0.1, 0.2)]
+    sig = _sig(chain + [_frame(_scene(100 + k)) for k in range(10)])
+    pairs, _, d = near_dup.joined_pairs(sig)
+    linked = {tuple(p) for p in pairs.tolist()}
+    assert {(0, 1), (1, 2)} <= linked and (0, 2) not in linked, linked
+    groups, _ = near_duplicate_groups(sig, np.full(len(sig), -1))
+    assert len({groups[0], groups[1], groups[2]}) == 2 and UNJOINED > 1
+
+
+def test_a_group_over_the_cap_is_cut_stricter_or_refused_naming_the_settings(monkeypatch):
+    from entrep.data import folds as fmod
+
+    scene = _scene(3)
+    tight = [_frame(scene), _frame(scene, gain=1.02)]  # near the same pixels
+    loose = [_frame(scene, dx=0.06), _frame(scene, dx=0.06, gain=1.02)]  # the same, moved
+    others = [_frame(_scene(200 + k)) for k in range(10)]
+    sig = _sig(tight + loose + others)
+    y = np.full(len(sig), -1)
+    assert len(set(fmod.near_duplicate_groups(sig, y)[0][:4])) == 1  # one group of four at the default cap
+    monkeypatch.setattr(fmod, "GROUP_CAP", 2)
+    groups, split = fmod.near_duplicate_groups(sig, y)
+    assert split >= 1 and np.bincount(groups).max() <= 2 and groups[0] == groups[1] and groups[2] == groups[3]
+    monkeypatch.setattr(fmod, "GROUP_CAP", 1)
+    with pytest.raises(fmod.FoldError) as e:
+        fmod.near_duplicate_groups(sig, y)
+    msg = str(e.value)
+    assert "\n" not in msg and "cv.near_dup_threshold" in msg and "cv.near_dup=false" in msg
+
+
+def test_a_group_across_classes_is_cut_unless_the_pixels_are_the_same():
+    from entrep.data.folds import grouping_shape, make_folds, near_duplicate_groups
+
+    scene = _scene(4)
+    frames = [_frame(scene), _frame(scene, dx=0.06, angle=3.0), _frame(_scene(5)), _frame(_scene(5))]
+    frames += [_frame(_scene(300 + k)) for k in range(10)]
+    sig = _sig(frames)
+    y = np.array([0, 1, 2, 3] + [4] * 10)
+    groups, split = near_duplicate_groups(sig, y)
+    assert groups[0] != groups[1] and split >= 1  # moved copy under another label: cut apart
+    assert groups[2] == groups[3]  # the same pixels under two labels: kept, and counted
+    df = pd.DataFrame({"image": [f"{k}.png" for k in range(14)], "label": [ENTREP_CLASSES[v] for v in y], "y": y,
+                       "partners": [[] for _ in y], "sha1": [str(k) for k in range(14)]})
+    shape = grouping_shape(make_folds(df, 2, seed=0, signatures=sig))
+    assert shape["groups_spanning_classes"] == 1 and shape["largest_group"] == 2 and shape["groups"] == 1
