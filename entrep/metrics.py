@@ -40,9 +40,11 @@ def first_hit_rank(ranking: Sequence[str], relevant: set) -> int | None:
     return None
 
 
-def retrieval_metrics(rankings: Sequence[Sequence[str]], relevant: Sequence[set], ks=KS) -> dict:
+def retrieval_metrics(rankings: Sequence[Sequence[str]], relevant: Sequence[set], ks=KS, groups=None) -> dict:
     """Recall@k: share of queries with a relevant item in the top k. MRR: mean 1/rank of the first
-    relevant item (0 when the ranking holds none). Queries with an empty relevant set are an error."""
+    relevant item (0 when the ranking holds none). Queries with an empty relevant set are an error.
+    `groups` (one hashable key per query): each group's queries are averaged first, then the groups
+    equally (t2i per caption: a caption carried by k images is k queries that weigh one caption)."""
     if len(rankings) != len(relevant):
         raise ValueError(f"{len(rankings)} rankings but {len(relevant)} relevant sets")
     if any(not r for r in relevant):
@@ -51,7 +53,23 @@ def retrieval_metrics(rankings: Sequence[Sequence[str]], relevant: Sequence[set]
     n = len(ranks)
     if n == 0:
         return {**{f"recall@{k}": float("nan") for k in ks}, "mrr": float("nan"), "n_queries": 0}
-    out = {f"recall@{k}": sum(r is not None and r <= k for r in ranks) / n for k in ks}
-    out["mrr"] = float(np.mean([1.0 / r if r else 0.0 for r in ranks]))
+    if groups is None:
+        out = {f"recall@{k}": sum(r is not None and r <= k for r in ranks) / n for k in ks}
+        out["mrr"] = float(np.mean([1.0 / r if r else 0.0 for r in ranks]))
+        out["n_queries"] = n
+        return out
+    if len(groups) != n:
+        raise ValueError(f"{n} rankings but {len(groups)} group keys")
+    index: dict = {}
+    inv = np.array([index.setdefault(g, len(index)) for g in groups])
+    size = np.bincount(inv)
+    hit = np.array([r or 0 for r in ranks])
+
+    def per_group(x):  # the mean within each group, then over groups
+        return float(np.mean(np.bincount(inv, weights=x) / size))
+
+    out = {f"recall@{k}": per_group(((hit > 0) & (hit <= k)).astype(float)) for k in ks}
+    out["mrr"] = per_group(np.where(hit > 0, 1.0 / np.maximum(hit, 1), 0.0))
     out["n_queries"] = n
+    out["n_groups"] = len(size)
     return out

@@ -30,10 +30,12 @@ OOF_TOPK = 10  # ranked answers kept per OOF query: Recall@10 is the deepest fig
 RELEVANCE = {
     "i2i": "pair: a query's relevant set is its i2i partners (train/i2i.json links); gallery = the query's "
            "held-out fold minus the query",
-    "t2i": "one target per caption, as the challenge scores it: each (caption line, image) pair of the held-out "
-           "fold is one query whose only relevant image is that image, so a caption carried by k images is k "
-           "queries and a ranker that cannot tell its carriers apart scores about 1/k; gallery = the fold's "
-           "held-out images",
+    "t2i": "per caption, as the leaderboard weighs it (one query, one target per caption): each (caption line, "
+           "image) pair of the held-out fold is scored with that image as the only target, the pairs of a caption "
+           "are averaged over its carriers, then the captions equally; a ranker that cannot tell a caption's k "
+           "carriers apart scores about 1/k on it; gallery = the fold's held-out images",
+    "t2i_pairs": "one target per (caption line, image) pair, every pair one query: a caption carried by k images "
+                 "of the fold counts k times; gallery = the fold's held-out images",
     "t2i_any": "NOT the challenge's rule, for comparison only: one query per caption line, answered by any held-out "
                "image carrying it; gallery = the fold's held-out images",
 }
@@ -155,11 +157,15 @@ def _rank(queries: np.ndarray, gallery: np.ndarray, names: list[str], rerank: di
     return [[names[j] for j in row] for row in idx.tolist()]
 
 
+T2I_RULES = ("t2i", "t2i_pairs", "t2i_any")
+
+
 def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict | None = None,
-                   rule: str | None = None) -> tuple[list, list]:
-    """(rankings, relevant sets) of one held-out fold's queries for one track. t2i follows the
-    challenge's rule (one query per (caption, image) pair); rule="t2i_any" scores the easier one
-    (one query per caption, any carrier relevant) for comparison."""
+                   rule: str | None = None) -> tuple[list, list, list | None]:
+    """(rankings, relevant sets, group keys or None) of one held-out fold's queries for one track.
+    t2i's rules (RELEVANCE): "t2i" (the default) one target per (caption, image) pair, grouped by
+    caption so that `retrieval_metrics` weighs each caption once; "t2i_pairs" the same queries
+    ungrouped; "t2i_any" one query per caption, any carrier relevant, for comparison."""
     images = view.images
     info = table.set_index("image").loc[images]
     ret = view.ret[track]
@@ -169,9 +175,9 @@ def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict
         q = [i for i, p in enumerate(info["partners"]) if any(x in pos for x in p)]
         rel = [{x for x in info["partners"].iloc[i] if x in pos} for i in q]
         return (_rank(ret[q], ret, images, rerank or {}, exclude=q, query_probs=gallery_probs[q],
-                      gallery_probs=gallery_probs) if q else []), rel
+                      gallery_probs=gallery_probs) if q else []), rel, None
     if not view.text:  # no text tower: no caption is answered (a blend takes t2i from its other members)
-        return [], []
+        return [], [], None
     carriers: dict = {}
     for n, caps in zip(images, info["captions"]):
         for c in caps:
@@ -181,20 +187,25 @@ def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict
     ranked = (_rank(view.caption_emb[keep], ret, images, rerank or {}, query_probs=query_probs,
                     gallery_probs=gallery_probs) if keep else [])
     if rule == "t2i_any":
-        return ranked, [set(carriers[view.captions[i]]) for i in keep]
+        return ranked, [set(carriers[view.captions[i]]) for i in keep], None
     # identical caption text ranks the same list once; each of its carriers is its own query
-    pairs = [(r, n) for r, i in zip(ranked, keep) for n in carriers[view.captions[i]]]
-    return [r for r, _ in pairs], [{n} for _, n in pairs]
+    pairs = [(r, n, view.captions[i]) for r, i in zip(ranked, keep) for n in carriers[view.captions[i]]]
+    return [r for r, _, _ in pairs], [{n} for _, n, _ in pairs], (None if rule == "t2i_pairs" else
+                                                                   [c for _, _, c in pairs])
 
 
 def pooled_retrieval(views: dict, table, track: str, rerank: dict | None = None, rule: str | None = None) -> dict:
-    """One track's retrieval metrics over the given folds' views, queries pooled."""
-    rankings, relevant = [], []
-    for v in views.values():
-        r, s = track_rankings(v, table, track, rerank, rule)
+    """One track's retrieval metrics over the given folds' views, queries pooled (t2i: a caption per
+    fold is one group, weighed once)."""
+    rankings, relevant, groups = [], [], []
+    for k, v in views.items():
+        r, s, g = track_rankings(v, table, track, rerank, rule)
         rankings += r
         relevant += s
-    return retrieval_metrics(rankings, relevant) if rankings else {"n_queries": 0, "mrr": 0.0}
+        groups += [(k, x) for x in g] if g is not None else [(k, "query", j) for j in range(len(r))]
+    grouped = track == "t2i" and rule in (None, "t2i")
+    return (retrieval_metrics(rankings, relevant, groups=groups if grouped else None) if rankings
+            else {"n_queries": 0, "mrr": 0.0})
 
 
 def pooled_labels(views: dict, table) -> tuple[np.ndarray, np.ndarray]:

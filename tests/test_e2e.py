@@ -66,6 +66,14 @@ def test_train_infer_submit_on_demo(demo, accel_config, tmp_path):
     for track in ("i2i", "t2i"):
         assert {"recall@1", "recall@5", "recall@10", "mrr", "relevance"} <= set(report[track])
         assert report[track]["n_queries"] > 0
+    # t2i per caption beside every pair once and any carrier: one set of rankings, three rules
+    assert report["t2i_pairs"]["n_queries"] == report["t2i"]["n_queries"] >= report["t2i"]["n_groups"]
+    assert report["t2i_any"]["n_queries"] == report["t2i"]["n_groups"]
+    g = report["grouping"]  # the grouping the folds were built from
+    folds = pd.read_csv(run_dir / "folds.csv")
+    sizes = folds["fold_group"].value_counts()
+    assert g["images"] == len(folds) and g["largest_group"] == sizes.max() and g["groups"] == (sizes > 1).sum()
+    assert g["groups_spanning_classes"] == 0 and g["largest_group"] <= g["cap"]
     assert len(report["folds"]) == 2
 
     run(sys.executable, "infer.py", "--run", run_dir, "--data", demo / "test")

@@ -18,6 +18,23 @@ def test_retrieval_hand_computed():
     assert r["n_queries"] == 4
 
 
+def test_retrieval_per_group_weighs_each_group_once():
+    """t2i per caption: caption A has three carriers (its three pair queries find 1 of them at rank
+    1), caption B one (found at rank 1). Per pair 2/4; per caption (1/3 + 1) / 2."""
+    ranking = ["a1", "a2", "a3", "b"]
+    rankings = [ranking, ranking, ranking, ["b", "a1"]]
+    relevant = [{"a1"}, {"a2"}, {"a3"}, {"b"}]
+    pairs = retrieval_metrics(rankings, relevant, ks=(1,))
+    per = retrieval_metrics(rankings, relevant, ks=(1,), groups=["A", "A", "A", "B"])
+    assert pairs["recall@1"] == 0.5 and "n_groups" not in pairs
+    assert per["recall@1"] == pytest.approx((1 / 3 + 1) / 2) and per["n_groups"] == 2 and per["n_queries"] == 4
+    assert per["mrr"] == pytest.approx(((1 + 1 / 2 + 1 / 3) / 3 + 1) / 2)
+    ones = retrieval_metrics(rankings, relevant, ks=(1,), groups=[0, 1, 2, 3])  # a group per query: per pair
+    assert ones["recall@1"] == pytest.approx(pairs["recall@1"]) and ones["mrr"] == pytest.approx(pairs["mrr"])
+    with pytest.raises(ValueError, match="group keys"):
+        retrieval_metrics(rankings, relevant, groups=["A"])
+
+
 def test_retrieval_rejects_queries_without_relevant_items():
     with pytest.raises(ValueError, match="no relevant item"):
         retrieval_metrics([["a"]], [set()])
