@@ -166,11 +166,22 @@ def test_every_bench_script_runs_in_its_smallest_mode(tmp_path):
 
     py("bench/near_duplicates.py", "--quick", "--markdown", tmp_path / "near.md", timeout=900)
     md = (tmp_path / "near.md").read_text()
-    for row in ("| shift 10% (camera) |", "| rotate 5 deg |", "| false joins: ", "| signatures |", "| new |",
-                "Timing, 200 synthetic"):
+    for row in ("| demo | 60 (+30) | before |", "| scans | 60 (+30) | now |", "| jitter+wb |", "| signatures |",
+                "| pairs and groups |", "Timing, 200 synthetic"):
         assert row in md, row
     # torch.compile's rows leave out: compiling on CPU takes minutes, and tests/test_speed.py covers it
     py("bench/throughput.py", "--smoke", "--skip", "compile", "--json", tmp_path / "speed.json", timeout=900)
     rows = json.loads((tmp_path / "speed.json").read_text())
     for row in ("train tensors", "train kit", "infer kit", "pipeline 224 workers 0", "retrieval 10,000 kit"):
         assert row in rows and "error" not in rows[row], (row, rows.get(row))
+
+
+def test_t2i_rule_ceilings_on_the_real_annotations(tmp_path):
+    """bench/t2i_rules.py: the figures ENTREP.md and docs/figures.md give for a ranker that cannot
+    tell carriers apart (per pair 0.467, per caption 0.766, any carrier 1.0)."""
+    from conftest import py
+
+    py("bench/t2i_rules.py", "--markdown", tmp_path / "t2i.md", timeout=300)
+    md = (tmp_path / "t2i.md").read_text()
+    assert "| per caption (the leaderboard's weighing; report.json t2i) | 0.766 |" in md
+    assert "| per pair (report.json t2i_pairs) | 0.467 |" in md and "| any carrier (report.json t2i_any) | 1.000 |" in md

@@ -44,6 +44,10 @@ def test_demo_is_in_the_release_layouts(demo):
              for t, f in (("cls", "track1_cls"), ("i2i", "track2_i2i"), ("t2i", "track3_t2i"))}
     assert ts.cls == list(truth["cls"]) and ts.i2i == list(truth["i2i"]) and ts.t2i == list(truth["t2i"])
     assert read_query_lines(demo / "test/t2i.csv") == ts.t2i
+    # Track 3 truth as the challenge has it: one target per caption, one of the carriers listed beside it
+    any_carrier = json.loads((demo / "truth/track3_t2i_any.json").read_text())
+    assert list(any_carrier) == ts.t2i and all(isinstance(v, str) for v in truth["t2i"].values())
+    assert all(truth["t2i"][c] in any_carrier[c] for c in ts.t2i) and max(map(len, any_carrier.values())) > 1
     # findings carry a side: a caption of a left image names the left
     left = df[df["label"] == "nose-left"]
     assert all("left" in c for caps in left["captions"] for c in caps)

@@ -4,7 +4,8 @@
 OUT_DIR/train/{cls,i2i,t2i}.json + imgs/      the training layout (UUID names)
 OUT_DIR/public/data.json + images/            the public-sample layout (`_imageNN` listed, `_ImageNN` on disk)
 OUT_DIR/test/imgs/ + cls.csv, i2i.csv, t2i.csv the test layout (header-less query lists)
-OUT_DIR/truth/track{1,2,3}_*.json             test ground truth, so the demo can score itself
+OUT_DIR/truth/track{1,2,3}_*.json             test ground truth, so the demo can score itself (Track 3:
+                                              one target per caption; track3_t2i_any.json: every carrier)
 
 Each class has its own structure (ear: membrane + angled handle; nose: asymmetric septum and
 turbinates; vocal cords: an open or closed V; throat: an arch). Every left image is the exact mirror
@@ -207,5 +208,9 @@ def make_demo(out: str | Path, seed: int = 0, size: int = 80, cases: int = 220, 
     atomic_write_text(out / "test/t2i.csv", "\n".join(captions) + "\n")
     atomic_write_json(out / "truth/track1_cls.json", truth_cls)
     atomic_write_json(out / "truth/track2_i2i.json", truth_i2i)
-    atomic_write_json(out / "truth/track3_t2i.json", {c: carriers[c] for c in captions})
+    # one target per caption, as the challenge scores Track 3 (a caption of k carriers: one of them, drawn);
+    # every carrier beside it, for the easier any-carrier figure
+    atomic_write_json(out / "truth/track3_t2i.json", {c: carriers[c][int(rng.integers(len(carriers[c])))]
+                                                      for c in captions})
+    atomic_write_json(out / "truth/track3_t2i_any.json", {c: carriers[c] for c in captions})
     return out
