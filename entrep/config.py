@@ -52,6 +52,7 @@ FusionMode = Literal["softmax", "concat"]
 Contrastive = Literal["auto", "softmax", "sigmoid"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
 Monitor = Literal["f1_macro", "accuracy", "f1_weighted", "none"]
+EmaWarmup = Literal["debiased", "timm", "tf"]
 Partial = Literal["refuse", "use"]
 Search = Literal["torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
 AugmentOn = Literal["auto", "device", "loader"]
@@ -182,6 +183,9 @@ class TrainConfig:
     log_with: list[Tracker] = opt(help="Accelerate trackers, e.g. [tensorboard]; [] = off", factory=list)
     ema_decay: float = opt(0.0, "EMA of the trainable weights (with warm-up), used for held-out evaluation and "
                                 "saved as the fold's weights; 0 = off (e.g. 0.999)")
+    ema_warmup: EmaWarmup = opt("debiased", "the EMA's early decays: debiased (Adam's bias correction: the decay "
+                                            "means what it says from the first step), timm (ModelEmaV3: "
+                                            "1 - t^(-2/3)), tf (min(decay, (1+t)/(10+t)), before this option)")
     mixup_alpha: float = opt(0.0, "mixup of labelled images (soft targets on the cross-entropies); 0 = off")
     cutmix_alpha: float = opt(0.0, "cutmix of labelled images (soft targets on the cross-entropies); 0 = off")
     mix_prob: float = opt(1.0, "share of labelled images mixed when mixup or cutmix is on")

@@ -88,32 +88,56 @@ def param_groups(model, cfg) -> list[dict]:
             for (backbone, decay, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2]))]
 
 
+TEXT_EMBEDDINGS = re.compile(r"(?:^|\.)(?:token_embedding|positional_embedding|embeddings|embed_tokens|embed_positions"
+                             r"|shared)\b")  # what feeds a text tower's first block, in every text family
+
+
 def layer_depths(model) -> dict[str, int]:
-    """Backbone parameter name -> layers from the top of its tower: block i of N is N - i; a tower tensor
-    registered after the blocks (final norm, projection, pooling head) is 0, one before them (patch or
-    token embedding, stem) N + 1. Blocks are where the tower's family record says, so this holds for every
-    family the kit builds. Hand-written: timm's layer-decay groups need a timm model's group_matcher, and a
-    CLIP (or peft-wrapped) model has none."""
+    """Backbone parameter name -> layers from the top of its tower, as timm's layer decay counts them.
+
+    A tower on a timm trunk (open_clip's TimmModel, a timm: member) takes timm's own layer map (its
+    group_matcher, as timm's param_groups_layer_decay does), the tower's projection head above it at 0.
+    Elsewhere (open_clip's ViT and ResNet, every text tower): block i of N is N - i; a tensor of the
+    tower's head (the family record's `head`: final norm, projection, pooling) is 0; anything else
+    (patch or token embedding, stem, class token, pre-norm) is N + 1. Text towers have no head record:
+    a text tensor outside the blocks is N + 1 when it is an embedding (TEXT_EMBEDDINGS), else 0.
+    Hand-written there: a CLIP (or peft-wrapped) model has no group_matcher. Registration order, which
+    this used before, put open_clip's visual.proj at N + 1 and ConvNeXt's stage downsamples at 0."""
     from entrep.model.families import blocks
 
     family = model.family
-    towers = [(family.vision.blocks, r"visual\.")]
+    trunk = getattr(model.base.visual, "trunk", None)
+    timm_map = _timm_depths(trunk) if hasattr(trunk, "group_matcher") else None
+    towers = [(family.vision.blocks, r"visual\.", family.vision.head)]
     if family.text is not None:
-        towers.append((family.text.blocks, family.text.tower))
+        towers.append((family.text.blocks, family.text.tower, None))
     out = {}
-    for block_rx, tower_rx in towers:
+    for block_rx, tower_rx, head in towers:
         index = {b: i for i, (b, _) in enumerate(blocks(model.base, block_rx))}
-        n_blocks, seen_block = len(index), False
+        n_blocks = len(index)
         in_block, in_tower = re.compile(rf"(?:^|\.)({block_rx})\."), re.compile(rf"(?:{tower_rx})")
         for n, _ in model.named_parameters():
             inner = n[len("clip."):].replace("base_model.model.", "", 1) if n.startswith("clip.") else None
             if inner is None or n in out or not in_tower.match(inner):
                 continue
-            if m := in_block.search(inner):
-                out[n], seen_block = n_blocks - index[m.group(1)], True
+            if head is not None and timm_map is not None:
+                out[n] = timm_map.get(inner[len("visual.trunk."):], 0) if inner.startswith("visual.trunk.") else 0
+            elif m := in_block.search(inner):
+                out[n] = n_blocks - index[m.group(1)]
+            elif head is None:
+                out[n] = n_blocks + 1 if TEXT_EMBEDDINGS.search(inner) else 0
             else:
-                out[n] = 0 if seen_block else n_blocks + 1
+                out[n] = 0 if any(inner == h or inner.startswith(h + ".") for h in head) else n_blocks + 1
     return out
+
+
+def _timm_depths(trunk) -> dict[str, int]:
+    """A timm trunk's parameter name -> depth, as timm's param_groups_layer_decay derives it."""
+    from timm.models import group_parameters
+
+    layer_map = group_parameters(trunk, trunk.group_matcher(coarse=False), reverse=True)
+    top = max(layer_map.values())
+    return {n: top - i for n, i in layer_map.items()}
 
 
 def class_weights_for(y: np.ndarray, n_classes: int, device) -> torch.Tensor:
@@ -145,19 +169,35 @@ def train_loss(model, batch: dict, cfg, accelerator, *, class_weights=None, use_
 
 
 class WeightEMA:
-    """An exponential moving average of the trainable tensors (adapters, fusion, head, scales), with
-    timm's warm-up (decay_t = min(decay, (1 + t) / (10 + t))) so that a short run is not held at its
-    initial weights. Hand-written: timm's ModelEmaV3 deep-copies the whole model, the frozen backbone
-    included, where only the trainable tensors move."""
+    """An exponential moving average of the trainable tensors (adapters, fusion, head, scales).
+    Hand-written: timm's ModelEmaV3 deep-copies the whole model, the frozen backbone included, where
+    only the trainable tensors move. `warmup` (train.ema_warmup) sets each update's decay d_t:
 
-    def __init__(self, model, decay: float):
-        self.decay, self.updates = decay, 0
+    - "debiased": Adam's bias correction of an average started at zero, kept as the corrected
+      average itself (d_t = 1 - (1 - d) / (1 - d^t)): the average weighs step s by d^(t-s) from the
+      first step on, so 0.99 and 0.999 differ at any length, and no initial weight is held;
+    - "timm": ModelEmaV3's warm-up, 0 at the first update, then min(d, 1 - t^(-2/3)); it reaches 0.99
+      after 1,000 updates and 0.999 after 31,623, so in a 360-step run every decay above 0.98 acts alike;
+    - "tf": TensorFlow's num_updates rule min(d, (1 + t) / (10 + t)), which this kit used before: 0.99
+      after 891 updates, 0.999 after 8,991."""
+
+    def __init__(self, model, decay: float, warmup: str = "debiased"):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def step_decay(self, t: int) -> float:
+        """The decay of update t (1-based)."""
+        d = self.decay
+        if self.warmup == "debiased":
+            return 1 - (1 - d) / (1 - d ** t)
+        if self.warmup == "timm":
+            return 0.0 if t <= 1 else min(d, 1 - t ** (-2 / 3))
+        return min(d, (1 + t) / (10 + t))
 
     @torch.no_grad()
     def update(self, model) -> None:
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        d = self.step_decay(self.updates)
         for n, p in model.named_parameters():
             if n in self.shadow:
                 self.shadow[n].lerp_(p.detach(), 1 - d)
@@ -188,10 +228,12 @@ class WeightEMA:
                 model.invalidate_cache()
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": {n: t.clone() for n, t in self.shadow.items()}}
+        return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates,
+                "shadow": {n: t.clone() for n, t in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.updates = state["decay"], state["updates"]
+        self.warmup = state.get("warmup", "tf")  # a state saved before train.ema_warmup: the rule it ran
         self.shadow = {n: t.clone() for n, t in state["shadow"].items()}
 
 
@@ -245,7 +287,8 @@ class TrainStep:
         self.cfg, self.accelerator, self.device_augment = cfg, accelerator, device_augment
         self.class_weights = class_weights
         self.use_slerp = cfg.model.slerp.train and self.unwrapped.uses_prompts and cfg.model.slerp.t_max > 0
-        self.ema = WeightEMA(self.unwrapped, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.ema = (WeightEMA(self.unwrapped, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0
+                    else None)
         mixing = cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0
         self.mix = BatchMix(cfg, len(self.unwrapped.labels)) if mixing else None
 

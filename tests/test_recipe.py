@@ -54,14 +54,38 @@ def test_ema_off_leaves_the_step_as_it_was_and_on_averages_with_warm_up(fresh_ac
     before = _trainable(step.unwrapped)
     step(dict(batch))
     after = _trainable(step.unwrapped)
-    d = min(0.9, 2 / 11)  # timm's warm-up at the first update: (1 + t) / (10 + t)
-    for n in before:
-        torch.testing.assert_close(step.ema.shadow[n], d * before[n] + (1 - d) * after[n])
+    for n in before:  # debiased (the default): the first update's average is the weights themselves
+        torch.testing.assert_close(step.ema.shadow[n], after[n])
     state = step.ema.state_dict()
     step(dict(batch))
     again = type(step.ema)(step.unwrapped, 0.5)
     again.load_state_dict(state)  # a saved EMA state comes back bit for bit
     assert again.updates == 1 and all(torch.equal(again.shadow[n], state["shadow"][n]) for n in state["shadow"])
+
+
+@pytest.mark.parametrize("warmup,differ", [("debiased", True), ("timm", False), ("tf", False)])
+def test_ema_decays_099_and_0999_differ_at_the_recipes_step_count_only_when_debiased(warmup, differ):
+    """At the ViT-B/16 recipe's 360 steps, TensorFlow's warm-up (the kit's before train.ema_warmup)
+    and timm's both stay below 0.99, so 0.99 and 0.999 average bit-identically; debiased does not."""
+    from entrep.engine import WeightEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    path = [torch.randn(3, 4) for _ in range(360)]
+    out = {}
+    for decay in (0.99, 0.999):
+        ema = WeightEMA(model, decay, warmup)
+        with torch.no_grad():
+            for w in path:
+                model.weight.copy_(w)
+                ema.update(model)
+        out[decay] = ema.shadow["weight"]
+    assert torch.equal(out[0.99], out[0.999]) != differ
+    if warmup == "debiased":  # the exact exponentially weighted mean of the path, no initial weight in it
+        for decay in (0.99, 0.999):
+            wts = torch.tensor([decay ** (359 - s) for s in range(360)], dtype=torch.float64)
+            ref = (torch.stack(path).double() * wts[:, None, None]).sum(0) / wts.sum()
+            torch.testing.assert_close(out[decay].double(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_a_fold_trained_with_ema_saves_the_averaged_weights(fresh_accelerate_state, tmp_path, demo):
@@ -171,6 +195,33 @@ def test_full_finetuning_gets_layer_decay_down_to_the_embeddings():
     d = layer_depths(m)
     assert d["clip.visual.positional_embedding"] == 7 and d["clip.visual.ln_post.weight"] == 0
     assert d["clip.visual.transformer.resblocks.0.mlp.c_fc.weight"] == 6
+    assert d["clip.visual.proj"] == 0  # the projection is the head (x1 as in timm), not the stem
+    assert d["clip.token_embedding.weight"] == d["clip.positional_embedding"] == 5  # text: 4 blocks + 1
+    assert d["clip.ln_final.weight"] == d["clip.text_projection"] == 0
+
+
+@pytest.mark.parametrize("name,lora", [("timm:test_vit", True), ("timm:test_convnext", False),
+                                       ("timm:test_resnet", False), ("timm:test_efficientnet", True),
+                                       ("entrep-tiny-convnext", True)])
+def test_layer_decay_on_a_timm_trunk_is_timms_own(name, lora):
+    """Every trainable trunk tensor's learning rate is lr_lora x the lr_scale timm's
+    param_groups_layer_decay gives it (a ConvNeXt stage's downsample with its stage, not at the top)."""
+    import math
+
+    from timm.optim import param_groups_layer_decay
+
+    from entrep.engine import param_groups
+
+    full = [] if lora else ["model.lora.enabled=false", "model.lora.train_last_blocks=-1"]
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"model.name={name}", "train.layer_decay=0.5"] + full)
+    m = build_model(cfg, LabelSet.from_config(cfg.labels))
+    lr = {id(p): g["lr"] for g in param_groups(m, cfg) for p in g["params"]}
+    trunk = m.base.visual.trunk
+    scale = {id(p): g["lr_scale"] for g in param_groups_layer_decay(trunk, layer_decay=0.5) for p in g["params"]}
+    trained = [(n, p) for n, p in trunk.named_parameters() if p.requires_grad]
+    assert trained and len({scale[id(p)] for _, p in trained}) > 2
+    for n, p in trained:
+        assert math.isclose(lr[id(p)], cfg.train.lr_lora * scale[id(p)]), n
 
 
 def test_a_vit_above_its_pretraining_size_gets_resampled_position_embeddings(tmp_path):
