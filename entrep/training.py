@@ -28,6 +28,7 @@ from entrep.cli import raise_if_interrupted
 from entrep.config import flat_dict, load_config, run_defining_diff, save_config, to_dict
 from entrep.data.folds import (describe_shape, file_signatures, grouping_shape, load_or_make_folds, missing_classes,
                                  read_folds)
+from entrep.data.near_dup import near_duplicate_pairs
 from entrep.data.identity import data_identity, describe_data_change
 from entrep.data.images import CachedPixels, ImageCache
 from entrep.data.release import DataError, file_sha1, load_release
@@ -324,6 +325,7 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None, timer: Sta
                "trainable_params": int(sum(p.numel() for p in unwrapped.parameters() if p.requires_grad))}
     if pseudo is not None:
         metrics["pseudo_labels"] = pseudo.summary
+        metrics["pseudo_left_out"] = sorted(pseudo.left_out)
     with timer.stage("save"):
         if accelerator.is_main_process:
             meta = {"fold": k, "model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
@@ -366,14 +368,49 @@ class PseudoLabels:
     pixels: np.ndarray
     y: np.ndarray
     summary: dict  # class -> images added
+    left_out: dict  # test image -> the training image it copies (never pseudo-labelled)
+
+
+def training_copies(cfg, test, table) -> dict[str, str]:
+    """Test image -> why it is no pseudo-label: the same file as a training image (by content), or a
+    near-duplicate of one (cv.near_dup's pass, test against training). Such an image would hand a fold
+    a copy of a training image, held-out images included, under a label a model gave it."""
+    by_sha = dict(zip(table["sha1"], table["image"]))
+    names = sorted(test.images)
+    out = {n: f"the same file as {by_sha[h]}" for n in names if (h := file_sha1(test.images[n])) in by_sha}
+    rest = [n for n in names if n not in out]
+    if cfg.cv.near_dup and rest:
+        test_sig = file_signatures([str(test.images[n]) for n in rest], desc="test image signatures")
+        for i, j, score in near_duplicate_pairs(test_sig, file_signatures(table["path"].tolist()),
+                                                threshold=cfg.cv.near_dup_threshold):
+            out.setdefault(rest[i], f"a near-duplicate of {table['image'].iloc[j]} ({score:.3f})")
+    return out
+
+
+def source_fold_settings(source: Path, k: int) -> dict:
+    """The inference settings that scored the source run's fold k (report.json folds[k].settings, tuned
+    on its other folds): tuned.json is tuned on every fold, fold k's truth included, and would carry it
+    into the labels fold k trains on."""
+    report = source / rundir.REPORT
+    if not report.is_file():
+        raise EntrepError(f"train.pseudo_from={source}: no {rundir.REPORT}; the settings that label fold {k} are the "
+                          f"ones that scored its fold {k} there: let every fold of that run finish first")
+    row = next((r for r in read_json(report).get("folds", []) if r.get("fold") == k), None)
+    if row is None or "settings" not in row:
+        raise EntrepError(f"train.pseudo_from={source}: {rundir.REPORT} has no settings for fold {k}; re-score it "
+                          f"(python train.py --name {source.name} output_dir={source.parent} train.resume=true)")
+    return row["settings"]
 
 
 def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
     """train.pseudo_from's fold-k model labels train.pseudo_data's images; those at train.pseudo_threshold
     or above join fold k's training data. Fold k's model never saw fold k's images, so its labels carry
     nothing of fold k's truth into fold k's training; an ensemble of the run's folds would (through the
-    test images), and fold k's OOF figure would flatter. Hence the run must share this run's folds."""
+    test images), and fold k's OOF figure would flatter. Hence the run must share this run's folds, the
+    head weight and WiSE scale are those that scored fold k (`source_fold_settings`), and test images
+    that copy a training image are left out (`training_copies`)."""
     from entrep.data.release import load_test
+    from entrep.wise import embed_at, has_lora, start_state
 
     source = Path(cfg.train.pseudo_from)
     if not (source / rundir.CONFIG).is_file() or not (source / rundir.FOLDS).is_file():
@@ -389,18 +426,26 @@ def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
     k_dir = fold_dir(source, k)
     if not fold_finished(k_dir):
         raise EntrepError(f"train.pseudo_from={source}: {k_dir.name} is not finished; train it first")
+    settings = source_fold_settings(source, k)
     source_cfg = load_config(source / rundir.CONFIG)
     test = load_test(cfg.train.pseudo_data)
-    names = sorted(test.images)
+    left_out = training_copies(cfg, test, data.table)
+    if left_out:
+        log.warning("fold %s: %d test images copy a training image and are left out of the pseudo-labels: %s", k,
+                    len(left_out), "; ".join(f"{n} ({why})" for n, why in sorted(left_out.items())[:5])
+                    + (" ..." if len(left_out) > 5 else ""))
+    names = sorted(n for n in test.images if n not in left_out)
     model = build_model(source_cfg, data.labels)
+    start = None if has_lora(model) else start_state(model)  # as built: WiSE's zero-shot end
     load_fold_weights(model, k_dir, adapter_name=k_dir.name)
     stats = image_stats(model.base)
-    pixels = ImageCache(cfg.image_cache_dir, cfg.data.working_side(image_stats(model.base).size)).pixels(
+    pixels = ImageCache(cfg.image_cache_dir, cfg.data.working_side(stats.size)).pixels(
         [str(test.images[n]) for n in names], [file_sha1(test.images[n]) for n in names])
-    tuned = read_json(source / rundir.TUNED) if (source / rundir.TUNED).is_file() else {}
-    e = embed_images(accelerator.prepare(model), np.asarray(pixels), accelerator, data.labels, stats,
-                     batch_size=cfg.train.eval_batch_size, tta_flip=tuned.get("tta_flip", True))
-    probs = e.probs(tuned.get("head_weight", DEFAULT_HEAD_WEIGHT), tuned.get("tta_flip", True))
+    tta = source_cfg.infer.tta_flip
+    e, _ = embed_at(accelerator.prepare(model), accelerator, data.labels, stats,
+                    eval_loader(np.asarray(pixels), accelerator, cfg.train.eval_batch_size), [],
+                    float(settings.get("wise", {}).get("cls", 1.0)), start, tta_flip=tta)
+    probs = e.probs(float(settings.get("head_weight", DEFAULT_HEAD_WEIGHT)), tta)
     keep = np.flatnonzero(probs.max(1) >= cfg.train.pseudo_threshold)
     y = probs.argmax(1)[keep]
     summary = {c: int((y == i).sum()) for i, c in enumerate(data.labels.names) if (y == i).any()}
@@ -410,9 +455,9 @@ def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
     work = cfg.data.working_side(input_size(cfg.model.name, cfg.model.pretrained, cfg.model.image_size))
     own = ImageCache(cfg.image_cache_dir, work).pixels([str(test.images[names[i]]) for i in keep],
                                                        [file_sha1(test.images[names[i]]) for i in keep])
-    log.info("fold %s: %d pseudo-labelled test images from %s/%s (probability >= %s): %s", k, len(keep), source,
-             k_dir.name, cfg.train.pseudo_threshold, summary)
-    return PseudoLabels([names[i] for i in keep], np.asarray(own), y.astype(np.int64), summary)
+    log.info("fold %s: %d pseudo-labelled test images from %s/%s (probability >= %s, head weight %s, TTA %s): %s", k,
+             len(keep), source, k_dir.name, cfg.train.pseudo_threshold, settings.get("head_weight"), tta, summary)
+    return PseudoLabels([names[i] for i in keep], np.asarray(own), y.astype(np.int64), summary, left_out)
 
 
 def finish_run(cfg, data: RunData) -> dict | None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from entrep.config import load_config
-from entrep.labels import LabelSet
+from entrep.labels import ENTREP_CLASSES, LabelSet
 from entrep.model.entrep_clip import build_model
 
 ROOT = Path(__file__).parents[1]
@@ -263,6 +263,51 @@ def test_pseudo_labels_need_the_same_folds(tmp_path, demo):
         pseudo_labels(cfg, None, data, 0)
 
 
+def _test_folder_with_training_copies(demo, dest):
+    """The demo's test folder plus a byte-identical copy and a re-exposed copy of training images,
+    under test-style names: (folder, {copy name: training name})."""
+    import shutil
+
+    from PIL import Image, ImageEnhance
+
+    from entrep.data.release import load_release
+
+    shutil.copytree(demo / "test", dest)
+    table = load_release(demo, ENTREP_CLASSES)[0]
+    a, b = table["path"].iloc[3], table["path"].iloc[11]
+    shutil.copyfile(a, dest / "imgs/copy-same-bytes.png")
+    with Image.open(b) as im:
+        ImageEnhance.Brightness(im.convert("RGB")).enhance(1.08).save(dest / "imgs/copy-brighter.png")
+    return dest, {"copy-same-bytes.png": table["image"].iloc[3], "copy-brighter.png": table["image"].iloc[11]}
+
+
+def test_test_images_that_copy_training_images_are_no_pseudo_labels(tmp_path, demo):
+    from entrep.data.release import load_release, load_test
+    from entrep.training import training_copies
+
+    folder, copies = _test_folder_with_training_copies(demo, tmp_path / "test")
+    cfg = load_config(ROOT / "configs/demo.yaml")
+    table = load_release(demo, ENTREP_CLASSES)[0]
+    out = training_copies(cfg, load_test(folder), table)
+    assert out["copy-same-bytes.png"] == f"the same file as {copies['copy-same-bytes.png']}"
+    assert out["copy-brighter.png"].startswith(f"a near-duplicate of {copies['copy-brighter.png']} (")
+    off = training_copies(load_config(ROOT / "configs/demo.yaml", ["cv.near_dup=false"]), load_test(folder), table)
+    assert "copy-same-bytes.png" in off and "copy-brighter.png" not in off  # bytes are always checked
+
+
+def test_pseudo_labels_take_the_settings_that_scored_the_source_fold(tmp_path):
+    from entrep.errors import EntrepError
+    from entrep.training import source_fold_settings
+
+    with pytest.raises(EntrepError, match="no report.json; the settings that label fold 1"):
+        source_fold_settings(tmp_path, 1)
+    (tmp_path / "report.json").write_text(json.dumps({"folds": [{"fold": 0, "settings": {"head_weight": 0.25}},
+                                                                {"fold": 1, "settings": {"head_weight": 0.75}}]}))
+    assert source_fold_settings(tmp_path, 1) == {"head_weight": 0.75}
+    with pytest.raises(EntrepError, match="no settings for fold 2"):
+        source_fold_settings(tmp_path, 2)
+
+
 @pytest.mark.slow
 def test_timing_stages_add_up_to_the_run_wall_time(trained_demo_run):
     t = json.loads((trained_demo_run / "timing.json").read_text())
@@ -278,18 +323,24 @@ def test_a_pseudo_labelled_run_takes_fold_k_labels_from_fold_k_and_reports_them(
     import subprocess
     import sys
 
+    folder, copies = _test_folder_with_training_copies(demo, tmp_path / "test")
     r = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml", "--data", str(demo), "--name", "pl",
                         f"output_dir={tmp_path}", "cv.n_splits=2", "train.epochs=1",
                         f"cv.folds_from={trained_demo_run}", f"train.pseudo_from={trained_demo_run}",
-                        f"train.pseudo_data={demo / 'test'}", "train.pseudo_threshold=0.0"],
+                        f"train.pseudo_data={folder}", "train.pseudo_threshold=0.0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ, COLUMNS="250"))
-    out = r.stdout + r.stderr
+    out = " ".join((r.stdout + r.stderr).split())
     assert r.returncode == 0, out[-3000:]
-    n_test = len(list((demo / "test").rglob("*.png")))
-    for k in (0, 1):  # each fold's labels come from the source run's same fold, and no other
-        assert f"fold {k}: {n_test} pseudo-labelled test images from {trained_demo_run}/fold{k} " in " ".join(out.split())
+    source = json.loads((trained_demo_run / "report.json").read_text())
+    for k in (0, 1):  # each fold's labels come from the source run's same fold, at the settings that scored it
+        left = json.loads((tmp_path / f"pl/fold{k}/metrics.json").read_text())["pseudo_left_out"]
+        assert set(copies) <= set(left)  # the copies of training images, by name
+        n = len(list(folder.rglob("*.png"))) - len(left)
+        hw = next(f for f in source["folds"] if f["fold"] == k)["settings"]["head_weight"]
+        assert (f"fold {k}: {n} pseudo-labelled test images from {trained_demo_run}/fold{k} (probability >= 0.0, "
+                f"head weight {hw}, TTA True)") in out
     report = json.loads((tmp_path / "pl/report.json").read_text())
     added = report["pseudo_labels"]["added_per_fold_and_class"]
-    assert set(added) == {"0", "1"} and all(sum(v.values()) == n_test for v in added.values())
+    assert set(added) == {"0", "1"} and all(sum(v.values()) > 0 for v in added.values())
     folds = __import__("pandas").read_csv(tmp_path / "pl/folds.csv")
     assert len(folds) == len(__import__("pandas").read_csv(trained_demo_run / "folds.csv"))  # never scored
