@@ -29,7 +29,7 @@ INTRO = """\
 
 `train.py`, `python -m entrep.preflight` and `python -m entrep.ablate` take `--config FILE.yaml`, and
 `python -m entrep.data check` takes it for the label set and `cv` settings; `infer.py` reads the run's config.
-On the first four and `infer.py`, further `key=value` arguments override any field, with dotted
+On `train.py`, preflight, ablate and `infer.py`, further `key=value` arguments override any field, with dotted
 keys for nesting (`train.epochs=3 model.lora.rank=8 train.folds=[0,2]`). Values are parsed as YAML and cast to
 the field's type; an unknown key is an error that suggests the closest one, and a value outside its choices or
 range is an error naming the key. The range column lists `RANGES` in `entrep/config.py`; `validate()` there
