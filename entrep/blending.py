@@ -41,7 +41,8 @@ from entrep.oof import (
     pooled_retrieval,
 )
 from entrep.report import score_folds, write_scored
-from entrep.tuning import Scored, checked_rerank, track_settings, tune_rerank, view_kwargs
+from entrep.settings import Settings, fold_settings, read_blend_tuned, read_tuned
+from entrep.tuning import Scored, tune_rerank
 
 log = logging.getLogger("entrep.blend")
 
@@ -67,12 +68,12 @@ class BlendError(EntrepError):
 
 @dataclass
 class Member:
-    """A finished run, as a blend reads it: its folds' OOF outputs and its tuned settings."""
+    """A finished run, as a blend reads it: its folds' OOF outputs, its report and its tuned settings."""
     run: Path
     cfg: object
     oof: dict[int, FoldOOF]
     report: dict
-    tuned: dict
+    tuned: Settings
 
     @classmethod
     def load(cls, run: str | Path) -> Member:
@@ -84,34 +85,28 @@ class Member:
         cfg = load_config(run / rundir.CONFIG)
         folds = {k: fold_dir(run, k) for k in range(cfg.cv.n_splits)}
         missing = [d.name for d in folds.values() if not (d / OOF_FILE).is_file()]
-        if missing or not (run / rundir.REPORT).is_file():
-            raise BlendError(f"{run}: no complete OOF report (missing {missing or 'report.json'}); finish its folds "
-                             f"first: train.py --name {run.name} output_dir={run.parent} train.resume=true")
+        tuned = read_tuned(run, cfg.infer.tta_flip)
+        if missing or not (run / rundir.REPORT).is_file() or tuned is None:
+            raise BlendError(f"{run}: no complete OOF report (missing {missing or 'report.json or tuned.json'}); "
+                             f"finish its folds first: train.py --name {run.name} output_dir={run.parent} "
+                             f"train.resume=true")
         return cls(run, cfg, {k: load_fold_oof(d / OOF_FILE) for k, d in folds.items()},
-                   read_json(run / rundir.REPORT), read_json(run / rundir.TUNED))
+                   read_json(run / rundir.REPORT), tuned)
 
-    def settings(self, held_out: int | None) -> dict:
-        """head_weight, WiSE scales, memory weight and per-track alpha: tuned without fold `held_out` (the report's cross-fitted
-        settings of that fold), or on all folds (tuned.json) when None."""
+    def settings(self, held_out: int | None) -> Settings:
+        """Tuned without fold `held_out` (the report's cross-fitted settings of that fold), or on all folds
+        (tuned.json) when None; TTA as the member's settings were tuned with."""
         if held_out is None:
-            with kit_file(self.run / rundir.TUNED):
-                return {"head_weight": float(self.tuned["head_weight"]), "wise": self.tuned.get("wise", {}),
-                        "memory_weight": float(self.tuned.get("memory_weight", 0.0)),
-                        **{t: {"alpha": float(track_settings(self.tuned, t)[0])} for t in RETRIEVAL_TRACKS}}
-        with kit_file(self.run / rundir.REPORT):
-            row = next((r for r in self.report.get("folds", []) if r["fold"] == held_out), {})
-        if "settings" not in row:
+            return self.tuned
+        s = fold_settings(self.run, held_out, self.tuned.tta_flip, self.report)
+        if s is None:
             raise BlendError(f"{self.run}/report.json has no cross-fitted settings for fold {held_out} (written by an "
                              f"older entrep); retrain the run to blend it")
-        return row["settings"]
+        return s
 
     def views(self, held_out: int | None) -> dict[int, FoldView]:
-        s = self.settings(held_out)
-        with kit_file(self.run / (rundir.TUNED if held_out is None else rundir.REPORT)):
-            tta = bool(self.tuned.get("tta_flip", self.cfg.infer.tta_flip))  # what the member's settings were tuned with
-            kw = view_kwargs(s)  # its own WiSE scales and memory weight too
-        return {k: f.view(kw["head_weight"], tta, kw["alpha"], kw["wise"], kw["memory_weight"])
-                for k, f in self.oof.items()}
+        kw = self.settings(held_out).view_kwargs()  # its own WiSE scales and memory weight too
+        return {k: f.view(**kw) for k, f in self.oof.items()}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -244,7 +239,10 @@ def crossfit_blend(members: list[Member], table, names, rounds: int = 20) -> tup
         log.info("fold %d: weights %s (chosen on folds %s)", k,
                  {p: [round(x, 3) for x in w] for p, w in chosen["weights"].items()}, others)
     tuned = choose([m.views(None) for m in members], folds, table, names, rerank_cfg, rounds)
-    tuned |= {"members": {str(m.run): m.settings(None) for m in members}, "how": HOW["tuned"]}
+    # each member's own settings as the blend uses them: its re-ranking is not (the blend re-ranks the mix)
+    tuned |= {"members": {str(m.run): m.settings(None).report_row() | {t: {"alpha": m.settings(None).track(t).alpha}
+                                                                         for t in RETRIEVAL_TRACKS}
+                          for m in members}, "how": HOW["tuned"]}
     report = score_folds(scored, table, names)
     report |= {"members": {str(m.run): member_figures(m.report) for m in members}, "tuned": tuned, "how": HOW}
     return report, tuned, scored
@@ -310,17 +308,12 @@ class Blend:
 
 def read_blend(path: Path) -> Blend:
     spec = read_json(path / rundir.BLEND)
-    tuned = read_json(path / rundir.TUNED)
     with kit_file(path / rundir.BLEND):
         refs = spec["members"]
         if not isinstance(refs, list) or not refs or not all(isinstance(m, str) and m for m in refs):
             raise TypeError(f"'members' is {refs!r}, not a list of run folders")
         members = [(path / m).resolve() for m in refs]
-    with kit_file(path / rundir.TUNED):
-        weights = {p: [float(x) for x in tuned["weights"][p]] for p in PARTS}
-        if any(len(w) != len(members) for w in weights.values()):
-            raise ValueError(f"weights for {len(members)} members expected")
-        rerank = {t: checked_rerank(tuned[t]["rerank"]["kept"]) for t in RETRIEVAL_TRACKS}
+    weights, rerank = read_blend_tuned(path, PARTS, len(members))
     if missing := [m for m, p in zip(refs, members) if not (p / rundir.CONFIG).is_file()]:
         raise BlendError(f"{path}: member runs not found: {missing} (blend.json names them relative to the blend)")
     return Blend(members, weights, rerank)

@@ -18,11 +18,11 @@ from entrep.blending import mix, read_blend
 from entrep.config import ConfigError, load_config, override_item, parse_override, run_defining_diff
 from entrep.data.images import ImageCache
 from entrep.data.release import file_sha1, load_test
-from entrep.embedding import DEFAULT_HEAD_WEIGHT, embed_images, embed_texts, eval_loader, retrieval_embedding
+from entrep.embedding import embed_images, embed_texts, eval_loader, retrieval_embedding
 from entrep.engine import make_accelerator
 from entrep.errors import EntrepError
 from entrep.data.folds import read_folds
-from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, kit_file, read_json, shown
+from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, shown
 from entrep.labels import LabelSet
 from entrep.memory import MEMORY_FILE, load_memory, mix_queries
 from entrep.model.backbone import image_stats, set_offline
@@ -31,7 +31,7 @@ from entrep.model.entrep_clip import build_model
 from entrep.model.lora import merged
 from entrep.oof import RETRIEVAL_TRACKS, FoldView
 from entrep.retrieval import average_embeddings, rank_gallery, text_class_probs
-from entrep.tuning import offered_methods, track_settings, unit_float
+from entrep.settings import Settings, for_inference, offered_methods, read_tuned
 from entrep.wise import has_lora, start_state, wise_scaled
 
 log = logging.getLogger("entrep.infer")
@@ -110,49 +110,6 @@ def training_overlap(run: Path, names: list[str], hashes: list[str]) -> dict:
     train_hashes = set(folds["sha1"]) if "sha1" in folds else set()
     return {"by_name": [n for n in names if n in train_names],
             "by_content": [n for n, h in zip(names, hashes) if h in train_hashes]}
-
-
-def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
-    """flip TTA, head_weight, WiSE scales per part, t2i memory weight and per-track slerp alpha and
-    re-ranking: the values tuned.json was tuned with and chose, except where the command line sets the key
-    (infer.tta_flip, infer.head_weight, model.slerp.alpha, model.slerp.infer, rerank.methods; infer.wise_grid
-    or infer.memory_weight of one value), which always wins."""
-    tta = cfg.infer.tta_flip if "infer.tta_flip" in given or "tta_flip" not in tuned else tuned["tta_flip"]
-    if not isinstance(tta, bool):
-        raise TypeError(f"tta_flip is {tta!r}, not true/false")
-    out = {"tta_flip": tta, "head_weight": cfg.infer.head_weight if cfg.infer.head_weight >= 0 or not tuned
-           else unit_float(tuned.get("head_weight", DEFAULT_HEAD_WEIGHT), "head_weight")}
-    if out["head_weight"] < 0:
-        out["head_weight"] = DEFAULT_HEAD_WEIGHT
-    out |= wise_memory_settings(cfg, tuned, given)
-    for track in RETRIEVAL_TRACKS:
-        alpha, kept = track_settings(tuned, track) if tuned else (cfg.model.slerp.alpha, {})
-        if "model.slerp.alpha" in given:
-            alpha = cfg.model.slerp.alpha
-        if not cfg.model.slerp.infer:
-            alpha = 0.0
-        if "rerank.methods" in given:
-            kept = offered_methods(cfg.rerank, track)
-        out[track] = {"alpha": alpha, "rerank": kept}
-    return out
-
-
-def wise_memory_settings(cfg, tuned: dict, given: set[str]) -> dict:
-    """{"wise": scale per part (cls, i2i, t2i), "memory_weight": t2i's}: tuned.json's choice (none in a
-    tuned.json from before them: scale 1, no memory); a grid of one value given on the command line (or in
-    the config of a run without tuned.json) is used as it is; a longer one given at inference tunes nothing."""
-    wise = {p: float(tuned.get("wise", {}).get(p, 1.0)) for p in ("cls", *RETRIEVAL_TRACKS)}
-    memory = float(tuned.get("memory_weight", 0.0))
-    for key, grid in (("infer.wise_grid", cfg.infer.wise_grid), ("infer.memory_weight", cfg.infer.memory_weight)):
-        if (key in given or not tuned) and len(grid) == 1:
-            if key == "infer.wise_grid":
-                wise = dict.fromkeys(wise, float(grid[0]))
-            else:
-                memory = float(grid[0])
-        elif key in given:
-            log.info("%s=%s: a grid is tuned on OOF (train.py re-scoring), not at inference; using tuned.json's "
-                     "choice (give one value to force it)", key, grid)
-    return {"wise": wise, "memory_weight": memory}
 
 
 @dataclass
@@ -285,11 +242,11 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     for d in dirs:  # every file of every fold checked before the first is used
         check_compatible(verify_fold(d, cfg.model.lora.enabled), cfg, d)
     log.info("%s: ensembling %s, the finished models on disk", shown(run), ", ".join(d.name for d in dirs))
-    tuned = read_json(run / rundir.TUNED) if (run / rundir.TUNED).is_file() else {}
-    with kit_file(run / rundir.TUNED):
-        settings = inference_settings(cfg, tuned, given)
-    if not tuned:
-        log.warning("%s has no tuned.json (no complete OOF run): settings from the config: %s", run, settings)
+    tuned = read_tuned(run, cfg.infer.tta_flip)
+    settings = for_inference(cfg, tuned, given)
+    if tuned is None:
+        log.warning("%s has no tuned.json (no complete OOF run): settings from the config: %s", run,
+                    settings.as_dict())
     accelerator = make_accelerator(cfg)
     model = accelerator.prepare(build_model(cfg, labels))
     unwrapped = accelerator.unwrap_model(model)
@@ -300,7 +257,7 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     loader = eval_loader(pixels, accelerator, cfg.train.eval_batch_size)  # prepared once, embedded by every fold
     probs_sum, rets, texts, text_probs = 0.0, {t: [] for t in RETRIEVAL_TRACKS}, [], []
     captions = (test.t2i or []) if unwrapped.has_text else []
-    wise, memory_weight = settings["wise"], (settings["memory_weight"] if captions else 0.0)
+    wise, memory_weight = settings.wise, (settings.memory_weight if captions else 0.0)
     # full fine-tuning interpolates with the backbone as built, before any fold is loaded (LoRA scales its delta)
     start = start_state(unwrapped) if any(s != 1.0 for s in wise.values()) and not has_lora(unwrapped) else None
     for d in dirs:
@@ -309,18 +266,18 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
         for scale in dict.fromkeys([wise["cls"], *(wise[t] for t in RETRIEVAL_TRACKS)]):
             with wise_scaled(unwrapped, scale, start), \
                     merged(unwrapped.clip) if cfg.infer.merge_lora else contextlib.nullcontext():
-                e = embed_images(model, loader, accelerator, labels, stats, tta_flip=settings["tta_flip"])
+                e = embed_images(model, loader, accelerator, labels, stats, tta_flip=settings.tta_flip)
                 cap = (torch.from_numpy(embed_texts(model, captions, accelerator))
                        if captions and scale == wise["t2i"] else None)
             out[scale] = (e, cap)
         e = out[wise["cls"]][0]
-        probs = e.probs(settings["head_weight"], settings["tta_flip"])
+        probs = e.probs(settings.head_weight, settings.tta_flip)
         probs_sum = probs_sum + probs
         for track in RETRIEVAL_TRACKS:
             et = out[wise[track]][0]
             rets[track].append(torch.from_numpy(retrieval_embedding(
-                et.emb, probs if et is e else et.probs(settings["head_weight"], settings["tta_flip"]), et.class_emb,
-                settings[track]["alpha"])))
+                et.emb, probs if et is e else et.probs(settings.head_weight, settings.tta_flip), et.class_emb,
+                settings.track(track).alpha)))
         if captions:
             et, cap = out[wise["t2i"]]
             if memory_weight > 0:
@@ -332,10 +289,10 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     view = FoldView(names, probs_sum / len(dirs), {t: average_embeddings(r).numpy() for t, r in rets.items()},
                     captions, average_embeddings(texts).numpy() if captions else np.zeros((0, 1), np.float32),
                     (sum(text_probs) / len(text_probs)).numpy() if text_probs else None, unwrapped.has_text)
-    return view, {"run": str(run), "folds": [d.name for d in dirs], **settings}
+    return view, {"run": str(run), "folds": [d.name for d in dirs], **settings.as_dict()}
 
 
-def with_memory(fold: Path, caption_emb: np.ndarray, captions: list[str], scale: float, settings: dict,
+def with_memory(fold: Path, caption_emb: np.ndarray, captions: list[str], scale: float, settings: Settings,
                 weight: float) -> np.ndarray:
     """A fold model's caption queries mixed with its known-pair memory: the carriers of each caption among
     every training image (memory.npz, embedded by this fold's model when it was trained)."""
@@ -345,8 +302,8 @@ def with_memory(fold: Path, caption_emb: np.ndarray, captions: list[str], scale:
                        f"({MEMORY_FILE}) for infer.memory_weight={weight}; re-score the run with it: python train.py "
                        f"--name {fold.parent.name} output_dir={fold.parent.parent} train.resume=true "
                        f"infer.memory_weight=[...] (or infer.memory_weight=0)")
-    proto, has = memory.prototypes(captions, scale, settings["head_weight"], settings["tta_flip"],
-                                   settings["t2i"]["alpha"], include_held_out=True)
+    proto, has = memory.prototypes(captions, scale, settings.head_weight, settings.tta_flip, settings.t2i.alpha,
+                                   include_held_out=True)
     log.info("%s: known-pair memory answers %d of %d captions (weight %s)", fold.name, int(has.sum()), len(captions),
              weight)
     return mix_queries(caption_emb, proto, has, weight)

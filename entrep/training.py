@@ -32,7 +32,7 @@ from entrep.data.near_dup import near_duplicate_pairs
 from entrep.data.identity import data_identity, describe_data_change
 from entrep.data.images import CachedPixels, ImageCache
 from entrep.data.release import DataError, file_sha1, load_release
-from entrep.embedding import DEFAULT_HEAD_WEIGHT, embed_images, eval_loader
+from entrep.embedding import eval_loader
 from entrep.engine import FoldTrainer, make_accelerator
 from entrep.errors import EntrepError
 from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, read_json
@@ -51,6 +51,7 @@ from entrep.model.checkpoint import (
 from entrep.model.entrep_clip import build_model
 from entrep.oof import OOF_FILE, FoldOOF, save_fold_oof
 from entrep.report import write_report
+from entrep.settings import Settings, fold_settings
 from entrep.timing import StageTimer
 from entrep.wise import embed_fold_outputs, load_run_oof
 
@@ -387,19 +388,18 @@ def training_copies(cfg, test, table) -> dict[str, str]:
     return out
 
 
-def source_fold_settings(source: Path, k: int) -> dict:
+def source_fold_settings(source: Path, k: int, tta_flip: bool) -> Settings:
     """The inference settings that scored the source run's fold k (report.json folds[k].settings, tuned
     on its other folds): tuned.json is tuned on every fold, fold k's truth included, and would carry it
     into the labels fold k trains on."""
-    report = source / rundir.REPORT
-    if not report.is_file():
+    if not (source / rundir.REPORT).is_file():
         raise EntrepError(f"train.pseudo_from={source}: no {rundir.REPORT}; the settings that label fold {k} are the "
                           f"ones that scored its fold {k} there: let every fold of that run finish first")
-    row = next((r for r in read_json(report).get("folds", []) if r.get("fold") == k), None)
-    if row is None or "settings" not in row:
+    settings = fold_settings(source, k, tta_flip)
+    if settings is None:
         raise EntrepError(f"train.pseudo_from={source}: {rundir.REPORT} has no settings for fold {k}; re-score it "
                           f"(python train.py --name {source.name} output_dir={source.parent} train.resume=true)")
-    return row["settings"]
+    return settings
 
 
 def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
@@ -426,8 +426,8 @@ def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
     k_dir = fold_dir(source, k)
     if not fold_finished(k_dir):
         raise EntrepError(f"train.pseudo_from={source}: {k_dir.name} is not finished; train it first")
-    settings = source_fold_settings(source, k)
     source_cfg = load_config(source / rundir.CONFIG)
+    settings = source_fold_settings(source, k, source_cfg.infer.tta_flip)
     test = load_test(cfg.train.pseudo_data)
     left_out = training_copies(cfg, test, data.table)
     if left_out:
@@ -441,11 +441,11 @@ def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
     stats = image_stats(model.base)
     pixels = ImageCache(cfg.image_cache_dir, cfg.data.working_side(stats.size)).pixels(
         [str(test.images[n]) for n in names], [file_sha1(test.images[n]) for n in names])
-    tta = source_cfg.infer.tta_flip
+    tta = settings.tta_flip
     e, _ = embed_at(accelerator.prepare(model), accelerator, data.labels, stats,
-                    eval_loader(np.asarray(pixels), accelerator, cfg.train.eval_batch_size), [],
-                    float(settings.get("wise", {}).get("cls", 1.0)), start, tta_flip=tta)
-    probs = e.probs(float(settings.get("head_weight", DEFAULT_HEAD_WEIGHT)), tta)
+                    eval_loader(np.asarray(pixels), accelerator, cfg.train.eval_batch_size), [], settings.wise["cls"],
+                    start, tta_flip=tta)
+    probs = e.probs(settings.head_weight, tta)
     keep = np.flatnonzero(probs.max(1) >= cfg.train.pseudo_threshold)
     y = probs.argmax(1)[keep]
     summary = {c: int((y == i).sum()) for i, c in enumerate(data.labels.names) if (y == i).any()}
@@ -456,7 +456,7 @@ def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
     own = ImageCache(cfg.image_cache_dir, work).pixels([str(test.images[names[i]]) for i in keep],
                                                        [file_sha1(test.images[names[i]]) for i in keep])
     log.info("fold %s: %d pseudo-labelled test images from %s/%s (probability >= %s, head weight %s, TTA %s): %s", k,
-             len(keep), source, k_dir.name, cfg.train.pseudo_threshold, settings.get("head_weight"), tta, summary)
+             len(keep), source, k_dir.name, cfg.train.pseudo_threshold, settings.head_weight, tta, summary)
     return PseudoLabels([names[i] for i in keep], np.asarray(own), y.astype(np.int64), summary, left_out)
 
 

@@ -12,17 +12,9 @@ from dataclasses import dataclass
 
 from entrep.oof import RETRIEVAL_TRACKS, FoldOOF, FoldView, pooled_f1_macro, pooled_retrieval
 from entrep.retrieval import method_params
+from entrep.settings import RERANK_OFFERED, Settings
 
 HEAD_WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
-# A method is offered only where it means something for the track. With caption queries, k-reciprocal
-# would build one neighbour graph over text and image embeddings, whose modality gap leaves its
-# Jaccard term without meaning, and alpha-QE would add image vectors to a caption's.
-RERANK_OFFERED = {"i2i": ("dba", "qe", "class_bonus", "kreciprocal"), "t2i": ("dba", "class_bonus")}
-
-
-def offered_methods(rerank_cfg, track: str) -> dict:
-    """rerank.methods as configured, less those not offered for the track, with their parameters."""
-    return {m: method_params(m, rerank_cfg) for m in rerank_cfg.methods if m in RERANK_OFFERED[track]}
 
 
 def tune_rerank(views: dict, table, track: str, rerank_cfg) -> dict:
@@ -86,45 +78,10 @@ def tune(oof: dict[int, FoldOOF], table, names, cfg) -> dict:
     return out
 
 
-def view_kwargs(settings: dict) -> dict:
-    """FoldOOF.view's keywords for a settings dict (tuned.json, or a report's folds[k].settings); settings
-    from before WiSE and the memory mean scale 1 and no memory."""
-    return {"head_weight": settings["head_weight"],
-            "alpha": {t: settings[t]["alpha"] for t in RETRIEVAL_TRACKS},
-            "wise": {p: float(settings.get("wise", {}).get(p, 1.0)) for p in ("cls", *RETRIEVAL_TRACKS)},
-            "memory_weight": float(settings.get("memory_weight", 0.0))}
-
-
-def track_settings(tuned: dict, track: str) -> tuple[float, dict]:
-    """(alpha, kept re-ranking methods) of a track; tuned.json files from before per-track tuning
-    held one alpha and one set for both tracks. Values of another type raise (io.kit_file names the file)."""
-    t = tuned.get(track) or {"alpha": tuned.get("alpha", 0.0), "rerank": tuned.get("rerank", {})}
-    return unit_float(t["alpha"], "alpha"), checked_rerank(t["rerank"].get("kept", {}))
-
-
-def unit_float(x, what: str) -> float:
-    """A weight read from a kit file: a number in [0, 1]."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 1:
-        raise ValueError(f"{what} is {x!r}, not a number in [0, 1]")
-    return float(x)
-
-
-def checked_rerank(kept) -> dict:
-    """Re-ranking methods as a kit file holds them ({method: params}), each known and with the
-    parameters the method takes, cast to their types."""
-    from entrep.config import RerankConfig
-
-    out = {}
-    for m, params in dict(kept).items():
-        want = method_params(m, RerankConfig())  # KeyError: not a method
-        out[m] = {k: type(v)(params[k]) for k, v in want.items()}
-    return out
-
-
 @dataclass
 class Scored:
     """One held-out fold, ready to score: its view, the per-track re-ranking and the settings that made
-    them, all chosen without this fold."""
+    them (report.json's folds[k].settings), all chosen without this fold."""
     view: FoldView
     rerank: dict[str, dict]
     settings: dict
@@ -132,14 +89,9 @@ class Scored:
 
 def crossfit(oof: dict[int, FoldOOF], table, names, cfg) -> dict[int, Scored]:
     """Each fold with the settings tuned on the other folds."""
-    tta = cfg.infer.tta_flip
     scored = {}
     for k, fold in sorted(oof.items()):
-        t = tune({j: f for j, f in oof.items() if j != k}, table, names, cfg)
-        settings = {"head_weight": t["head_weight"], "wise": t["wise"], "memory_weight": t["memory_weight"],
-                    **{tr: {"alpha": t[tr]["alpha"], "rerank": list(t[tr]["rerank"]["kept"])}
-                       for tr in RETRIEVAL_TRACKS}}
-        kw = view_kwargs(settings)
-        scored[k] = Scored(fold.view(kw.pop("head_weight"), tta, **kw),
-                           {tr: t[tr]["rerank"]["kept"] for tr in RETRIEVAL_TRACKS}, settings)
+        s = Settings.from_tuning(tune({j: f for j, f in oof.items() if j != k}, table, names, cfg))
+        scored[k] = Scored(view=fold.view(**s.view_kwargs()), rerank={t: s.track(t).rerank for t in RETRIEVAL_TRACKS},
+                           settings=s.report_row())
     return scored

@@ -144,3 +144,11 @@ def ok(capsys, main, argv) -> str:
     out = capsys.readouterr()
     assert rc == 0, out.out[-3000:] + out.err[-3000:]
     return " ".join((out.out + out.err).split())
+
+
+def inference_settings(cfg, tuned: dict, given: set[str]) -> dict:
+    """What infer.py does with a tuned.json's content (entrep.settings: parse, then the command line's
+    keys), as the dict it records in meta.json."""
+    from entrep.settings import Settings, for_inference
+
+    return for_inference(cfg, Settings.parse(tuned, cfg.infer.tta_flip) if tuned else None, given).as_dict()

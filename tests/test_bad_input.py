@@ -489,7 +489,7 @@ def test_hand_edited_kit_files_are_one_line(tmp_path, capsys):
     """tuned.json, meta.json of predictions: a field of another type is one line naming the file."""
     from entrep.commands.submit import main
     from entrep.config import load_config
-    from entrep.inference import inference_settings
+    from conftest import inference_settings
     from entrep.io import kit_file
     from test_submission import _predictions
 

@@ -12,6 +12,7 @@ from entrep.config import load_config
 from entrep.data.folds import FoldError, load_or_make_folds
 from entrep.oof import RETRIEVAL_TRACKS
 from entrep.report import crossfit_figures
+from entrep.settings import Settings
 from entrep.tuning import tune
 
 
@@ -22,7 +23,7 @@ def cfg():
 
 def member(oof, table, cfg, name="A") -> Member:
     report, _ = crossfit_figures(oof, table, NAMES, cfg)
-    return Member(Path(name), cfg, oof, report, tune(oof, table, NAMES, cfg))
+    return Member(Path(name), cfg, oof, report, Settings.from_tuning(tune(oof, table, NAMES, cfg)))
 
 
 def test_the_weighted_concatenation_mixes_cosine_similarities():
@@ -84,7 +85,7 @@ def test_each_fold_is_scored_with_weights_chosen_on_the_other_folds(cfg):
 def write_folds(run: Path, folds: dict) -> Member:
     run.mkdir(parents=True)
     pd.DataFrame({"image": list(folds), "fold": list(folds.values())}).to_csv(run / "folds.csv", index=False)
-    return Member(run, load_config(None, ["model.pretrained="]), {}, {}, {})
+    return Member(run, load_config(None, ["model.pretrained="]), {}, {}, Settings())
 
 
 def test_runs_whose_folds_differ_are_refused_naming_the_first_image(tmp_path):

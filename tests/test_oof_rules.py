@@ -98,7 +98,7 @@ def test_output_dir_inside_the_release_is_refused(tmp_path, capsys):
 
 def test_inference_and_blends_use_the_tta_that_tuned_json_was_tuned_with():
     from entrep.config import load_config
-    from entrep.inference import inference_settings
+    from conftest import inference_settings
 
     cfg = load_config(None, ["infer.tta_flip=true"])  # a later train.py call changed config.yaml
     tuned = {"tta_flip": False, "head_weight": 0.5, "i2i": {"alpha": 0.1, "rerank": {"kept": {}}},

@@ -297,7 +297,7 @@ tuned_values = st.recursive(scalars | st.sampled_from([{"kept": {"dba": {"k": 2}
                              tuned_values, max_size=4))
 def test_tuned_json_fields(tuned):
     from entrep.config import load_config
-    from entrep.inference import inference_settings
+    from conftest import inference_settings
     from entrep.io import kit_file
 
     cfg = load_config(None, ["model.pretrained="])

@@ -300,12 +300,16 @@ def test_pseudo_labels_take_the_settings_that_scored_the_source_fold(tmp_path):
     from entrep.training import source_fold_settings
 
     with pytest.raises(EntrepError, match="no report.json; the settings that label fold 1"):
-        source_fold_settings(tmp_path, 1)
+        source_fold_settings(tmp_path, 1, True)
+    row = {"head_weight": 0.75, "wise": {"cls": 0.5, "i2i": 1.0, "t2i": 1.0}, "memory_weight": 0.0,
+           "i2i": {"alpha": 0.2, "rerank": ["dba"]}, "t2i": {"alpha": 0.0, "rerank": []}}
     (tmp_path / "report.json").write_text(json.dumps({"folds": [{"fold": 0, "settings": {"head_weight": 0.25}},
-                                                                {"fold": 1, "settings": {"head_weight": 0.75}}]}))
-    assert source_fold_settings(tmp_path, 1) == {"head_weight": 0.75}
+                                                                {"fold": 1, "settings": row}]}))
+    s = source_fold_settings(tmp_path, 1, False)  # the source's TTA: a report row holds none
+    assert (s.head_weight, s.wise["cls"], s.tta_flip, s.i2i.alpha, list(s.i2i.rerank)) == (0.75, 0.5, False, 0.2, ["dba"])
+    assert s.report_row() == row  # a row reads back as it was written
     with pytest.raises(EntrepError, match="no settings for fold 2"):
-        source_fold_settings(tmp_path, 2)
+        source_fold_settings(tmp_path, 2, True)
 
 
 @pytest.mark.slow

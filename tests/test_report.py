@@ -195,7 +195,7 @@ def test_each_track_has_its_own_alpha_and_reranking_and_only_meaningful_methods(
 
 
 def test_infer_command_line_overrides_beat_tuned_values(cfg):
-    from entrep.inference import inference_settings
+    from conftest import inference_settings
 
     tuned = {"head_weight": 0.25, "i2i": {"alpha": 0.3, "rerank": {"kept": {"dba": {"k": 2}}}},
              "t2i": {"alpha": 0.1, "rerank": {"kept": {}}}}

@@ -201,7 +201,7 @@ def test_the_grids_are_checked():
 
 
 def test_inference_applies_the_tuned_scales_and_memory_unless_the_command_line_sets_one():
-    from entrep.inference import inference_settings
+    from conftest import inference_settings
 
     cfg = load_config(None, ["model.pretrained="])
     tuned = {"head_weight": 0.25, "wise": {"cls": 1.0, "i2i": 0.5, "t2i": 0.75}, "memory_weight": 0.5,
@@ -307,6 +307,7 @@ def test_a_blend_member_applies_its_own_scales_and_memory():
 
     from entrep.blending import Member
     from entrep.report import crossfit_figures
+    from entrep.settings import Settings
     from entrep.tuning import tune
     from test_report import NAMES, synthetic_oof, with_scales_and_memory
 
@@ -315,15 +316,15 @@ def test_a_blend_member_applies_its_own_scales_and_memory():
     cfg = load_config(None, ["model.pretrained=", "infer.tta_flip=false", "model.slerp.alpha_grid=[0.0,0.2]",
                              "rerank.methods=[dba]", "infer.wise_grid=[0.0,0.5,1.0]", "infer.memory_weight=[0.0,1.0]"])
     report, _ = crossfit_figures(oof, table, NAMES, cfg)
-    m = Member(Path("A"), cfg, oof, report, tune(oof, table, NAMES, cfg))
+    m = Member(Path("A"), cfg, oof, report, Settings.from_tuning(tune(oof, table, NAMES, cfg)))
     for held_out in (None, 0):
         s = m.settings(held_out)
-        want = {k: f.view(s["head_weight"], False, {t: s[t]["alpha"] for t in ("i2i", "t2i")}, s["wise"],
-                          s["memory_weight"]) for k, f in oof.items()}
+        want = {k: f.view(s.head_weight, False, {t: s.track(t).alpha for t in ("i2i", "t2i")}, s.wise,
+                          s.memory_weight) for k, f in oof.items()}
         got = m.views(held_out)
         assert all(np.array_equal(got[k].caption_emb, want[k].caption_emb) and np.array_equal(got[k].probs, want[k].probs)
                    and all(np.array_equal(got[k].ret[t], want[k].ret[t]) for t in ("i2i", "t2i")) for k in oof)
-    assert m.settings(None)["wise"] == m.tuned["wise"] and m.settings(None)["memory_weight"] == m.tuned["memory_weight"]
+    assert m.settings(None) is m.tuned
 
 
 @pytest.mark.slow

@@ -101,7 +101,7 @@ def process_started() -> float:
 def print_report(rep: dict, run_dir) -> None:
     from rich.table import Table
 
-    from entrep.tuning import track_settings
+    from entrep.settings import Settings
 
     t = Table(title="out-of-fold scores")
     for col in ("task", "metric", "value"):
@@ -123,9 +123,9 @@ def print_report(rep: dict, run_dir) -> None:
     if "recall@1" in rep.get("t2i_any", {}):
         t.add_row("t2i, any carrier", "recall@1 / mrr", f"{rep['t2i_any']['recall@1']:.4f} / {rep['t2i_any']['mrr']:.4f} "
                                                         f"(not the leaderboard's rule)")
-    tuned = rep.get("tuned", {})
-    per_track = "; ".join(f"{tr}: alpha={track_settings(tuned, tr)[0]} re-ranking "
-                          f"{list(track_settings(tuned, tr)[1]) or 'none'}" for tr in ("i2i", "t2i"))
+    tuned = Settings.parse(rep.get("tuned", {}))
+    per_track = "; ".join(f"{tr}: alpha={tuned.track(tr).alpha} re-ranking {list(tuned.track(tr).rerank) or 'none'}"
+                          for tr in ("i2i", "t2i"))
     t.caption = (f"{run_dir}. Figures cross-fitted (each fold scored with settings tuned on the others; report.json "
-                 f"'how'). For infer.py, tuned on all folds: head_weight={tuned.get('head_weight')}; {per_track}")
+                 f"'how'). For infer.py, tuned on all folds: head_weight={tuned.head_weight}; {per_track}")
     console.print(t)
