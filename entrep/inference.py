@@ -18,20 +18,20 @@ from entrep.blending import mix, read_blend
 from entrep.config import ConfigError, load_config, override_item, parse_override, run_defining_diff
 from entrep.data.images import ImageCache
 from entrep.data.release import file_sha1, load_test
-from entrep.embedding import embed_images, embed_texts, eval_loader, retrieval_embedding
+from entrep.embedding import embed_images, embed_texts, eval_loader
 from entrep.engine import make_accelerator
 from entrep.errors import EntrepError
 from entrep.data.folds import read_folds
 from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, shown
 from entrep.labels import LabelSet
-from entrep.memory import MEMORY_FILE, load_memory, mix_queries
+from entrep.memory import MEMORY_FILE, Memory, load_memory
 from entrep.model.backbone import image_stats, set_offline
 from entrep.model.checkpoint import check_compatible, fold_dir, fold_finished, load_fold_weights, verify_fold
 from entrep.model.entrep_clip import build_model
 from entrep.model.lora import merged
-from entrep.oof import RETRIEVAL_TRACKS, FoldView
-from entrep.retrieval import average_embeddings, rank_gallery, text_class_probs
-from entrep.settings import Settings, for_inference, offered_methods, read_tuned
+from entrep.oof import RETRIEVAL_TRACKS, FoldOOF, FoldView
+from entrep.retrieval import average_embeddings, rank_gallery
+from entrep.settings import for_inference, offered_methods, read_tuned
 from entrep.wise import has_lora, start_state, wise_scaled
 
 log = logging.getLogger("entrep.infer")
@@ -255,11 +255,12 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     pixels = cache.pixels([str(test.images[n]) for n in names], hashes)
 
     loader = eval_loader(pixels, accelerator, cfg.train.eval_batch_size)  # prepared once, embedded by every fold
-    probs_sum, rets, texts, text_probs = 0.0, {t: [] for t in RETRIEVAL_TRACKS}, [], []
     captions = (test.t2i or []) if unwrapped.has_text else []
-    wise, memory_weight = settings.wise, (settings.memory_weight if captions else 0.0)
+    wise = settings.wise
+    memory_weight = settings.memory_weight if captions else 0.0
     # full fine-tuning interpolates with the backbone as built, before any fold is loaded (LoRA scales its delta)
     start = start_state(unwrapped) if any(s != 1.0 for s in wise.values()) and not has_lora(unwrapped) else None
+    views = []
     for d in dirs:
         load_fold_weights(unwrapped, d, adapter_name=d.name)
         out = {}  # WiSE scale -> (image outputs, caption embeddings): one pass per distinct scale
@@ -267,46 +268,38 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
             with wise_scaled(unwrapped, scale, start), \
                     merged(unwrapped.clip) if cfg.infer.merge_lora else contextlib.nullcontext():
                 e = embed_images(model, loader, accelerator, labels, stats, tta_flip=settings.tta_flip)
-                cap = (torch.from_numpy(embed_texts(model, captions, accelerator))
-                       if captions and scale == wise["t2i"] else None)
+                cap = (embed_texts(model, captions, accelerator) if captions and scale == wise["t2i"]
+                       else np.zeros((len(captions), 1), np.float32))
             out[scale] = (e, cap)
-        e = out[wise["cls"]][0]
-        probs = e.probs(settings.head_weight, settings.tta_flip)
-        probs_sum = probs_sum + probs
-        for track in RETRIEVAL_TRACKS:
-            et = out[wise[track]][0]
-            rets[track].append(torch.from_numpy(retrieval_embedding(
-                et.emb, probs if et is e else et.probs(settings.head_weight, settings.tta_flip), et.class_emb,
-                settings.track(track).alpha)))
-        if captions:
-            et, cap = out[wise["t2i"]]
-            if memory_weight > 0:
-                cap = torch.from_numpy(with_memory(d, cap.numpy(), captions, wise["t2i"], settings, memory_weight))
-            texts.append(cap)
-            if et.class_emb is not None:  # a caption's class distribution, from its text alone
-                text_probs.append(text_class_probs(out[wise["t2i"]][1], torch.from_numpy(et.class_emb)))
+        memory = fold_memory(d, wise["t2i"], memory_weight) if memory_weight > 0 else None
+        fold = FoldOOF.of_scales(names, out, captions, unwrapped.has_text, memory)
+        views.append(fold.view(**settings.view_kwargs() | {"memory_weight": memory_weight}, memory_held_out=True))
         log.info("embedded %d images with %s", len(names), d.name)
-    view = FoldView(names, probs_sum / len(dirs), {t: average_embeddings(r).numpy() for t, r in rets.items()},
-                    captions, average_embeddings(texts).numpy() if captions else np.zeros((0, 1), np.float32),
-                    (sum(text_probs) / len(text_probs)).numpy() if text_probs else None, unwrapped.has_text)
-    return view, {"run": str(run), "folds": [d.name for d in dirs], **settings.as_dict()}
+    return average_views(views), {"run": str(run), "folds": [d.name for d in dirs], **settings.as_dict()}
 
 
-def with_memory(fold: Path, caption_emb: np.ndarray, captions: list[str], scale: float, settings: Settings,
-                weight: float) -> np.ndarray:
-    """A fold model's caption queries mixed with its known-pair memory: the carriers of each caption among
-    every training image (memory.npz, embedded by this fold's model when it was trained)."""
+def average_views(views: list[FoldView]) -> FoldView:
+    """The fold models' views of one test folder, ensembled: probabilities and caption class distributions
+    averaged, retrieval and caption embeddings averaged as unit vectors."""
+    v0 = views[0]
+    texts = [torch.from_numpy(v.caption_emb) for v in views]
+    return FoldView(v0.images, sum(v.probs for v in views) / len(views),
+                    {t: average_embeddings([torch.from_numpy(v.ret[t]) for v in views]).numpy() for t in v0.ret},
+                    v0.captions, average_embeddings(texts).numpy() if v0.captions else np.zeros((0, 1), np.float32),
+                    (sum(v.caption_probs for v in views) / len(views)) if v0.caption_probs is not None else None,
+                    v0.text)
+
+
+def fold_memory(fold: Path, scale: float, weight: float) -> Memory:
+    """A fold model's known-pair memory (memory.npz: every training image, embedded by this fold's model
+    when it was trained), for infer.memory_weight; refused in one line where it lacks the scale."""
     memory = load_memory(fold / MEMORY_FILE)
     if memory is None or scale not in memory.scales:
         raise RunError(f"{fold}: no known-pair memory{'' if memory is None else f' at WiSE scale {scale}'} "
                        f"({MEMORY_FILE}) for infer.memory_weight={weight}; re-score the run with it: python train.py "
                        f"--name {fold.parent.name} output_dir={fold.parent.parent} train.resume=true "
                        f"infer.memory_weight=[...] (or infer.memory_weight=0)")
-    proto, has = memory.prototypes(captions, scale, settings.head_weight, settings.tta_flip, settings.t2i.alpha,
-                                   include_held_out=True)
-    log.info("%s: known-pair memory answers %d of %d captions (weight %s)", fold.name, int(has.sum()), len(captions),
-             weight)
-    return mix_queries(caption_emb, proto, has, weight)
+    return memory
 
 
 def rank_test(view, test, galleries: dict[str, list[str]], rerank: dict[str, dict], cfg) -> tuple[dict, dict]:

@@ -78,9 +78,17 @@ class FoldOOF:
     def scales(self) -> set[float]:
         return {1.0, *self.scaled}
 
+    @classmethod
+    def of_scales(cls, images: list[str], outputs: dict, captions: list[str], text: bool,
+                  memory: Memory | None = None) -> FoldOOF:
+        """A fold's outputs on other images (a test folder): `outputs` WiSE scale -> (image outputs,
+        caption embeddings), only the scales that are used."""
+        first = outputs.get(1.0, (None, None))
+        return cls(images, first[0], captions, first[1], text, {s: o for s, o in outputs.items() if s != 1.0}, memory)
+
     def at(self, scale: float) -> tuple[Embedded, np.ndarray]:
         """(image outputs, caption embeddings) of the fold model at a WiSE scale."""
-        if scale == 1.0:
+        if scale == 1.0 and self.embedded is not None:
             return self.embedded, self.caption_emb
         if scale not in self.scaled:
             raise MissingOutputs(f"this fold's OOF file holds no outputs at WiSE scale {scale} (it has "
@@ -90,10 +98,13 @@ class FoldOOF:
         return self.scaled[scale]
 
     def view(self, head_weight: float, tta: bool, alpha: dict[str, float] | float = 0.0,
-             wise: dict[str, float] | float | None = None, memory_weight: float = 0.0) -> FoldView:
+             wise: dict[str, float] | float | None = None, memory_weight: float = 0.0,
+             memory_held_out: bool = False) -> FoldView:
         """The fold under these settings; `alpha` per track, or one value for both; `wise` the WiSE scale
         per part (cls, i2i, t2i) or one for all (default 1.0: as trained); `memory_weight` mixes the
-        known-pair memory (the other folds' carriers of a caption) into the t2i queries."""
+        known-pair memory into the t2i queries: the other folds' carriers of a caption out of fold, every
+        carrier (`memory_held_out`) on a test folder. The one place outputs and settings make a view:
+        OOF scoring, blends and infer.py all come here."""
         alpha = alpha if isinstance(alpha, dict) else dict.fromkeys(RETRIEVAL_TRACKS, alpha)
         wise = wise if isinstance(wise, dict) else dict.fromkeys(PARTS, 1.0 if wise is None else wise)
         e, _ = self.at(wise.get("cls", 1.0))
@@ -115,7 +126,7 @@ class FoldOOF:
                 raise MissingOutputs(f"this fold's memory holds no outputs at WiSE scale {s_t2i}; re-score the run "
                                      f"with it in infer.wise_grid")
             proto, has = self.memory.prototypes(self.captions, s_t2i, head_weight, tta, alpha.get("t2i", 0.0),
-                                                include_held_out=False)
+                                                include_held_out=memory_held_out)
             caption_emb = mix_queries(caption_emb, proto, has, memory_weight)
         return FoldView(self.images, probs, ret, self.captions, caption_emb, caption_probs, self.text)
 

@@ -378,3 +378,36 @@ def test_rescoring_adds_scales_and_memory_tuned_json_records_them_and_infer_appl
     assert half.meta["wise"] == {"cls": 0.5, "i2i": 0.5, "t2i": 0.5} and half.meta["memory_weight"] == 1.0
     assert not half.rankings("t2i")["score"].equals(plain.rankings("t2i")["score"])
     assert not np.allclose(half.classes.filter(like="p_").to_numpy(), plain.classes.filter(like="p_").to_numpy())
+
+
+@pytest.mark.slow
+def test_infer_on_a_folds_held_out_images_gives_that_folds_oof_view(demo, trained_demo_run, tmp_path):
+    """OOF scoring and infer.py make a fold's view in one place (FoldOOF.view): fold 0's model, run by
+    infer.py on fold 0's held-out images as a test folder, gives the class probabilities its OOF file gives
+    them under tuned.json's settings."""
+    import shutil
+
+    import entrep
+    from entrep.settings import read_tuned
+
+    run = tmp_path / "a"
+    shutil.copytree(trained_demo_run, run)
+    (run / "fold1/metrics.json").unlink()  # fold 0 alone is ensembled (infer.partial=use)
+    from entrep.data.release import load_release
+    from entrep.labels import ENTREP_CLASSES
+
+    folds = pd.read_csv(run / "folds.csv")
+    held = folds.loc[folds["fold"] == 0, "image"].tolist()
+    path = dict(zip(*load_release(demo, ENTREP_CLASSES)[0][["image", "path"]].T.to_numpy()))
+    (tmp_path / "test/imgs").mkdir(parents=True)
+    for n in held:  # under the name the folds list (a public image's file is spelled _Image on disk)
+        shutil.copyfile(path[n], tmp_path / "test/imgs" / n)
+    (tmp_path / "test/cls.csv").write_text("\n".join(held) + "\n")
+    pred = entrep.predict(run, tmp_path / "test", ["infer.partial=use"])
+    settings = read_tuned(run)
+    oof = load_fold_oof(run / "fold0/oof.npz")
+    view = oof.view(**settings.view_kwargs())
+    want = pd.DataFrame(view.probs, index=oof.images).loc[held].to_numpy()
+    got = pred.classes.set_index("image").loc[held].filter(like="p_").to_numpy()
+    assert pred.meta["folds"] == ["fold0"] and len(held) > 10
+    np.testing.assert_allclose(got, want, atol=2e-4)
