@@ -227,15 +227,6 @@ class WeightEMA:
             if hasattr(model, "invalidate_cache"):
                 model.invalidate_cache()
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates,
-                "shadow": {n: t.clone() for n, t in self.shadow.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay, self.updates = state["decay"], state["updates"]
-        self.warmup = state.get("warmup", "tf")  # a state saved before train.ema_warmup: the rule it ran
-        self.shadow = {n: t.clone() for n, t in state["shadow"].items()}
-
 
 class BatchMix:
     """Mixup / cutmix of the labelled images of a batch (timm's Mixup, one draw per image), with soft

@@ -19,6 +19,3 @@ SUBMISSION = "submission"      # submit.py's output folder (default)
 def is_blend(path: str | Path) -> bool:
     return (Path(path) / BLEND).is_file()
 
-
-def is_run(path: str | Path) -> bool:
-    return (Path(path) / CONFIG).is_file()

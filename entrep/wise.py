@@ -110,11 +110,6 @@ def embed_at(model, accelerator, labels, stats, loader, captions: list[str], sca
     return e, cap
 
 
-def _rows(e: Embedded, rows) -> Embedded:
-    return Embedded([h[rows] for h in e.head], None if e.prompt is None else [p[rows] for p in e.prompt], e.emb[rows],
-                    e.class_emb)
-
-
 def _cat(a: Embedded, b: Embedded) -> Embedded:
     return Embedded([np.concatenate([x, y]) for x, y in zip(a.head, b.head)],
                     None if a.prompt is None else [np.concatenate([x, y]) for x, y in zip(a.prompt, b.prompt)],

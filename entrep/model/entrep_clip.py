@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import re
 
 import torch
@@ -15,7 +14,6 @@ from entrep.labels import LabelSet
 from entrep.model.families import Family, detect
 from entrep.model.fusion import CLSFusion, StageProjection
 
-LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's cap; each family's is in families.OBJECTIVES
 SIGLIP_INIT_BIAS = -10.0  # SigLIP's (and open_clip_train --siglip's) logit_bias init, for a base without one
 SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}

@@ -328,14 +328,6 @@ def _image_only():
     return ImageOnlyCLIP
 
 
-def vision_family(name: str) -> VisionFamily:
-    return next(f for f in VISION if f.name == name)
-
-
-def text_family(name: str) -> TextFamily:
-    return next(f for f in TEXT if f.name == name)
-
-
 # timm module -> the record group of the classes it defines (the records detect those classes)
 TIMM_MODULES = {"vision_transformer": "timm-vit", "vision_transformer_hybrid": "timm-vit",
                 "vision_transformer_relpos": "timm-vit", "vitamin": "timm-vit", "eva": "timm-eva",
