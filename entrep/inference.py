@@ -126,16 +126,16 @@ class Predictions:
                 for q, ranked in getattr(self, track).items() for r, x in enumerate(ranked, 1)]
         return pd.DataFrame(rows, columns=["query", "rank", "image", "score"])
 
-    FILES = ("classes.csv", "i2i.json", "t2i.json", "meta.json")
+    FILES = (rundir.PRED_CLASSES, *rundir.PRED_RANKINGS.values(), rundir.PRED_META)
 
     def write(self, folder: Path) -> None:
         """classes.csv, i2i.json, t2i.json and meta.json, written as one unit: a failed write (a full
         disk) leaves the earlier predictions whole, never one new file beside three old ones."""
         with atomic_dir(folder, set(self.FILES)) as tmp:
-            atomic_write_csv(tmp / "classes.csv", self.classes)
-            atomic_write_json(tmp / "i2i.json", self.i2i)
-            atomic_write_json(tmp / "t2i.json", self.t2i)
-            atomic_write_json(tmp / "meta.json", self.meta)
+            atomic_write_csv(tmp / rundir.PRED_CLASSES, self.classes)
+            atomic_write_json(tmp / rundir.PRED_RANKINGS["i2i"], self.i2i)
+            atomic_write_json(tmp / rundir.PRED_RANKINGS["t2i"], self.t2i)
+            atomic_write_json(tmp / rundir.PRED_META, self.meta)
 
 
 def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple = (), **kw) -> Predictions:

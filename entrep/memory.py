@@ -30,8 +30,7 @@ import numpy as np
 
 from entrep.embedding import Embedded, retrieval_embedding
 from entrep.io import atomic_path
-
-MEMORY_FILE = "memory.npz"
+from entrep.rundir import MEMORY_FILE  # noqa: F401  (memory's file, named where every run file is)
 
 
 def scale_key(name: str, scale: float) -> str:

@@ -23,8 +23,8 @@ from entrep.io import atomic_path
 from entrep.memory import MEMORY_FILE, Memory, embedded_arrays, embedded_from, load_memory, mix_queries, scale_key
 from entrep.metrics import classification_metrics, f1_macro, retrieval_metrics
 from entrep.retrieval import rank_gallery, text_class_probs
+from entrep.rundir import OOF_FILE  # noqa: F401  (oof's file, named where every run file is)
 
-OOF_FILE = "oof.npz"
 RETRIEVAL_TRACKS = ("i2i", "t2i")
 OOF_TOPK = 10  # ranked answers kept per OOF query: Recall@10 is the deepest figure reported
 RELEVANCE = {

@@ -354,7 +354,7 @@ def write_fold(out_dir: Path, model, meta: dict, history: list[dict], oof: FoldO
     the old metrics.json that marks it finished."""
     with atomic_dir(out_dir, FOLD_FILES) as tmp:
         write_weights(model, tmp, meta)
-        atomic_write_csv(tmp / "history.csv", pd.DataFrame(history))
+        atomic_write_csv(tmp / rundir.HISTORY, pd.DataFrame(history))
         if oof is not None:
             save_fold_oof(tmp / OOF_FILE, oof)
         if memory is not None:

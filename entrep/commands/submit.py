@@ -25,10 +25,10 @@ def main(argv=None) -> int:
     if args.run is None and not (args.predictions and args.out):
         raise SubmissionError("give --run RUN, or both --predictions DIR and --out DIR")
     pred = Path(args.predictions) if args.predictions else Path(args.run) / rundir.PREDICTIONS
-    if not (pred / "meta.json").is_file():
+    if not (pred / rundir.PRED_META).is_file():
         raise SubmissionError(f"{pred}: no predictions; run infer.py --run {args.run or 'RUN'} --data TEST_DIR"
                               f"{' --out ' + str(pred) if args.predictions else ''} first")
-    meta_file = pred / "meta.json"
+    meta_file = pred / rundir.PRED_META
     meta = read_json(meta_file)
     with kit_file(meta_file):
         topk, queries, labels, test_dir = int(meta["topk"]), meta["queries"], meta["labels"], meta["test_dir"]
@@ -51,15 +51,15 @@ def main(argv=None) -> int:
         console.print(f"no {track} submission: {why}")
     subs = {}
     if queries.get("cls"):
-        with kit_file(pred / "classes.csv"):
-            df = pd.read_csv(pred / "classes.csv", keep_default_na=False).set_index("image")
+        with kit_file(pred / rundir.PRED_CLASSES):
+            df = pd.read_csv(pred / rundir.PRED_CLASSES, keep_default_na=False).set_index("image")
             sub = {q: int(df.loc[meta["on_disk"][q], "pred_idx"]) for q in queries["cls"]}
         validate("cls", sub, queries["cls"], n_classes=len(labels))
         subs["cls"] = sub
     for track in ("i2i", "t2i"):
         if queries.get(track):
-            rankings = read_json(pred / f"{track}.json")
-            with kit_file(pred / f"{track}.json"):
+            rankings = read_json(pred / rundir.PRED_RANKINGS[track])
+            with kit_file(pred / rundir.PRED_RANKINGS[track]):
                 sub = rankings_to_submission(rankings, args.topk)
             validate(track, sub, queries[track], galleries[track])
             subs[track] = sub

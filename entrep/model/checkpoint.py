@@ -19,15 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from entrep.errors import EntrepError
 from entrep.io import atomic_dir, atomic_write_json, kit_file, read_json
+from entrep.rundir import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, HISTORY, KIT_FILE, MEMORY_FILE, META_FILE,
+                           METRICS_FILE, OOF_FILE)
 
-KIT_FILE = "kit.safetensors"
-ADAPTER_DIR = "adapter"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-META_FILE = "meta.json"
-METRICS_FILE = "metrics.json"
 # what a fold folder holds (training.train_fold writes the last three); anything else is not the kit's
-FOLD_FILES = {ADAPTER_DIR, KIT_FILE, META_FILE, METRICS_FILE, "history.csv", "oof.npz", "memory.npz"}
+FOLD_FILES = {ADAPTER_DIR, KIT_FILE, META_FILE, METRICS_FILE, HISTORY, OOF_FILE, MEMORY_FILE}
 
 
 class CheckpointError(EntrepError):
