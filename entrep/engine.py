@@ -333,18 +333,8 @@ class FoldTrainer:
         cfg, accelerator = self.cfg, self.accelerator
         timer = timer or StageTimer()
         y = table["y"].to_numpy()
-        captions = [table["captions"].iloc[i] for i in train_rows]
-        rows_y, rows_groups, index, rows_pixels = y[train_rows], groups[train_rows], train_rows, pixels[train_rows]
-        if extra is not None and len(extra[1]):
-            rows_pixels = ConcatRows(rows_pixels, extra[0])
-            rows_y = np.concatenate([rows_y, extra[1]])
-            rows_groups = np.concatenate([rows_groups, np.full(len(extra[1]), -1)])
-            index = np.concatenate([index, np.full(len(extra[1]), -1)])
-            captions += [[] for _ in extra[1]]
-        ds = TrainDataset(rows_pixels, y=rows_y, captions=captions, groups=rows_groups, index=index,
-                          labels=self.labels, hflip=cfg.train.hflip)
-        weights = class_weights_for(rows_y, len(self.labels), accelerator.device) if cfg.loss.class_weights \
-            else None
+        ds = self._dataset(pixels, table, train_rows, groups, extra)
+        weights = class_weights_for(ds.y, len(self.labels), accelerator.device) if cfg.loss.class_weights else None
         step = TrainStep.for_dataset(cfg, accelerator, model, ds, image_stats, class_weights=weights)
         model, loader = step.model, step.loader
         if len(loader) == 0:  # an epoch of no step would "train" silently
@@ -392,6 +382,20 @@ class FoldTrainer:
             step.ema.copy_to(step.unwrapped)
         last = {k: v for k, v in history[-1].items() if k.startswith("val_") or k == "loss"} if history else {}
         return {"trained_epochs": cfg.train.epochs, **{f"last_{k}": v for k, v in last.items()}}, history
+
+    def _dataset(self, pixels, table, train_rows: np.ndarray, groups: np.ndarray, extra) -> TrainDataset:
+        """The training rows, and after them `extra`'s pseudo-labelled images (no caption, no group)."""
+        y = table["y"].to_numpy()
+        captions = [table["captions"].iloc[i] for i in train_rows]
+        rows_y, rows_groups, index, rows_pixels = y[train_rows], groups[train_rows], train_rows, pixels[train_rows]
+        if extra is not None and len(extra[1]):
+            rows_pixels = ConcatRows(rows_pixels, extra[0])
+            rows_y = np.concatenate([rows_y, extra[1]])
+            rows_groups = np.concatenate([rows_groups, np.full(len(extra[1]), -1)])
+            index = np.concatenate([index, np.full(len(extra[1]), -1)])
+            captions += [[] for _ in extra[1]]
+        return TrainDataset(rows_pixels, y=rows_y, captions=captions, groups=rows_groups, index=index,
+                            labels=self.labels, hflip=self.cfg.train.hflip)
 
     def _monitor_score(self, emb: Embedded, y: np.ndarray) -> float:
         """The held-out classification score, logged per epoch to watch the run."""

@@ -176,25 +176,7 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     in_training = training_overlap(run, names, test_hashes)
     log_galleries(test, in_training, galleries, cfg.infer.gallery)
 
-    views, infos = [], []
-    for m, c in zip(members, cfgs):
-        v, info = embed_run(m, c, test, names, test_hashes, given)
-        views.append(v)
-        infos.append(info)
-    if blend:
-        view = mix(views, weights)
-        rerank = {t: blend.rerank[t] for t in RETRIEVAL_TRACKS}
-        if "rerank.methods" in given:
-            rerank = {t: offered_methods(cfg.rerank, t) for t in rerank}
-        # a member's own re-ranking is not applied: the blend re-ranks the mix with its own
-        members_used = [{k: ({"alpha": v["alpha"]} if k in rerank else v) for k, v in i.items()} for i in infos]
-        settings = {"members": members_used, "weights": weights, **{t: {"rerank": rerank[t]} for t in rerank}}
-        folds = [f"{Path(i['run']).name}/{f}" for i in infos for f in i["folds"]]
-    else:
-        view = views[0]
-        settings = {k: v for k, v in infos[0].items() if k not in ("run", "folds")}
-        rerank = {t: settings[t]["rerank"] for t in RETRIEVAL_TRACKS}
-        folds = infos[0]["folds"]
+    view, rerank, settings, folds = embed_members(members, cfgs, blend, weights, test, names, test_hashes, given)
     i2i, t2i = rank_test(view, test, galleries, rerank, cfg)
     not_predicted = {}
     if test.t2i and not view.text:
@@ -210,6 +192,26 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": None if "t2i" in not_predicted else test.t2i},
         "not_predicted": not_predicted, "on_disk": test.on_disk, "test_images_in_training": in_training}
     return Predictions(cls_df, i2i, t2i, meta)
+
+
+def embed_members(members, cfgs, blend, weights, test, names, hashes, given) -> tuple[FoldView, dict, dict, list]:
+    """(the test folder's view, the re-ranking per track, the settings used, the folds used) of a run, or
+    of a blend's members mixed with its weights; a blend re-ranks the mix with its own methods, not a
+    member's."""
+    views, infos = [], []
+    for m, c in zip(members, cfgs):
+        v, info = embed_run(m, c, test, names, hashes, given)
+        views.append(v)
+        infos.append(info)
+    if not blend:
+        settings = {k: v for k, v in infos[0].items() if k not in ("run", "folds")}
+        return views[0], {t: settings[t]["rerank"] for t in RETRIEVAL_TRACKS}, settings, infos[0]["folds"]
+    rerank = {t: blend.rerank[t] for t in RETRIEVAL_TRACKS}
+    if "rerank.methods" in given:
+        rerank = {t: offered_methods(cfgs[0].rerank, t) for t in rerank}
+    members_used = [{k: ({"alpha": v["alpha"]} if k in rerank else v) for k, v in i.items()} for i in infos]
+    settings = {"members": members_used, "weights": weights, **{t: {"rerank": rerank[t]} for t in rerank}}
+    return mix(views, weights), rerank, settings, [f"{Path(i['run']).name}/{f}" for i in infos for f in i["folds"]]
 
 
 def log_test_folder(test) -> None:

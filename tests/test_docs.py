@@ -267,6 +267,14 @@ def test_the_readme_layering_rule_holds_for_every_import():
     assert not cycles, f"modules of one layer import each other in a circle: {cycles}"
 
 
+def test_no_function_in_the_package_is_over_60_lines():
+    """A function too long to read whole on one screen hides its steps: split it."""
+    long = [f"entrep/{p.relative_to(ROOT / 'entrep')}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for p in (ROOT / "entrep").rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+    assert not long, long
+
+
 def test_the_shims_only_hand_over_to_commands():
     for m in SHIMS:
         path = ROOT / "entrep" / (m.replace(".", "/") + ".py")

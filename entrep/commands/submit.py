@@ -15,6 +15,23 @@ from entrep.io import kit_file, read_json
 from entrep.submission import TRACK_TITLES, SubmissionError, rankings_to_submission, validate, write_submission
 
 
+def read_meta(pred: Path) -> tuple:
+    """(meta, topk, queries, labels, test_dir, galleries per track, gallery images that are training
+    images, tracks not predicted) of a predictions folder's meta.json; a field of another type is one
+    line naming the file."""
+    meta_file = pred / rundir.PRED_META
+    meta = read_json(meta_file)
+    with kit_file(meta_file):
+        queries = meta["queries"]
+        # per-track galleries; predictions of an older kit hold one gallery for both tracks
+        galleries = {t: set(meta["galleries"][t] if "galleries" in meta else meta["gallery"])
+                     for t in ("i2i", "t2i") if queries.get(t)}
+        leak = meta.get("test_images_in_training", {})
+        return (meta, int(meta["topk"]), queries, meta["labels"], meta["test_dir"], galleries,
+                sorted(set(leak.get("by_name", [])) | set(leak.get("by_content", []))),
+                dict(meta.get("not_predicted", {})))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="submit.py", description=__doc__.splitlines()[0])
     ap.add_argument("--run", help="the run (or blend) directory; optional when --predictions and --out are given")
@@ -28,16 +45,7 @@ def main(argv=None) -> int:
     if not (pred / rundir.PRED_META).is_file():
         raise SubmissionError(f"{pred}: no predictions; run infer.py --run {args.run or 'RUN'} --data TEST_DIR"
                               f"{' --out ' + str(pred) if args.predictions else ''} first")
-    meta_file = pred / rundir.PRED_META
-    meta = read_json(meta_file)
-    with kit_file(meta_file):
-        topk, queries, labels, test_dir = int(meta["topk"]), meta["queries"], meta["labels"], meta["test_dir"]
-        # per-track galleries; predictions of an older kit hold one gallery for both tracks
-        galleries = {t: set(meta["galleries"][t] if "galleries" in meta else meta["gallery"])
-                     for t in ("i2i", "t2i") if queries.get(t)}
-        leak = meta.get("test_images_in_training", {})
-        leak_names = sorted(set(leak.get("by_name", [])) | set(leak.get("by_content", [])))
-        not_predicted = dict(meta.get("not_predicted", {}))
+    meta, topk, queries, labels, test_dir, galleries, leak_names, not_predicted = read_meta(pred)
     if args.topk > topk:
         raise SubmissionError(f"--topk {args.topk}, but {pred} holds top-{topk} rankings; re-run infer.py "
                               f"--run {args.run or 'RUN'} --data {test_dir} infer.topk={args.topk}, or lower --topk")

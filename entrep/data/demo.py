@@ -190,7 +190,12 @@ def make_demo(out: str | Path, seed: int = 0, size: int = 80, cases: int = 220, 
                         "DescriptionEN": "\r\n".join(c[0] for c in caps)})
     atomic_write_json(out / "public/data.json", records)
 
-    # test layout + ground truth
+    _test_layout(out, rng, size, test_cases)
+    return out
+
+
+def _test_layout(out: Path, rng, size: int, test_cases: int) -> None:
+    """OUT_DIR/test (images and header-less query lists) and OUT_DIR/truth."""
     truth_cls, truth_i2i, carriers, i2i_queries = {}, {}, {}, []
     for j, case in enumerate(_cases(rng, test_cases)):
         names = [_uuid(rng) for _ in range(1 + (j % 3 == 0))]
@@ -213,4 +218,3 @@ def make_demo(out: str | Path, seed: int = 0, size: int = 80, cases: int = 220, 
     atomic_write_json(out / "truth/track3_t2i.json", {c: carriers[c][int(rng.integers(len(carriers[c])))]
                                                       for c in captions})
     atomic_write_json(out / "truth/track3_t2i_any.json", {c: carriers[c] for c in captions})
-    return out
