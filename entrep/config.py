@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -306,7 +307,9 @@ def _cast(value, tp, key: str):
         if tp is float:
             if isinstance(value, bool):
                 raise TypeError
-            return float(value)
+            if not math.isfinite(x := float(value)):  # every range check would pass NaN: refused for every key
+                raise ConfigError(f"config key '{key}' = {value!r}; must be a finite number")
+            return x
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise TypeError

@@ -228,6 +228,10 @@ class WeightEMA:
                 model.invalidate_cache()
 
 
+class NonFiniteLoss(EntrepError):
+    pass
+
+
 class BatchMix:
     """Mixup / cutmix of the labelled images of a batch (timm's Mixup, one draw per image), with soft
     targets for the cross-entropies. A horizontal flip has already swapped a flipped image's laterality
@@ -351,9 +355,11 @@ class FoldTrainer:
                 progress.start_epoch(epoch, len(loader))
                 t0, seen, sums = time.perf_counter(), 0, {}
                 with timer.stage("train_steps"):
-                    for batch in loader:
+                    for i, batch in enumerate(loader):
                         raise_if_interrupted()
                         loss, parts = step(batch)
+                        if not math.isfinite(loss):
+                            raise NonFiniteLoss(self._diverged(tag, loss, epoch, i, len(loader)))
                         seen += len(batch["y"]) * accelerator.num_processes
                         for key, v in {"loss": loss, **parts}.items():
                             sums[key] = sums.get(key, 0.0) + v
@@ -371,17 +377,27 @@ class FoldTrainer:
                 # Accelerate's trackers (train.log_with; a no-op without them), one series per fold
                 accelerator.log({f"{tag.replace(' ', '') or 'train'}/{k}": v for k, v in row.items() if k != "epoch"},
                                 step=epoch + 1)
-                left = (time.perf_counter() - start) / (epoch + 1) * (cfg.train.epochs - epoch - 1)
-                # one line per epoch: the only progress a log file, nohup or a notebook shows
-                log.info("%sepoch %d/%d: loss %.4f, %.0f img/s%s, fold ends in %.0f s", f"{tag} " if tag else "",
-                         epoch + 1, cfg.train.epochs, row.get("loss", float("nan")), row["img_per_s"],
-                         f", held-out {monitor} {row['val_' + monitor]:.4f} (watched, not used)"
-                         if "val_" + monitor in row else "", left)
+                self._log_epoch(tag, row, (time.perf_counter() - start) / (epoch + 1) * (cfg.train.epochs - epoch - 1))
         accelerator.wait_for_everyone()
         if step.ema is not None:  # the fold is evaluated and saved with the averaged weights
             step.ema.copy_to(step.unwrapped)
         last = {k: v for k, v in history[-1].items() if k.startswith("val_") or k == "loss"} if history else {}
         return {"trained_epochs": cfg.train.epochs, **{f"last_{k}": v for k, v in last.items()}}, history
+
+    def _log_epoch(self, tag: str, row: dict, left: float) -> None:
+        """One line per epoch: the only progress a log file, nohup or a notebook shows."""
+        monitor = self.cfg.train.monitor_metric
+        log.info("%sepoch %d/%d: loss %.4f, %.0f img/s%s, fold ends in %.0f s", f"{tag} " if tag else "",
+                 row["epoch"], self.cfg.train.epochs, row.get("loss", float("nan")), row["img_per_s"],
+                 f", held-out {monitor} {row['val_' + monitor]:.4f} (watched, not used)" if "val_" + monitor in row
+                 else "", left)
+
+    def _diverged(self, tag: str, loss: float, epoch: int, i: int, steps: int) -> str:
+        t = self.cfg.train
+        return (f"{tag or 'training'}: the loss is {loss} at epoch {epoch + 1}, step {i + 1} of {steps} "
+                f"(train.lr_lora={t.lr_lora}, train.lr_head={t.lr_head}); the fold is left unfinished and nothing of "
+                f"it is saved: lower the learning rates" + ("" if t.mixed_precision == "no" else
+                                                            ", or train.mixed_precision=no (an fp16/bf16 overflow)"))
 
     def _dataset(self, pixels, table, train_rows: np.ndarray, groups: np.ndarray, extra) -> TrainDataset:
         """The training rows, and after them `extra`'s pseudo-labelled images (no caption, no group)."""

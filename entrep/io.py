@@ -152,7 +152,7 @@ class FileSet:
         self.path(name).write_text(text, encoding="utf-8")
 
     def write_json(self, name: str, obj, indent: int | None = 2) -> None:
-        self.write_text(name, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+        self.write_text(name, json_text(obj, name, indent))
 
     def write_csv(self, name: str, df) -> None:
         df.to_csv(self.path(name), index=False)
@@ -204,7 +204,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json_text(obj, path, indent))
+
+
+def json_text(obj, path, indent: int | None = 2) -> str:
+    """JSON as every reader takes it: NaN and infinity are not JSON, and a figure that is one is a bug
+    upstream, refused here in one line naming the file rather than written."""
+    try:
+        return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise EntrepError(f"{path}: not written: it would hold a value that is not a finite number ({e})") from None
 
 
 def atomic_write_csv(path: str | Path, df) -> None:

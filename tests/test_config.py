@@ -160,3 +160,34 @@ def test_a_removed_key_in_an_older_runs_config_is_ignored_not_refused(tmp_path, 
     assert cfg.train.epochs == 3 and "train.log_every" in caplog.text and "ignored" in caplog.text
     with pytest.raises(ConfigError, match="unknown config key 'train.log_evry'"):
         load_config(None, ["train.log_evry=1"])
+
+
+def _float_keys() -> list[str]:
+    """Every config key whose field is a float or a list of floats."""
+    import dataclasses
+    import typing
+
+    from entrep.config import Config
+
+    out = []
+
+    def walk(cls, prefix=""):
+        for name, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{name}.")
+            elif tp is float or typing.get_args(tp) == (float,):
+                out.append((prefix + name, tp is not float))
+    walk(Config)
+    return out
+
+
+@pytest.mark.parametrize("bad", ["nan", ".nan", ".inf", "-.inf", "1e999"])
+def test_every_float_key_refuses_a_value_that_is_not_finite(bad):
+    """Range checks compare, and NaN passes every comparison: train.ema_decay=nan turned EMA off, and
+    infer.head_weight=nan scored nothing. The cast refuses it for every float field, lists included."""
+    keys = _float_keys()
+    assert len(keys) > 15
+    for key, is_list in keys:
+        with pytest.raises(ConfigError, match=f"config key '{key}' = .*must be a finite number") as e:
+            load_config(None, [f"{key}=[{bad}]" if is_list else f"{key}={bad}"])
+        assert "\n" not in str(e.value)

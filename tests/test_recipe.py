@@ -84,6 +84,56 @@ def test_ema_decays_099_and_0999_differ_at_the_recipes_step_count_only_when_debi
             torch.testing.assert_close(out[decay].double(), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_loss_that_is_not_finite_stops_the_fold_naming_the_step_and_learning_rates(fresh_accelerate_state, demo,
+                                                                                     monkeypatch, bad):
+    """Fault injection: the third train step returns a non-finite loss (a diverged run, an fp16/bf16
+    overflow). The fold stops there in one line; nothing after it runs, so nothing of it is saved."""
+    from entrep.data.folds import link_groups
+    from entrep.data.images import decode_all
+    from entrep.data.release import load_release
+    from entrep.engine import FoldTrainer, NonFiniteLoss, TrainStep, make_accelerator
+    from entrep.model.backbone import image_stats
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.epochs=2", "train.batch_size=8", "train.monitor_metric=none",
+                                                   "train.lr_lora=0.5"])
+    labels = LabelSet.from_config(cfg.labels)
+    df = load_release(demo, labels.names)[0].head(32).reset_index(drop=True)
+    acc = make_accelerator(cfg, cpu=True)
+    model = build_model(cfg, labels)
+    real, calls = TrainStep.__call__, []
+
+    def step(self, batch):
+        loss, parts = real(self, batch)
+        calls.append(loss)
+        return (bad if len(calls) == 3 else loss), parts
+
+    monkeypatch.setattr(TrainStep, "__call__", step)
+    with pytest.raises(NonFiniteLoss) as e:
+        FoldTrainer(cfg, acc, labels).fit(model, decode_all(df["path"].tolist(), cfg.data.working_side(64)), df,
+                                          np.arange(32), np.array([], int), link_groups(df), image_stats(model.base),
+                                          tag="fold 0")
+    msg = str(e.value)
+    assert "\n" not in msg and len(calls) == 3
+    assert f"fold 0: the loss is {bad} at epoch 1, step 3 of 4 (train.lr_lora=0.5, train.lr_head=" in msg
+    assert "the fold is left unfinished" in msg
+
+
+def test_a_figure_that_is_not_finite_is_never_written_as_json(tmp_path):
+    from entrep.errors import EntrepError
+    from entrep.io import atomic_files, atomic_write_json
+
+    atomic_write_json(tmp_path / "report.json", {"mrr": 0.5})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(EntrepError, match="report.json: not written: it would hold a value that is not a finite"):
+            atomic_write_json(tmp_path / "report.json", {"folds": [{"mrr": bad}]})
+        with pytest.raises(EntrepError, match="tuned.json: not written"):
+            with atomic_files(tmp_path) as files:
+                files.write_json("tuned.json", {"head_weight": bad})
+    assert json.loads((tmp_path / "report.json").read_text()) == {"mrr": 0.5}  # the file before stays whole
+    assert not (tmp_path / "tuned.json").exists()
+
+
 def test_a_fold_trained_with_ema_saves_the_averaged_weights(fresh_accelerate_state, tmp_path, demo):
     from entrep.data.folds import link_groups
     from entrep.data.images import decode_all
