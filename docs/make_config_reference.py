@@ -35,7 +35,10 @@ the field's type; an unknown key is an error that suggests the closest one, and 
 range is an error naming the key. The range column lists `RANGES` in `entrep/config.py`; `validate()` there
 also checks what a single range cannot say (`cv.n_splits` >= 2, `train.folds` within the folds or `[-1]`, epochs,
 batch sizes and `train.grad_accum` >= 1, slerp `t_max` and `alpha` in [0, 1], a LoRA rank >= 1, LoRA dropout only
-on module targets, `train.pseudo_from` and `train.pseudo_data` together). Booleans are YAML 1.2's `true`/`false` (boolean fields also take
+on module targets, `train.pseudo_from` and `train.pseudo_data` together). A key repeated in one YAML mapping is an error naming both lines. `~` and environment variables in the
+path keys (`output_dir`, `data.root`, `data.cache_dir`, `cv.folds_from`, `model.pretrained`, `model.tokenizer`,
+`train.pseudo_from`, `train.pseudo_data`, `infer.gallery`) are expanded as a shell would, and a variable that is not set is
+an error. Float keys refuse NaN and infinity. Booleans are YAML 1.2's `true`/`false` (boolean fields also take
 yes/no/on/off), so `train.mixed_precision=no` stays the string `no`. Loading a config imports no torch.
 
 `python train.py --config C.yaml [key=value ...] --print-config` prints the resolved config, every key with

@@ -26,7 +26,21 @@ class ConfigError(EntrepError):
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 booleans (true/false only): YAML 1.1 reads no/off/yes/on as booleans too, which
-    made `train.mixed_precision=no` the string 'False'. Boolean fields still accept yes/no."""
+    made `train.mixed_precision=no` the string 'False'. Boolean fields still accept yes/no.
+    A key repeated in one mapping is refused: PyYAML keeps the last, so a second `train:` section
+    silently dropped the first (a whole run at default learning rates)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); the second would silently replace the first: merge them",
+                    key_node.start_mark)
+            seen.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:bool"]
@@ -426,8 +440,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     for item in overrides:
         key, value = parse_override(item)
         _apply(cfg, _nest(key, value))
+    expand_paths(cfg)
     validate(cfg)
     return cfg
+
+
+# keys that name a file or folder (model.pretrained and model.tokenizer: when they are one, after local-dir:)
+PATH_KEYS = ("output_dir", "data.root", "data.cache_dir", "cv.folds_from", "model.pretrained", "model.tokenizer",
+             "train.pseudo_from", "train.pseudo_data", "infer.gallery")
+
+
+def expand_paths(cfg: Config) -> None:
+    """`~` and environment variables in every path key, as a shell would expand them: `output_dir: ~/x`
+    wrote to a literal ./~/x. A variable that is not set is refused in one line naming the key."""
+    import os
+
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        obj = cfg
+        for part in parents:
+            obj = getattr(obj, part)
+        value = getattr(obj, leaf)
+        prefix = "local-dir:" if value.startswith("local-dir:") else ""
+        path = value[len(prefix):]
+        if not path.startswith(("~", "$")) and "${" not in path and "/$" not in path:
+            continue  # an open_clip tag or a plain path: as it is
+        done = os.path.expandvars(os.path.expanduser(path))
+        if "$" in done:
+            raise ConfigError(f"config key '{key}' = {value!r}: names an environment variable that is not set")
+        setattr(obj, leaf, prefix + done)
 
 
 def validate(cfg: Config) -> None:
@@ -495,6 +536,8 @@ def _validate_ranges(cfg: Config) -> None:
     for key, grid in (("infer.wise_grid", cfg.infer.wise_grid), ("infer.memory_weight", cfg.infer.memory_weight)):
         if not grid or any(not 0 <= v <= 1 for v in grid):
             raise ConfigError(f"config key '{key}' = {grid}: a non-empty list of values in [0, 1]")
+    if not cfg.model.slerp.alpha_grid:  # empty, it failed after every fold had trained
+        raise ConfigError("config key 'model.slerp.alpha_grid' = []: a non-empty list of alphas in [0, 1] (e.g. [0.0])")
     if any(a < 0 or a > 1 for a in cfg.model.slerp.alpha_grid):
         raise ConfigError(f"model.slerp.alpha_grid {cfg.model.slerp.alpha_grid}: every alpha must lie in [0, 1]")
 

@@ -191,3 +191,44 @@ def test_every_float_key_refuses_a_value_that_is_not_finite(bad):
         with pytest.raises(ConfigError, match=f"config key '{key}' = .*must be a finite number") as e:
             load_config(None, [f"{key}=[{bad}]" if is_list else f"{key}={bad}"])
         assert "\n" not in str(e.value)
+
+
+def test_a_key_repeated_in_a_config_file_is_refused_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second train: section dropped the first silently."""
+    (tmp_path / "c.yaml").write_text("train:\n  lr_lora: 1.0e-3\nmodel:\n  name: entrep-tiny\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: the key 'train' appears twice in one mapping "
+                                          r"\(lines 1 and 5\)") as e:
+        load_config(tmp_path / "c.yaml")
+    assert "\n" not in str(e.value)
+    (tmp_path / "d.yaml").write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="the key 'epochs' appears twice"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "ok.yaml").write_text("train:\n  epochs: 2\nmodel:\n  lora:\n    rank: 4\n")  # nesting is not repetition
+    assert load_config(tmp_path / "ok.yaml").train.epochs == 2
+
+
+def test_every_path_key_expands_home_and_environment_variables(monkeypatch, tmp_path):
+    from entrep.config import PATH_KEYS, Config, _keys
+
+    assert set(PATH_KEYS) <= set(_keys(Config))  # each names a real key
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("ENTREP_DATA", "/data/entrep")
+    for key in PATH_KEYS:
+        cfg = load_config(None, [f"{key}=~/a"] + (["train.pseudo_data=/t"] if key == "train.pseudo_from" else [])
+                          + (["train.pseudo_from=/r"] if key == "train.pseudo_data" else []))
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value == f"{tmp_path}/a", key
+    cfg = load_config(None, ["data.root=$ENTREP_DATA/train", "model.pretrained=local-dir:${ENTREP_DATA}/w",
+                             "model.name=entrep-tiny"])
+    assert cfg.data.root == "/data/entrep/train" and cfg.model.pretrained == "local-dir:/data/entrep/w"
+    assert load_config(None, ["model.pretrained=openai"]).model.pretrained == "openai"  # a tag stays a tag
+    monkeypatch.delenv("ENTREP_UNSET", raising=False)
+    with pytest.raises(ConfigError, match="config key 'data.root' = '\\$ENTREP_UNSET/x': names an environment variable"):
+        load_config(None, ["data.root=$ENTREP_UNSET/x"])
+
+
+def test_an_empty_alpha_grid_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match="model.slerp.alpha_grid' = \\[\\]: a non-empty list"):
+        load_config(None, ["model.slerp.alpha_grid=[]"])
