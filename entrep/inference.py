@@ -4,7 +4,6 @@ the tuned ranking, returned as data. `infer.py` writes what this returns; a note
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from entrep.blending import mix, read_blend
 from entrep.config import ConfigError, load_config, override_item, parse_override, run_defining_diff
 from entrep.data.images import ImageCache
 from entrep.data.release import file_sha1, load_test
-from entrep.embedding import embed_images, embed_texts, eval_loader
+from entrep.embedding import eval_loader
 from entrep.engine import make_accelerator
 from entrep.errors import EntrepError
 from entrep.data.folds import read_folds
@@ -28,11 +27,10 @@ from entrep.memory import MEMORY_FILE, Memory, load_memory
 from entrep.model.backbone import image_stats, set_offline
 from entrep.model.checkpoint import check_compatible, fold_dir, fold_finished, load_fold_weights, verify_fold
 from entrep.model.entrep_clip import build_model
-from entrep.model.lora import merged
 from entrep.oof import RETRIEVAL_TRACKS, FoldOOF, FoldView
 from entrep.retrieval import average_embeddings, rank_gallery
 from entrep.settings import for_inference, offered_methods, read_tuned
-from entrep.wise import has_lora, start_state, wise_scaled
+from entrep.wise import embed_at, has_lora, start_state
 
 log = logging.getLogger("entrep.infer")
 
@@ -265,14 +263,10 @@ def embed_run(run: Path, cfg, test, names: list[str], hashes: list[str], given: 
     views = []
     for d in dirs:
         load_fold_weights(unwrapped, d, adapter_name=d.name)
-        out = {}  # WiSE scale -> (image outputs, caption embeddings): one pass per distinct scale
-        for scale in dict.fromkeys([wise["cls"], *(wise[t] for t in RETRIEVAL_TRACKS)]):
-            with wise_scaled(unwrapped, scale, start), \
-                    merged(unwrapped.clip) if cfg.infer.merge_lora else contextlib.nullcontext():
-                e = embed_images(model, loader, accelerator, labels, stats, tta_flip=settings.tta_flip)
-                cap = (embed_texts(model, captions, accelerator) if captions and scale == wise["t2i"]
-                       else np.zeros((len(captions), 1), np.float32))
-            out[scale] = (e, cap)
+        # WiSE scale -> (image outputs, caption embeddings): one pass per distinct scale, captions at t2i's
+        out = {scale: embed_at(model, accelerator, labels, stats, loader, captions if scale == wise["t2i"] else [],
+                               scale, start, settings.tta_flip, cfg.infer.merge_lora)
+               for scale in dict.fromkeys([wise["cls"], *(wise[t] for t in RETRIEVAL_TRACKS)])}
         memory = fold_memory(d, wise["t2i"], memory_weight) if memory_weight > 0 else None
         fold = FoldOOF.of_scales(names, out, captions, unwrapped.has_text, memory)
         views.append(fold.view(**settings.view_kwargs() | {"memory_weight": memory_weight}, memory_held_out=True))

@@ -101,10 +101,14 @@ def wise_scaled(model, scale: float, start: dict[str, torch.Tensor] | None = Non
 
 
 def embed_at(model, accelerator, labels, stats, loader, captions: list[str], scale: float, start,
-             tta_flip: bool = True) -> tuple[Embedded, np.ndarray]:
-    """(image outputs, caption embeddings) of `model` at one WiSE scale."""
+             tta_flip: bool = True, merge_lora: bool = False) -> tuple[Embedded, np.ndarray]:
+    """(image outputs, caption embeddings) of a loaded fold model at one WiSE scale: what OOF re-scoring,
+    infer.py and pseudo-labels all embed with. `merge_lora` (infer.merge_lora) folds the adapters into
+    the base weights for the pass."""
+    from entrep.model.lora import merged
+
     unwrapped = accelerator.unwrap_model(model)
-    with wise_scaled(unwrapped, scale, start):
+    with wise_scaled(unwrapped, scale, start), merged(unwrapped.clip) if merge_lora else contextlib.nullcontext():
         e = embed_images(model, loader, accelerator, labels, stats, tta_flip=tta_flip)
         cap = embed_texts(model, captions, accelerator)
     return e, cap
