@@ -608,3 +608,13 @@ def test_infer_on_the_release_per_track_layout(trained_demo_run, demo, tmp_path,
                                                                               for r in i2i.values())
     assert run_main(submit, ["--run", str(run)]) == 0
     capsys.readouterr()
+
+
+def test_a_folder_or_a_missing_file_where_a_query_list_is_expected_is_one_line(tmp_path):
+    from entrep.data.release import DataError, read_query_lines
+
+    (tmp_path / "gallery").mkdir()
+    with pytest.raises(DataError, match="gallery is a folder; give the file that lists one item per line"):
+        read_query_lines(tmp_path / "gallery")
+    with pytest.raises(DataError, match="nope.txt: no such file"):
+        read_query_lines(tmp_path / "nope.txt")

@@ -223,3 +223,25 @@ def test_merged_lora_inference_matches_unmerged(tmp_path):
     assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(after, ref, atol=1e-5)
     lora_b = [p for n, p in base.named_parameters() if "lora_B.fold0" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # the comparison involved real adapters
+
+
+@pytest.mark.parametrize("name,patch", [("entrep-tiny", 8), ("entrep-tiny-sig", 8), ("entrep-tiny-eva", 8),
+                                        ("timm:test_vit", 16)])
+def test_a_vit_input_side_that_is_not_whole_patches_is_one_line(name, patch):
+    """timm asserts in the first forward pass (the Track 1 size 380 on a /16 ViT), and open_clip's stride
+    silently drops the last pixels: both refused when the model is built, with the nearest sides."""
+    from entrep.model.backbone import WeightsError, create_clip, patch_side
+
+    side = 12 * patch + patch // 2
+    with pytest.raises(WeightsError) as e:
+        create_clip(name, image_size=side)
+    assert str(e.value) == (f"model.image_size={side} is not a multiple of the {patch} px patches of '{name}'; use "
+                            f"{12 * patch} or {13 * patch}")
+    assert patch_side(create_clip(name, image_size=12 * patch)[0].visual) == patch
+
+
+def test_a_cnn_takes_any_input_side():
+    from entrep.model.backbone import create_clip, patch_side
+
+    model, _ = create_clip("entrep-tiny-convnext", image_size=100)
+    assert patch_side(model.visual) is None

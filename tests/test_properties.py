@@ -153,6 +153,28 @@ def test_query_csvs(tmp_path_factory, which, content):
                 assert set(test.galleries.get(track, [])) <= set(test.images)
 
 
+@settings(max_examples=150, deadline=None)
+@given(items=st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+                              min_size=1, max_size=30), max_size=8),
+       ending=st.sampled_from(["\n", "\r\n", "\r"]))
+@example(items=["erythema\u2028on the left eardrum", "a polyp\x0cin the nose", "x\x85y"], ending="\n")
+def test_query_lines_split_at_line_endings_only(items, ending):
+    """One item a line, whatever the item holds: a form feed, U+2028, U+0085 or a vertical tab inside a
+    caption is part of it (str.splitlines split there); blank lines and surrounding spaces drop out."""
+    from entrep.data.release import read_query_lines
+
+    with folder() as root:
+        (root / "t2i.csv").write_bytes(ending.join(items).encode("utf-8"))
+        got = read_query_lines(root / "t2i.csv")
+    want = []
+    for x in (i.strip() for i in items):
+        if len(x) >= 2 and x[0] == x[-1] == '"':
+            x = x[1:-1].replace('""', '"').strip()
+        if x:
+            want.append(x)
+    assert got == want
+
+
 # ------------------------------------------------------------------ config files and key=value overrides
 
 def _config_keys():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,13 +120,20 @@ def read_json_records(path: Path) -> list[dict]:
 
 
 def read_query_lines(path: Path) -> list[str]:
-    """A header-less one-column CSV: each whole line is one item (captions may hold commas)."""
+    """A header-less one-column CSV: each whole line is one item (captions may hold commas). Lines end at
+    \n, \r\n or \r only: str.splitlines also splits at a form feed, U+2028 and other separators a
+    caption may hold, which made one caption several queries."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give the file that lists one item per line")
     try:
         text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
     out = []
-    for line in text.splitlines():
+    for line in re.split(r"\r\n|\r|\n", text):
         line = line.strip()
         if len(line) >= 2 and line[0] == line[-1] == '"':  # a CSV writer quoted a caption with commas
             line = line[1:-1].replace('""', '"').strip()

@@ -328,9 +328,27 @@ def create_clip(name: str, pretrained: str = "", offline: bool = False, tokenize
     """
     set_offline(offline)
     if is_timm_member(name):
-        return timm_member.create(name, pretrained, offline, image_size, RANDOM_INIT_SEED), None
-    model = _create_open_clip(name, pretrained, offline, tokenizer, image_size)
+        return check_patch_grid(timm_member.create(name, pretrained, offline, image_size, RANDOM_INIT_SEED), name), None
+    model = check_patch_grid(_create_open_clip(name, pretrained, offline, tokenizer, image_size), name)
     return model, load_tokenizer(name, pretrained, tokenizer, offline)
+
+
+def patch_side(visual) -> int | None:
+    """The patch side of a ViT-like vision tower (open_clip's, or a timm trunk's patch_embed); None for a CNN."""
+    embed = getattr(getattr(visual, "trunk", None), "patch_embed", None)
+    size = getattr(embed, "patch_size", None) if embed is not None else getattr(visual, "patch_size", None)
+    return _side(size) if size else None
+
+
+def check_patch_grid(model, name: str):
+    """A ViT's input side must be a whole number of patches: timm asserts in the first forward pass, and
+    open_clip's stride silently drops the last pixels. Refused in one line with the nearest sides."""
+    p, side = patch_side(model.visual), _side(getattr(model.visual, "image_size", 0) or 0)
+    if p and side % p:
+        lo, hi = side // p * p, (side // p + 1) * p
+        raise WeightsError(f"model.image_size={side} is not a multiple of the {p} px patches of '{name}'; use "
+                           f"{lo if lo >= p else hi} or {hi}")
+    return model
 
 
 def _create_open_clip(name: str, pretrained: str, offline: bool, tokenizer: str, image_size: int):
