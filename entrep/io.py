@@ -265,14 +265,15 @@ def kit_file(path: str | Path):
 
 
 @contextlib.contextmanager
-def exclusive_run(run_dir: Path, what: str):
-    """Hold `run_dir` for one writer: a second train.py (or ablation) on the same run is refused
-    with one line. An OS lock (filelock), so a killed holder leaves nothing that blocks later runs."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock, owner = FileLock(run_dir / ".lock"), run_dir / ".lock.owner"
+def exclusive(lock_path: Path, what: str, busy: str, fix: str, wait: float = 0.0):
+    """Hold the OS lock at `lock_path` (filelock: a killed holder leaves nothing that blocks) for one
+    writer; `lock_path`.owner says who holds it. Busy after `wait` seconds: one line, `busy`, the holder
+    (what, pid, host, since), then `fix`."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock, owner = FileLock(lock_path), lock_path.with_name(lock_path.name + ".owner")
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=wait)
     except Timeout:
         try:  # the holder may finish (and remove its owner file) meanwhile
             held = json.loads(owner.read_text())
@@ -280,9 +281,8 @@ def exclusive_run(run_dir: Path, what: str):
             held = {}
         if not isinstance(held, dict):
             held = {}
-        raise EntrepError(f"{run_dir} is in use by another {held.get('what', 'process')} (pid {held.get('pid', '?')} "
-                          f"on {held.get('host', '?')}, since {held.get('since', '?')}); wait for it, or use "
-                          f"another --name") from None
+        raise EntrepError(f"{busy} another {held.get('what', 'process')} (pid {held.get('pid', '?')} on "
+                          f"{held.get('host', '?')}, since {held.get('since', '?')}); {fix}") from None
     try:
         atomic_write_json(owner, {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv})
@@ -290,6 +290,15 @@ def exclusive_run(run_dir: Path, what: str):
     finally:
         owner.unlink(missing_ok=True)
         lock.release()
+
+
+@contextlib.contextmanager
+def exclusive_run(run_dir: Path, what: str, wait: float = 0.0):
+    """Hold `run_dir` for one writer (a blend's folder; a run's run-level files): a second one is refused
+    in one line, or waits up to `wait` seconds."""
+    with exclusive(Path(run_dir) / ".lock", what, f"{run_dir} is in use by", "wait for it, or use another --name",
+                   wait):
+        yield
 
 
 def shown(path: str | Path) -> str:

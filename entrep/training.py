@@ -10,6 +10,7 @@ fold (build -> fit -> OOF embedding -> save, metrics.json last) and the report o
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -35,7 +36,7 @@ from entrep.data.release import DataError, file_sha1, load_release
 from entrep.embedding import eval_loader
 from entrep.engine import FoldTrainer, make_accelerator
 from entrep.errors import EntrepError
-from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, read_json
+from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, exclusive, exclusive_run, read_json
 from entrep.labels import LabelSet
 from entrep.memory import MEMORY_FILE, Memory, save_memory
 from entrep.model.backbone import image_stats, input_size
@@ -484,28 +485,58 @@ def train_run(cfg, accelerator, console=None, started: float | None = None) -> t
         timer.add("start_up", max(0.0, time.time() - started))
     with timer.stage("identity"):
         agree_across_processes(accelerator, cfg)
-    data = load_run_data(cfg, accelerator, timer)
-    with timer.stage("identity"):
-        on_main_first(accelerator, lambda: claim_run(cfg, data.table, accelerator), others=lambda: None)
+    with run_files(cfg, accelerator):  # run-level files claimed once, by one call at a time
+        data = load_run_data(cfg, accelerator, timer)
+        with timer.stage("identity"):
+            on_main_first(accelerator, lambda: claim_run(cfg, data.table, accelerator), others=lambda: None)
     results, folds = [], {}
     for k in cfg.train.folds or list(range(cfg.cv.n_splits)):
         raise_if_interrupted()
-        if cfg.train.resume and fold_finished(fold_dir(cfg.run_dir, k)):
-            log.info("fold %s: finished earlier, skipped (train.resume=true)", k)
-            continue
-        folds[k] = StageTimer()
-        results.append(train_fold(cfg, accelerator, data, k, console, folds[k]))
+        with fold_held(cfg, accelerator, k):  # each fold by one call: disjoint folds of a run train at once
+            if cfg.train.resume and fold_finished(fold_dir(cfg.run_dir, k)):
+                log.info("fold %s: finished earlier, skipped (train.resume=true)", k)
+                continue
+            folds[k] = StageTimer()
+            results.append(train_fold(cfg, accelerator, data, k, console, folds[k]))
     accelerator.wait_for_everyone()
     raise_if_interrupted()
     if not accelerator.is_main_process:
         return results, None
-    with timer.stage("report"):
-        report = finish_run(cfg, data)
-    if report is None and cfg.train.folds != [-1]:  # an all-data model has no held-out images, hence no report
-        done = sum(fold_finished(fold_dir(cfg.run_dir, k)) for k in range(cfg.cv.n_splits))
-        log.info("OOF report waits for every fold: %d of %d finished", done, cfg.cv.n_splits)
-    write_timing(cfg.run_dir, timer, folds, time.perf_counter() - t0 + timer.seconds.get("start_up", 0.0))
+    with run_files(cfg, accelerator):  # whichever call finishes the last fold writes the report
+        with timer.stage("report"):
+            report = finish_run(cfg, data)
+        if report is None and cfg.train.folds != [-1]:  # an all-data model has no held-out images, hence no report
+            done = sum(fold_finished(fold_dir(cfg.run_dir, k)) for k in range(cfg.cv.n_splits))
+            log.info("OOF report waits for every fold: %d of %d finished; the call that finishes the last writes it",
+                     done, cfg.cv.n_splits)
+        write_timing(cfg.run_dir, timer, folds, time.perf_counter() - t0 + timer.seconds.get("start_up", 0.0))
     return results, report
+
+
+RUN_FILES_WAIT = 3600  # s a call waits for another call's start-up (decode, folds) or report on the same run
+
+
+@contextlib.contextmanager
+def run_files(cfg, accelerator):
+    """The run-level files (config.yaml, run.json, folds.csv, report, timing.json) for this call alone,
+    on the main process: another train.py on the run waits for its turn (a first call's decoding and
+    folds, a last call's report), then goes on with its own folds."""
+    if not accelerator.is_main_process:
+        yield
+        return
+    with exclusive_run(cfg.run_dir, "train.py", wait=RUN_FILES_WAIT):
+        yield
+
+
+@contextlib.contextmanager
+def fold_held(cfg, accelerator, k: int):
+    """Fold k of the run for this call alone: another train.py training it is refused in one line, on
+    every process of the launch."""
+    with contextlib.ExitStack() as stack:
+        on_main_first(accelerator, lambda: stack.enter_context(exclusive(
+            cfg.run_dir / f".fold{k}.lock", "train.py", f"fold {k} of {cfg.run_dir} is being trained by",
+            "train other folds (train.folds=[...]) or wait for it")), others=lambda: None)
+        yield
 
 
 def write_timing(run_dir: Path, timer: StageTimer, folds: dict[int, StageTimer], total_s: float) -> dict:

@@ -85,21 +85,43 @@ def test_one_writer_per_run_directory_and_a_killed_holder_does_not_block(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_second_train_on_the_same_run_is_refused_in_one_line(demo, tmp_path):
-    args = ["train.py", *TRAIN, "--data", demo, "--name", "same", f"output_dir={tmp_path}"]
+def test_a_second_train_on_a_fold_being_trained_is_refused_in_one_line(demo, tmp_path):
+    # epochs enough that the first call is still on fold 0 when the second has started up
+    args = ["train.py", *TRAIN, "--data", demo, "--name", "same", f"output_dir={tmp_path}", "train.epochs=40"]
     first = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (tmp_path / "same/.lock.owner").exists():
+        while not (tmp_path / "same/.fold0.lock.owner").exists():
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
         r = py(*args, check=False)
         assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
-        assert f"{tmp_path / 'same'} is in use by another train.py (pid {first.pid}" in " ".join(r.stdout.split())
+        out = " ".join(r.stdout.split())
+        assert f"fold 0 of {tmp_path / 'same'} is being trained by another train.py (pid {first.pid}" in out
+        assert "train other folds (train.folds=[...]) or wait for it" in out
     finally:
         first.kill()
         first.wait()
+
+
+@pytest.mark.slow
+def test_two_calls_on_disjoint_folds_of_one_run_train_at_once_and_leave_one_report(demo, tmp_path):
+    """The Kaggle habit, one fold per GPU: `train.py --name R train.folds=[k]` per device. Each fold is held
+    by its own call, the run-level files by one call at a time; the call that finishes the last fold
+    writes the report."""
+    calls = [subprocess.Popen([sys.executable, "train.py", *map(str, TRAIN), "--data", str(demo), "--name", "split",
+                               f"output_dir={tmp_path}", f"train.folds=[{k}]"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"))
+             for k in (0, 1)]
+    outs = [c.communicate(timeout=900)[0] for c in calls]
+    assert [c.returncode for c in calls] == [0, 0], outs
+    run = tmp_path / "split"
+    assert all((run / f"fold{k}/metrics.json").is_file() for k in (0, 1)) and (run / "report.json").is_file()
+    report = json.loads((run / "report.json").read_text())
+    assert [f["fold"] for f in report["folds"]] == [0, 1]
+    assert any("out-of-fold scores" in o for o in outs)  # printed by the call that finished the last fold
+    assert not list(run.glob(".*lock.owner"))  # every hold released
 
 
 @pytest.mark.slow

@@ -4,16 +4,13 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 from entrep import rundir
 from entrep.cli import console, parser, setup_logging
 from entrep.config import Config, ConfigError, describe, load_config, parse_override
 from entrep.errors import EntrepError
-from entrep.io import exclusive_run
 
 
 def parse(argv):
@@ -68,26 +65,24 @@ def run_in_process(argv) -> list:
     set_offline(cfg.model.offline)  # before anything imports huggingface_hub
     from entrep import training  # torch, open_clip, accelerate: after the arguments are known good
 
-    # one writer per run directory; under a launcher only the main process (rank 0) holds it
-    main_process = os.environ.get("RANK", "0") == "0"
-    with exclusive_run(cfg.run_dir, "train.py") if main_process else contextlib.nullcontext():
-        accelerator = training.run_accelerator(cfg)
-        setup_logging(accelerator.is_main_process)
-        training.check_launch(accelerator)
-        training.start_trackers(accelerator, cfg)
-        results, report = training.train_run(cfg, accelerator, console, started=process_started())
-        if report is not None:
-            figures = {"oof/accuracy": report["classification"].get("accuracy"),
-                       "oof/f1_macro": report["classification"].get("f1_macro"),
-                       "oof/i2i_mrr": report["i2i"].get("mrr"), "oof/t2i_mrr": report["t2i"].get("mrr")}
-            accelerator.log({k: v for k, v in figures.items() if v is not None})
-            accelerator.end_training()
-            print_report(report, cfg.run_dir)
-        if accelerator.is_main_process and (timing := cfg.run_dir / rundir.TIMING).is_file():
-            t = json.loads(timing.read_text())
-            console.print(f"wall time {t['total_s']:.0f} s, {t['outside_train_steps']:.0%} of it outside train steps "
-                          f"({', '.join(f'{k} {v:.0f} s' for k, v in sorted(t['stages'].items(), key=lambda kv: -kv[1])[:4])}"
-                          f"): {timing}", highlight=False)
+    # run-level files and each fold are held by one call at a time (entrep/training.py run_files, fold_held)
+    accelerator = training.run_accelerator(cfg)
+    setup_logging(accelerator.is_main_process)
+    training.check_launch(accelerator)
+    training.start_trackers(accelerator, cfg)
+    results, report = training.train_run(cfg, accelerator, console, started=process_started())
+    if report is not None:
+        figures = {"oof/accuracy": report["classification"].get("accuracy"),
+                   "oof/f1_macro": report["classification"].get("f1_macro"),
+                   "oof/i2i_mrr": report["i2i"].get("mrr"), "oof/t2i_mrr": report["t2i"].get("mrr")}
+        accelerator.log({k: v for k, v in figures.items() if v is not None})
+        accelerator.end_training()
+        print_report(report, cfg.run_dir)
+    if accelerator.is_main_process and (timing := cfg.run_dir / rundir.TIMING).is_file():
+        t = json.loads(timing.read_text())
+        console.print(f"wall time {t['total_s']:.0f} s, {t['outside_train_steps']:.0%} of it outside train steps "
+                      f"({', '.join(f'{k} {v:.0f} s' for k, v in sorted(t['stages'].items(), key=lambda kv: -kv[1])[:4])}"
+                      f"): {timing}", highlight=False)
     return results
 
 
