@@ -68,6 +68,7 @@ Contrastive = Literal["auto", "softmax", "sigmoid"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
 Monitor = Literal["f1_macro", "accuracy", "f1_weighted", "none"]
 EmaWarmup = Literal["debiased", "timm", "tf"]
+Parallel = Literal["ddp", "folds", "auto"]
 Partial = Literal["refuse", "use"]
 Search = Literal["torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
 AugmentOn = Literal["auto", "device", "loader"]
@@ -193,6 +194,10 @@ class TrainConfig:
     mixed_precision: Precision = opt("auto", "auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
     hflip: bool = opt(True, "laterality-aware flip (swaps labels and the words left/right)")
     resume: bool = opt(False, "skip the folds that finished earlier")
+    parallel: Parallel = opt("ddp", "under accelerate launch --num_processes N: ddp (every fold over the N processes, "
+                                    "gradients synced), folds (each process trains whole folds alone on its own "
+                                    "device, dealt round-robin; one report), auto (folds when N is no more than the "
+                                    "folds to train, else ddp)")
     monitor_metric: Monitor = opt("f1_macro", "held-out score logged per epoch to watch a run; never picks an epoch")
     seed: int = opt(42, "training seed (each fold adds its index)")
     log_with: list[Tracker] = opt(help="Accelerate trackers, e.g. [tensorboard]; [] = off", factory=list)
@@ -582,7 +587,7 @@ SCORING_KEYS = ("infer.", "rerank.", "model.slerp.infer", "model.slerp.alpha", "
 # Keys that steer one invocation (or only inference, or where the files are) and may differ between
 # the train.py calls of one run; every other key defines the run and must stay as first written.
 INVOCATION_KEYS = ("name", "output_dir", "data.root", "data.num_workers", "data.cache_dir", "data.check_images",
-                   "train.folds", "train.resume", "train.grad_accum", "train.eval_batch_size", "train.monitor_metric", "train.log_with",
+                   "train.folds", "train.resume", "train.parallel", "train.grad_accum", "train.eval_batch_size", "train.monitor_metric", "train.log_with",
                    "speed.", "ablation.", *SCORING_KEYS)
 
 

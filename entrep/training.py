@@ -59,6 +59,34 @@ from entrep.wise import embed_fold_outputs, load_run_oof
 log = logging.getLogger("entrep.train")
 
 
+# what a launcher (torchrun, accelerate launch) sets to make its processes one group
+LAUNCH_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                    "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def fold_share(cfg) -> tuple[tuple[int, int] | None, str]:
+    """((this process's rank, the launch's processes), what was picked) when the launch trains whole folds
+    per process (train.parallel=folds, or auto with no more processes than folds to train); (None, ...)
+    for DDP or one process. Before any Accelerator exists, the process leaves the launch's group (its
+    environment no longer names it, so Accelerate sees one process and wraps nothing in DDP), keeps its
+    own GPU, and on CPU its share of the cores. Called before logging is set up: the caller logs the line."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or cfg.train.parallel == "ddp":
+        return None, ""
+    todo = len(cfg.train.folds or range(cfg.cv.n_splits))
+    if cfg.train.parallel == "auto" and world > todo:
+        return None, f"train.parallel=auto: DDP over {world} processes (more processes than the {todo} folds to train)"
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    for key in LAUNCH_GROUP_ENV:
+        os.environ.pop(key, None)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return (rank, world), f"train.parallel={cfg.train.parallel}: process {rank} of {world} trains whole folds alone"
+
+
 def run_accelerator(cfg):
     """The Accelerator of a training run: accumulation, DDP that tolerates parameters a batch leaves
     unused (an all-unlabelled batch skips the heads), and `train.log_with`'s trackers under RUN/logs."""
@@ -476,9 +504,11 @@ def finish_run(cfg, data: RunData) -> dict | None:
     return write_report(cfg.run_dir, oof, data.table, list(data.labels.names), cfg, extra)
 
 
-def train_run(cfg, accelerator, console=None, started: float | None = None) -> tuple[list[FoldResult], dict | None]:
+def train_run(cfg, accelerator, console=None, started: float | None = None,
+              share: tuple[int, int] | None = None) -> tuple[list[FoldResult], dict | None]:
     """`train.folds` of the run (every fold when empty), skipping finished ones under train.resume,
-    then the report when every fold is done: (trained folds, report or None). Where the time went goes
+    then the report when every fold is done: (trained folds, report or None). `share` (rank, processes;
+    `fold_share`): this process trains every processes-th fold from its rank. Where the time went goes
     to RUN/timing.json (`started`: when the process started, for the start-up stage)."""
     timer, t0 = StageTimer(), time.perf_counter()
     if started is not None:
@@ -490,7 +520,11 @@ def train_run(cfg, accelerator, console=None, started: float | None = None) -> t
         with timer.stage("identity"):
             on_main_first(accelerator, lambda: claim_run(cfg, data.table, accelerator), others=lambda: None)
     results, folds = [], {}
-    for k in cfg.train.folds or list(range(cfg.cv.n_splits)):
+    todo = cfg.train.folds or list(range(cfg.cv.n_splits))
+    if share is not None:
+        todo = todo[share[0]::share[1]]
+        log.info("process %d of %d: folds %s", share[0], share[1], todo)
+    for k in todo:
         raise_if_interrupted()
         with fold_held(cfg, accelerator, k):  # each fold by one call: disjoint folds of a run train at once
             if cfg.train.resume and fold_finished(fold_dir(cfg.run_dir, k)):

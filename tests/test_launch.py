@@ -105,3 +105,35 @@ def test_shipped_vitb16_recipe_trains_two_folds_under_accelerate_launch(tmp_path
     run_ok("infer.py", "--run", run_dir, "--data", data / "test")
     run_ok("submit.py", "--run", run_dir)
     assert (run_dir / "submission/cls.zip").is_file()
+
+
+@pytest.mark.parametrize("mode", ["folds", "auto"])
+def test_parallel_folds_train_each_fold_in_its_own_process_and_report_as_one_process_would(mode, demo, tmp_path,
+                                                                                          monkeypatch):
+    """train.parallel=folds (or auto, 2 processes for 2 folds): each process trains its folds alone, no
+    gradient sync, and the launch leaves one report whose figures are the sequential run's (one thread
+    each, deterministic on CPU)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    common = ["--data", demo, "--name", "r", "cv.n_splits=2", "train.epochs=1"]
+    r = launch(*common, f"output_dir={tmp_path / 'par'}", f"train.parallel={mode}", processes=2)
+    log = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 0, log[-6000:]
+    assert "DistributedType.MULTI_CPU" not in log and log.count("accelerate: 1 process(es), DistributedType.NO") == 2
+    assert "process 0 of 2: folds [0]" in log and "process 1 of 2: folds [1]" in log
+    assert f"train.parallel={mode}: process 1 of 2 trains whole folds alone" in log
+    assert log.count("out-of-fold scores") == 1  # the process that finished the last fold wrote the report
+    run_ok("train.py", "--config", "configs/demo.yaml", *common, f"output_dir={tmp_path / 'seq'}")
+    par, seq = (json.loads((tmp_path / d / "r/report.json").read_text()) for d in ("par", "seq"))
+    for key in ("classification", "i2i", "t2i", "t2i_pairs", "t2i_any", "folds", "grouping"):
+        assert par[key] == seq[key], key
+    run = json.loads((tmp_path / "par/r/run.json").read_text())
+    assert run["batch"]["processes"] == 1  # the effective batch of one process: the sequential run's
+
+
+def test_parallel_auto_with_more_processes_than_folds_is_ddp(demo, tmp_path):
+    r = launch("--data", demo, "--name", "r", f"output_dir={tmp_path}", "cv.n_splits=2", "train.epochs=1",
+               "train.folds=[0]", "train.parallel=auto", "train.batch_size=8", processes=2)
+    log = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 0, log[-6000:]
+    assert "train.parallel=auto: DDP over 2 processes (more processes than the 1 folds to train)" in log
+    assert "accelerate: 2 process(es), DistributedType.MULTI_CPU" in log

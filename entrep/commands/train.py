@@ -66,11 +66,14 @@ def run_in_process(argv) -> list:
     from entrep import training  # torch, open_clip, accelerate: after the arguments are known good
 
     # run-level files and each fold are held by one call at a time (entrep/training.py run_files, fold_held)
+    share, picked = training.fold_share(cfg)  # train.parallel=folds: before any Accelerator, out of the launch's group
     accelerator = training.run_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
+    if picked:
+        training.log.info(picked)
     training.check_launch(accelerator)
     training.start_trackers(accelerator, cfg)
-    results, report = training.train_run(cfg, accelerator, console, started=process_started())
+    results, report = training.train_run(cfg, accelerator, console, started=process_started(), share=share)
     if report is not None:
         figures = {"oof/accuracy": report["classification"].get("accuracy"),
                    "oof/f1_macro": report["classification"].get("f1_macro"),
