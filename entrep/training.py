@@ -289,7 +289,7 @@ def load_run_data(cfg, accelerator, timer: StageTimer | None = None) -> RunData:
         with timer.stage("folds"):
             sigs = (lambda: file_signatures(table["path"].tolist())) if cfg.cv.near_dup else None
             return pixels, load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, sigs,
-                                              cfg.cv.near_dup_threshold, cfg.cv.folds_from)
+                                              cfg.cv.near_dup_threshold, cfg.cv.folds_from, cfg.image_cache_dir)
 
     # the main process decodes and folds first; the others then read what it wrote (cache, folds.csv)
     pixels, folds = on_main_first(accelerator, pixels_and_folds)

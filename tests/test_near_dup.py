@@ -270,3 +270,27 @@ def test_a_group_across_classes_is_cut_unless_the_pixels_are_the_same():
                        "partners": [[] for _ in y], "sha1": [str(k) for k in range(14)]})
     shape = grouping_shape(make_folds(df, 2, seed=0, signatures=sig))
     assert shape["groups_spanning_classes"] == 1 and shape["largest_group"] == 2 and shape["groups"] == 1
+
+
+def test_near_duplicate_groups_are_kept_beside_the_image_cache_and_reused(release, tmp_path):
+    """A second call on the same release (another fold's process, a resume) does not redo the pass; other
+    content, labels or threshold make it again."""
+    from entrep.data.folds import load_or_make_folds
+
+    df = load_release(release, ENTREP_CLASSES)[0]
+    calls = []
+
+    def sigs():
+        calls.append(1)
+        return near_dup.file_signatures(df["path"].tolist())
+
+    first = load_or_make_folds(tmp_path / "a/folds.csv", df, 3, 0, sigs, cache_dir=tmp_path / "cache")
+    again = load_or_make_folds(tmp_path / "b/folds.csv", df, 3, 0, sigs, cache_dir=tmp_path / "cache")
+    assert len(calls) == 1 and first["fold_group"].tolist() == again["fold_group"].tolist()
+    assert len(list((tmp_path / "cache").glob("near-dup-*.npy"))) == 1
+    load_or_make_folds(tmp_path / "c/folds.csv", df, 3, 0, sigs, near_dup_threshold=0.9, cache_dir=tmp_path / "cache")
+    relabelled = df.assign(y=np.where(np.arange(len(df)) == 0, (df["y"] + 1) % 7, df["y"]))
+    load_or_make_folds(tmp_path / "d/folds.csv", relabelled, 3, 0, sigs, cache_dir=tmp_path / "cache")
+    assert len(calls) == 3
+    (next((tmp_path / "cache").glob("near-dup-*.npy"))).write_bytes(b"torn")  # a torn file is made again
+    load_or_make_folds(tmp_path / "e/folds.csv", df, 3, 0, sigs, cache_dir=tmp_path / "cache")

@@ -7,6 +7,8 @@ hide the patient, so frames of one exam can only be found by content).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import shutil
@@ -120,18 +122,48 @@ def _classes(y: np.ndarray) -> int:
     return len(set(y[y >= 0].tolist()))
 
 
-def fold_groups(df: pd.DataFrame, signatures=None, threshold: float = NEAR_DUP_THRESHOLD) -> np.ndarray:
+def fold_groups(df: pd.DataFrame, signatures=None, threshold: float = NEAR_DUP_THRESHOLD,
+                near: np.ndarray | None = None) -> np.ndarray:
     """Connected components of the union of i2i links, same-patient pairs and near-duplicate groups
-    (`signatures`: entrep.data.near_dup.Signatures of df's images, in order; None = no content pass)."""
+    (`signatures`: entrep.data.near_dup.Signatures of df's images, in order; `near`: their group ids,
+    already made; neither = no content pass)."""
     pairs = link_pairs(df)
     first_of: dict[str, int] = {}
     for i, name in enumerate(df["image"]):
         if (pid := patient_id(name)) is not None:
             pairs.append((first_of.setdefault(pid, i), i))
-    if signatures is not None:
+    if near is None and signatures is not None:
         near, _ = near_duplicate_groups(signatures, df["y"].to_numpy(), threshold)
+    if near is not None:
         pairs += [(int(g), i) for i, g in enumerate(near) if g != i]
     return components(len(df), pairs)
+
+
+def cached_near_groups(df: pd.DataFrame, signatures, threshold: float, cache_dir: Path | None) -> np.ndarray:
+    """`near_duplicate_groups`' ids of df's images, kept in `cache_dir` (beside the image cache) under a key
+    of the images' content and labels, the threshold and every constant of the pass: the next call on
+    the same release (another fold's process, a resume, a second run) does not redo the pass.
+    `signatures`: the Signatures, or a function that computes them (called on a miss only)."""
+    from entrep.data import near_dup
+
+    consts = [getattr(near_dup, c) for c in ("DECODE", "FINE", "COARSE", "CANDIDATES", "LOCAL_TOLERANCE",
+                                             "COLOUR_TOLERANCE", "RATIO", "BACKGROUND", "MIN_TEXTURE", "MARGIN")]
+    key = hashlib.sha1(json.dumps([list(df["sha1"]), df["y"].tolist(), float(threshold), consts,
+                                   [GROUP_CAP, GROUP_SHARE, UNJOINED, list(STRICTER)]]).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"near-dup-{key}.npy" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            ids = np.load(path, allow_pickle=False)
+            if ids.shape == (len(df),):
+                return ids
+        except (OSError, ValueError):  # a torn or foreign file: made again
+            pass
+    ids, _ = near_duplicate_groups(signatures() if callable(signatures) else signatures, df["y"].to_numpy(), threshold)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, ids)
+    return ids
 
 
 def grouping_shape(folds: pd.DataFrame) -> dict:
@@ -201,14 +233,16 @@ def missing_classes(folds: pd.DataFrame, n_splits: int) -> dict[str, list[int]]:
 
 
 def load_or_make_folds(path: Path, df: pd.DataFrame, n_splits: int, seed: int, signatures=None,
-                       near_dup_threshold: float = NEAR_DUP_THRESHOLD, source: str | Path = "") -> pd.DataFrame:
+                       near_dup_threshold: float = NEAR_DUP_THRESHOLD, source: str | Path = "",
+                       cache_dir: Path | None = None) -> pd.DataFrame:
     """The run's folds: its `folds.csv` when it exists (frozen folds); else another run's folds
     (`source`, cv.folds_from: a run directory or a folds.csv), copied in; else made and saved.
     A frozen or copied file is checked against today's grouping (a file that splits a group is refused),
     and its `group` and `fold_group` columns are recomputed from today's data, never read from the file.
     `signatures`: near-duplicate signatures (entrep.data.near_dup), or a function that computes them,
-    or None for no near-duplicate pass."""
-    groups = fold_groups(df, signatures() if callable(signatures) else signatures, near_dup_threshold)
+    or None for no near-duplicate pass; `cache_dir`: where its groups are kept (`cached_near_groups`)."""
+    near = cached_near_groups(df, signatures, near_dup_threshold, cache_dir) if signatures is not None else None
+    groups = fold_groups(df, None, near_dup_threshold, near=near)
     if not path.is_file() and source:
         src = Path(source) / rundir.FOLDS if Path(source).is_dir() else Path(source)
         if not src.is_file():
