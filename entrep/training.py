@@ -274,7 +274,8 @@ class RunData:
 
 def load_run_data(cfg, accelerator, timer: StageTimer | None = None) -> RunData:
     """The release, decoded once into the shared image cache, and the run's frozen folds (made and
-    saved on the first call; the main process first, the others then read what it wrote)."""
+    saved on the first call, under the run-level hold; the main process first, the others then read
+    what it wrote)."""
     timer = timer or StageTimer()
     labels = LabelSet.from_config(cfg.labels)
     with timer.stage("release"):
@@ -286,7 +287,7 @@ def load_run_data(cfg, accelerator, timer: StageTimer | None = None) -> RunData:
     def pixels_and_folds():
         with timer.stage("image_cache"):
             pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
-        with timer.stage("folds"):
+        with timer.stage("folds"), run_files(cfg, accelerator):  # folds.csv made once, by one call at a time
             sigs = (lambda: file_signatures(table["path"].tolist())) if cfg.cv.near_dup else None
             return pixels, load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, sigs,
                                               cfg.cv.near_dup_threshold, cfg.cv.folds_from, cfg.image_cache_dir)
@@ -515,10 +516,9 @@ def train_run(cfg, accelerator, console=None, started: float | None = None,
         timer.add("start_up", max(0.0, time.time() - started))
     with timer.stage("identity"):
         agree_across_processes(accelerator, cfg)
-    with run_files(cfg, accelerator):  # run-level files claimed once, by one call at a time
-        data = load_run_data(cfg, accelerator, timer)
-        with timer.stage("identity"):
-            on_main_first(accelerator, lambda: claim_run(cfg, data.table, accelerator), others=lambda: None)
+    data = load_run_data(cfg, accelerator, timer)  # decoding in parallel with another call; its folds under run_files
+    with run_files(cfg, accelerator), timer.stage("identity"):  # run-level files claimed once, one call at a time
+        on_main_first(accelerator, lambda: claim_run(cfg, data.table, accelerator), others=lambda: None)
     results, folds = [], {}
     todo = cfg.train.folds or list(range(cfg.cv.n_splits))
     if share is not None:
