@@ -169,6 +169,8 @@ def test_every_bench_script_runs_in_its_smallest_mode(tmp_path):
     for row in ("| demo | 60 (+30) | before |", "| scans | 60 (+30) | now |", "| jitter+wb |", "| signatures |",
                 "| pairs and groups |", "Timing, 200 synthetic"):
         assert row in md, row
+    out = py("bench/parallel_folds.py", "--folds", "2", "--epochs", "1", "--repeats", "1", timeout=900).stdout
+    assert "| folds | " in out and "| ddp | " in out and "equal the sequential run's: True" in out
     # torch.compile's rows leave out: compiling on CPU takes minutes, and tests/test_speed.py covers it
     py("bench/throughput.py", "--smoke", "--skip", "compile", "--json", tmp_path / "speed.json", timeout=900)
     rows = json.loads((tmp_path / "speed.json").read_text())
