@@ -199,6 +199,8 @@ class TrainConfig:
                                     "device, dealt round-robin; one report), auto (folds when N is no more than the "
                                     "folds to train, else ddp)")
     monitor_metric: Monitor = opt("f1_macro", "held-out score logged per epoch to watch a run; never picks an epoch")
+    monitor_every: int = opt(1, "embed the held-out fold for monitor_metric every N epochs and after the last; "
+                                "0 = after the last only (a fold is seconds of GPU work: the score costs more)")
     seed: int = opt(42, "training seed (each fold adds its index)")
     log_with: list[Tracker] = opt(help="Accelerate trackers, e.g. [tensorboard]; [] = off", factory=list)
     ema_decay: float = opt(0.0, "EMA of the trainable weights (with warm-up), used for held-out evaluation and "
@@ -512,6 +514,7 @@ RANGES = {
     "train.lr_lora": (1e-12, None, "a positive learning rate"), "train.lr_head": (1e-12, None, "a positive learning rate"),
     "train.weight_decay": (0, None, ">= 0"), "train.warmup_frac": (0, 0.999, "a fraction in [0, 1)"),
     "train.max_grad_norm": (0, None, ">= 0 (0 = no clipping)"),
+    "train.monitor_every": (0, None, "0 (after the last epoch only) or every N epochs"),
     "train.ema_decay": (0, 0.99999, "0 (off) or a decay in (0, 1), e.g. 0.999"),
     "train.mixup_alpha": (0, None, ">= 0 (0 = off)"), "train.cutmix_alpha": (0, None, ">= 0 (0 = off)"),
     "train.mix_prob": (0, 1, "a share in [0, 1]"), "train.layer_decay": (0.01, 1, "a factor in (0, 1]; 1 = off"),
@@ -587,7 +590,7 @@ SCORING_KEYS = ("infer.", "rerank.", "model.slerp.infer", "model.slerp.alpha", "
 # Keys that steer one invocation (or only inference, or where the files are) and may differ between
 # the train.py calls of one run; every other key defines the run and must stay as first written.
 INVOCATION_KEYS = ("name", "output_dir", "data.root", "data.num_workers", "data.cache_dir", "data.check_images",
-                   "train.folds", "train.resume", "train.parallel", "train.grad_accum", "train.eval_batch_size", "train.monitor_metric", "train.log_with",
+                   "train.folds", "train.resume", "train.parallel", "train.grad_accum", "train.eval_batch_size", "train.monitor_metric", "train.monitor_every", "train.log_with",
                    "speed.", "ablation.", *SCORING_KEYS)
 
 

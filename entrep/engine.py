@@ -368,7 +368,8 @@ class FoldTrainer:
                 row = {"epoch": epoch + 1, **{k: v / max(1, len(loader)) for k, v in sums.items()},
                        "img_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                        "lr_head": step.scheduler.get_last_lr()[0]}
-                if val_loader is not None and monitor != "none":
+                every, last = cfg.train.monitor_every, epoch + 1 == cfg.train.epochs
+                if val_loader is not None and monitor != "none" and (last or (every and (epoch + 1) % every == 0)):
                     with timer.stage("monitoring"), (step.ema.applied(step.unwrapped) if step.ema is not None
                                                      else contextlib.nullcontext()):
                         emb = embed_images(model, val_loader, accelerator, self.labels, image_stats)

@@ -394,3 +394,30 @@ def test_a_pseudo_labelled_run_takes_fold_k_labels_from_fold_k_and_reports_them(
     assert set(added) == {"0", "1"} and all(sum(v.values()) > 0 for v in added.values())
     folds = __import__("pandas").read_csv(tmp_path / "pl/folds.csv")
     assert len(folds) == len(__import__("pandas").read_csv(trained_demo_run / "folds.csv"))  # never scored
+
+
+@pytest.mark.parametrize("every,watched", [(0, [3]), (2, [2, 3]), (1, [1, 2, 3])])
+def test_the_held_out_score_is_taken_every_n_epochs_and_after_the_last(fresh_accelerate_state, demo, every, watched):
+    """train.monitor_every: the held-out embedding costs more than a small fold's train steps; the
+    history keeps its columns, empty where no score was taken."""
+    from entrep.data.folds import link_groups
+    from entrep.data.images import decode_all
+    from entrep.data.release import load_release
+    from entrep.embedding import eval_loader
+    from entrep.engine import FoldTrainer, make_accelerator
+    from entrep.model.backbone import image_stats
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.epochs=3", "train.batch_size=16",
+                                                   f"train.monitor_every={every}"])
+    labels = LabelSet.from_config(cfg.labels)
+    df = load_release(demo, labels.names)[0].head(40).reset_index(drop=True)
+    acc = make_accelerator(cfg, cpu=True)
+    model = build_model(cfg, labels)
+    pixels = decode_all(df["path"].tolist(), cfg.data.working_side(64))
+    _, history = FoldTrainer(cfg, acc, labels).fit(model, pixels, df, np.arange(32), np.arange(32, 40),
+                                                   link_groups(df), image_stats(model.base),
+                                                   val_loader=eval_loader(pixels[32:], acc, 16))
+    assert [r["epoch"] for r in history if "val_f1_macro" in r] == watched
+    import pandas as pd
+
+    assert "val_f1_macro" in pd.DataFrame(history).columns
