@@ -26,23 +26,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def carriers_per_fold(n_splits: int, seed: int) -> list[int]:
     """k of every (fold, caption) with k >= 1 carriers in that fold."""
-    import json
-    import shutil
-
-    from conftest import REAL, placeholder, real_image_names  # the fixtures' placeholder release
+    from conftest import write_real_release  # the fixtures' placeholder release
     from entrep.data.folds import make_folds
     from entrep.data.release import load_release
     from entrep.labels import ENTREP_CLASSES
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        shutil.copytree(REAL / "train", root / "train")
-        for i, name in enumerate(real_image_names()):
-            placeholder(root / "train/imgs" / name, i)
-        shutil.copytree(REAL / "public", root / "public")
-        for i, rec in enumerate(json.loads((REAL / "public/data.json").read_text())):
-            placeholder(root / "public/images" / rec["Path"].replace("_image", "_Image"), 10_000 + i)
-        table, _ = load_release(root, ENTREP_CLASSES)
+        table, _ = load_release(write_real_release(Path(tmp)), ENTREP_CLASSES)
     folds = make_folds(table, n_splits, seed)
     ks = []
     for f in range(n_splits):

@@ -39,9 +39,12 @@ def real_image_names() -> list[str]:
 
 @pytest.fixture(scope="session")
 def real_release(tmp_path_factory) -> Path:
+    return write_real_release(tmp_path_factory.mktemp("entrep_real"))
+
+
+def write_real_release(root: Path) -> Path:
     """The real training + public-sample annotations, with placeholder images in their folders.
     Public-sample files are written as `_ImageNN` on disk, as in the release."""
-    root = tmp_path_factory.mktemp("entrep_real")
     shutil.copytree(REAL / "train", root / "train")
     for i, name in enumerate(real_image_names()):
         placeholder(root / "train/imgs" / name, i)
