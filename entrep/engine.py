@@ -358,7 +358,7 @@ class FoldTrainer:
                     for i, batch in enumerate(loader):
                         raise_if_interrupted()
                         loss, parts = step(batch)
-                        if not math.isfinite(loss):
+                        if not self._finite(loss):
                             raise NonFiniteLoss(self._diverged(tag, loss, epoch, i, len(loader)))
                         seen += len(batch["y"]) * accelerator.num_processes
                         for key, v in {"loss": loss, **parts}.items():
@@ -392,6 +392,14 @@ class FoldTrainer:
                  row["epoch"], self.cfg.train.epochs, row.get("loss", float("nan")), row["img_per_s"],
                  f", held-out {monitor} {row['val_' + monitor]:.4f} (watched, not used)" if "val_" + monitor in row
                  else "", left)
+
+    def _finite(self, loss: float) -> bool:
+        """The loss is finite on every process (under DDP a rank that stopped alone would leave the others
+        waiting in the next all-reduce)."""
+        if self.accelerator.num_processes == 1:
+            return math.isfinite(loss)
+        flag = torch.tensor(float(math.isfinite(loss)), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "min").item())
 
     def _diverged(self, tag: str, loss: float, epoch: int, i: int, steps: int) -> str:
         t = self.cfg.train

@@ -287,10 +287,14 @@ def load_run_data(cfg, accelerator, timer: StageTimer | None = None) -> RunData:
     def pixels_and_folds():
         with timer.stage("image_cache"):
             pixels = cache.pixels(table["path"].tolist(), table["sha1"].tolist())
-        with timer.stage("folds"), run_files(cfg, accelerator):  # folds.csv made once, by one call at a time
+        # folds.csv, then config.yaml and run.json, made once and under one hold: no other call's claim between
+        with timer.stage("folds"), run_files(cfg, accelerator):
             sigs = (lambda: file_signatures(table["path"].tolist())) if cfg.cv.near_dup else None
-            return pixels, load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, sigs,
-                                              cfg.cv.near_dup_threshold, cfg.cv.folds_from, cfg.image_cache_dir)
+            folds = load_or_make_folds(cfg.run_dir / rundir.FOLDS, table, cfg.cv.n_splits, cfg.cv.seed, sigs,
+                                       cfg.cv.near_dup_threshold, cfg.cv.folds_from, cfg.image_cache_dir)
+            if accelerator.is_main_process:
+                claim_run(cfg, table, accelerator)
+            return pixels, folds
 
     # the main process decodes and folds first; the others then read what it wrote (cache, folds.csv)
     pixels, folds = on_main_first(accelerator, pixels_and_folds)
@@ -511,14 +515,12 @@ def train_run(cfg, accelerator, console=None, started: float | None = None,
     then the report when every fold is done: (trained folds, report or None). `share` (rank, processes;
     `fold_share`): this process trains every processes-th fold from its rank. Where the time went goes
     to RUN/timing.json (`started`: when the process started, for the start-up stage)."""
-    timer, t0 = StageTimer(), time.perf_counter()
+    timer, t0, began = StageTimer(), time.perf_counter(), time.time()
     if started is not None:
         timer.add("start_up", max(0.0, time.time() - started))
     with timer.stage("identity"):
         agree_across_processes(accelerator, cfg)
-    data = load_run_data(cfg, accelerator, timer)  # decoding in parallel with another call; its folds under run_files
-    with run_files(cfg, accelerator), timer.stage("identity"):  # run-level files claimed once, one call at a time
-        on_main_first(accelerator, lambda: claim_run(cfg, data.table, accelerator), others=lambda: None)
+    data = load_run_data(cfg, accelerator, timer)  # decodes beside another call; folds and claim under run_files
     results, folds = [], {}
     todo = cfg.train.folds or list(range(cfg.cv.n_splits))
     if share is not None:
@@ -538,9 +540,9 @@ def train_run(cfg, accelerator, console=None, started: float | None = None,
         return results, None
     with run_files(cfg, accelerator):  # whichever call finishes the last fold writes the report
         with timer.stage("report"):
-            report = finish_run(cfg, data)
-        if report is None and cfg.train.folds != [-1]:  # an all-data model has no held-out images, hence no report
-            done = sum(fold_finished(fold_dir(cfg.run_dir, k)) for k in range(cfg.cv.n_splits))
+            report = None if written_since(cfg, began) else finish_run(cfg, data)
+        done = sum(fold_finished(fold_dir(cfg.run_dir, k)) for k in range(cfg.cv.n_splits))
+        if report is None and cfg.train.folds != [-1] and done < cfg.cv.n_splits:  # an all-data model has no report
             log.info("OOF report waits for every fold: %d of %d finished; the call that finishes the last writes it",
                      done, cfg.cv.n_splits)
         write_timing(cfg.run_dir, timer, folds, time.perf_counter() - t0 + timer.seconds.get("start_up", 0.0))
@@ -548,6 +550,20 @@ def train_run(cfg, accelerator, console=None, started: float | None = None,
 
 
 RUN_FILES_WAIT = 3600  # s a call waits for another call's start-up (decode, folds) or report on the same run
+
+
+def written_since(cfg, began: float) -> bool:
+    """The report was written during this call, after every fold finished, by another call on the run (two
+    processes that finish their last folds together): this one leaves it as it is."""
+    report = cfg.run_dir / rundir.REPORT
+    done = [fold_dir(cfg.run_dir, k) / METRICS_FILE for k in range(cfg.cv.n_splits)]
+    if not report.is_file() or not all(d.is_file() for d in done):
+        return False
+    at = report.stat().st_mtime
+    if at >= began and at >= max(d.stat().st_mtime for d in done):
+        log.info("the OOF report was written by another call on this run, after its last fold: %s", report)
+        return True
+    return False
 
 
 @contextlib.contextmanager
@@ -558,7 +574,8 @@ def run_files(cfg, accelerator):
     if not accelerator.is_main_process:
         yield
         return
-    with exclusive_run(cfg.run_dir, "train.py", wait=RUN_FILES_WAIT):
+    # under DDP the other ranks wait in a collective, which times out long before an hour: refuse at once
+    with exclusive_run(cfg.run_dir, "train.py", wait=RUN_FILES_WAIT if accelerator.num_processes == 1 else 0):
         yield
 
 
@@ -568,7 +585,7 @@ def fold_held(cfg, accelerator, k: int):
     every process of the launch."""
     with contextlib.ExitStack() as stack:
         on_main_first(accelerator, lambda: stack.enter_context(exclusive(
-            cfg.run_dir / f".fold{k}.lock", "train.py", f"fold {k} of {cfg.run_dir} is being trained by",
+            cfg.run_dir / f".lock.fold{k}", "train.py", f"fold {k} of {cfg.run_dir} is being trained by",
             "train other folds (train.folds=[...]) or wait for it")), others=lambda: None)
         yield
 

@@ -205,6 +205,10 @@ def test_a_key_repeated_in_a_config_file_is_refused_naming_both_lines(tmp_path):
         load_config(tmp_path / "d.yaml")
     (tmp_path / "ok.yaml").write_text("train:\n  epochs: 2\nmodel:\n  lora:\n    rank: 4\n")  # nesting is not repetition
     assert load_config(tmp_path / "ok.yaml").train.epochs == 2
+    from entrep.config import _yaml
+
+    # a merge key is no repetition, and a key after it may override what it merged
+    assert _yaml("a: &b {x: 1, y: 1}\nc:\n  <<: *b\n  y: 2\n")["c"] == {"x": 1, "y": 2}
 
 
 def test_every_path_key_expands_home_and_environment_variables(monkeypatch, tmp_path):

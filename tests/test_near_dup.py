@@ -182,7 +182,7 @@ def _grouped(name: str, n: int, seed: int = 0):
 def test_each_source_meets_the_targets_in_small(name, n):
     """scans: 12 a class. With 7 or fewer look-alikes a class, the image's 6th closest other is no
     longer a look-alike and the relative test has no background to hold its siblings apart: such a
-    class joins whole (under the cap), as a group of up to 6 copies must (docs/figures.md)."""
+    class joins whole (under the cap), as a group of up to 7 copies must (docs/figures.md)."""
     recall, false, largest, across = _grouped(name, n)
     assert recall >= 0.95 and false < 0.1 and largest <= 20 and across == 0, (recall, false, largest, across)
 

@@ -102,7 +102,7 @@ def near_duplicate_groups(signatures, y: np.ndarray, threshold: float = NEAR_DUP
             bad = [c for c in np.unique(cut) if (cut == c).sum() > cap or _classes(y[members[cut == c]]) > 1]
             if not bad:
                 break
-            split += len(bad)
+            split += len(bad) if height == STRICTER[0] else 0  # groups, not cuts
             strict = fcluster(tree, height, "distance")
             for c in bad:  # only the bad groups take the stricter cut
                 cut[cut == c] = cut.max() + 1 + strict[cut == c]
@@ -141,15 +141,14 @@ def fold_groups(df: pd.DataFrame, signatures=None, threshold: float = NEAR_DUP_T
 
 def cached_near_groups(df: pd.DataFrame, signatures, threshold: float, cache_dir: Path | None) -> np.ndarray:
     """`near_duplicate_groups`' ids of df's images, kept in `cache_dir` (beside the image cache) under a key
-    of the images' content and labels, the threshold and every constant of the pass: the next call on
+    of the images' content and labels, the threshold and the pass's code (near_dup.py and this file,
+    constants included): the next call on
     the same release (another fold's process, a resume, a second run) does not redo the pass.
     `signatures`: the Signatures, or a function that computes them (called on a miss only)."""
     from entrep.data import near_dup
 
-    consts = [getattr(near_dup, c) for c in ("DECODE", "FINE", "COARSE", "CANDIDATES", "LOCAL_TOLERANCE",
-                                             "COLOUR_TOLERANCE", "RATIO", "BACKGROUND", "MIN_TEXTURE", "MARGIN")]
-    key = hashlib.sha1(json.dumps([list(df["sha1"]), df["y"].tolist(), float(threshold), consts,
-                                   [GROUP_CAP, GROUP_SHARE, UNJOINED, list(STRICTER)]]).encode()).hexdigest()[:24]
+    code = hashlib.sha1(Path(near_dup.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()  # the pass
+    key = hashlib.sha1(json.dumps([list(df["sha1"]), df["y"].tolist(), float(threshold), code]).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"near-dup-{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
         try:

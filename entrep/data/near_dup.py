@@ -66,7 +66,7 @@ COLOUR_TOLERANCE = 0.2  # colour difference (see `_verify`) beyond which a pair 
 LOCAL_TOLERANCE = 0.25  # worst tile mismatch (see `_verify`) beyond which a pair is never joined
 RATIO = 0.35  # a pair joins only this much closer (`dissimilarity`) than either image's ordinary look-alikes
 BACKGROUND = 0.25  # quantile of an image's other candidates' dissimilarities that stands for its ordinary
-# look-alikes: with CANDIDATES partners, the 6th closest other, so a group of up to 6 copies stands out whole
+# look-alikes: with CANDIDATES partners, the 6th closest other, so a group of up to 7 copies stands out whole
 # (tolerances, RATIO and BACKGROUND: bench/near_duplicates.py over five image sources, docs/figures.md)
 CANDIDATES = 24  # coarse partners per image that are aligned and verified (and its background)
 COLOUR_WEIGHT = 0.5  # what one unit of global colour distance costs in the coarse ranking
@@ -531,7 +531,7 @@ def dissimilarity(scores: np.ndarray, threshold: float = THRESHOLD) -> np.ndarra
     local / LOCAL_TOLERANCE and colour / COLOUR_TOLERANCE. 0: the same pixels; 1: the join limit.
     A check that was not measured (NaN: the pair was not verified) does not count."""
     score, local, colour = np.asarray(scores, np.float64)
-    d = np.fmax(np.fmax((1 - score) / (1 - threshold), local / LOCAL_TOLERANCE), colour / COLOUR_TOLERANCE)
+    d = np.fmax(np.fmax((1 - score) / max(1 - threshold, 1e-6), local / LOCAL_TOLERANCE), colour / COLOUR_TOLERANCE)
     return np.round(d, 4)
 
 
