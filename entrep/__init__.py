@@ -21,8 +21,14 @@ def train_fold(run, k: int, overrides=(), *, config=None, data=None, **kw):
     from pathlib import Path
 
     from entrep.commands.train import run_in_process
-    from entrep.config import override_item
+    from entrep.config import ConfigError, override_item
 
+    try:
+        whole = not isinstance(k, bool) and int(k) == k
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:  # int(0.5) would train fold 0
+        raise ConfigError(f"train_fold: k={k!r} is not a fold number (0 .. cv.n_splits - 1, or -1 for all data)")
     run = Path(run)
     argv = ["--name", run.name, f"output_dir={run.parent}", f"train.folds=[{int(k)}]", "train.resume=false", *overrides]
     argv += (["--config", str(config)] if config else []) + (["--data", str(data)] if data else [])

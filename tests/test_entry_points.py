@@ -221,3 +221,13 @@ def test_entrep_train_fold_trains_a_fold_as_train_py_does(trained_demo_run, tmp_
     a, b = (json.loads((r / "report.json").read_text()) for r in (trained_demo_run, run))
     for key in ("classification", "i2i", "t2i", "folds"):
         assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("k", [0.5, "1", True, None, float("nan")])
+def test_train_fold_refuses_a_fold_number_that_is_not_one_before_any_work(tmp_path, k):
+    import entrep
+    from entrep.config import ConfigError
+
+    with pytest.raises(ConfigError, match="is not a fold number"):
+        entrep.train_fold(tmp_path / "r", k)
+    assert not (tmp_path / "r").exists()
