@@ -298,9 +298,8 @@ def load_run_data(cfg, accelerator, timer: StageTimer | None = None) -> RunData:
 
     # the main process decodes and folds first; the others then read what it wrote (cache, folds.csv)
     pixels, folds = on_main_first(accelerator, pixels_and_folds)
-    log.info("%d images (%d labelled) from %s; %d folds of %s images; %s (i2i links, patients, near-duplicates%s)",
+    log.info("%d images (%d labelled) from %s; %d %s (i2i links, patients, near-duplicates%s)",
              len(table), int((table["y"] >= 0).sum()), cfg.data.root, cfg.cv.n_splits,
-             "/".join(map(str, folds["fold"].value_counts().sort_index().tolist())),
              describe_shape(grouping_shape(folds)), "" if cfg.cv.near_dup else ": off, cv.near_dup=false")
     for label, lacking in missing_classes(folds, cfg.cv.n_splits).items():
         log.warning("class %s has fewer groups of alike images than folds: folds %s hold none of it, so their "

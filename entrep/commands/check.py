@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from entrep.config import load_config
-from entrep.data.folds import (FoldError, describe_shape, grouping_shape, make_folds, missing_classes,
+from entrep.data.folds import (FoldError, describe_shape, fold_groups, grouping_shape, make_folds, missing_classes,
                                 near_duplicate_groups)
 from entrep.data.near_dup import file_signatures, near_duplicate_pairs
 from entrep.data.release import DataError, file_sha1, load_release, load_test
@@ -24,14 +24,11 @@ def _examples(items, n=3) -> str:
     return "; ".join(" | ".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in items[:n])
 
 
-def near_duplicates(table, ts, threshold: float, sig) -> tuple[list[list[str]], list[tuple[str, str, float]]]:
-    """(near-duplicate groups within the training data, (test image, training image, score) leaks),
-    by the same pass that groups folds (entrep.data.folds.near_duplicate_groups; `sig`: the training
-    images' signatures). Byte-identical copies are already merged by the reader."""
-    try:
-        ids, _ = near_duplicate_groups(sig, table["y"].to_numpy(), threshold)
-    except FoldError:  # over the cap: _fold_coverage says so in the findings
-        ids = np.arange(len(table))
+def near_duplicates(table, ts, threshold: float, sig, ids) -> tuple[list[list[str]], list[tuple[str, str, float]]]:
+    """(near-duplicate groups within the training data, (test image, training image, score) leaks):
+    `ids` the group of each training image (entrep.data.folds.near_duplicate_groups, the pass that
+    groups folds; `sig`: the training images' signatures). Byte-identical copies are already merged by
+    the reader."""
     members: dict[int, list[str]] = {}
     for i, g in enumerate(ids):
         members.setdefault(int(g), []).append(table["image"].iloc[i])
@@ -60,9 +57,16 @@ def check(root: str, names, test_dir: str | None, console: Console, near_dup_thr
         return 1
     console.print(_counts(root, table, names))
     sig = file_signatures(table["path"].tolist()) if near_dup_threshold else None
-    clusters, leaks = near_duplicates(table, ts, near_dup_threshold, sig) if near_dup_threshold else ([], [])
+    ids, refused = np.arange(len(table)), None  # the pass once: the groups listed and the folds made from them
+    if sig is not None:
+        try:
+            ids, _ = near_duplicate_groups(sig, table["y"].to_numpy(), near_dup_threshold)
+        except FoldError as e:  # over the cap: the fold finding says so
+            refused = str(e)
+    clusters, leaks = near_duplicates(table, ts, near_dup_threshold, sig, ids) if near_dup_threshold else ([], [])
     rows = _findings(table, rep)
-    rows += _fold_coverage(table, sig, near_dup_threshold, n_splits, seed)
+    rows += _fold_coverage(table, None if refused else fold_groups(table, near=ids if sig is not None else None),
+                           refused, n_splits, seed)
     rows.append((f"near-duplicate groups (aligned correlation >= {near_dup_threshold} and the relative test; "
                  f"one fold each)"
                  if near_dup_threshold else "near-duplicate clusters (cv.near_dup=false: not searched)",
@@ -96,22 +100,22 @@ def check(root: str, names, test_dir: str | None, console: Console, near_dup_thr
     return 0
 
 
-def _fold_coverage(table, sig, threshold, n_splits: int, seed: int) -> list[tuple]:
-    """Whether the folds train.py would make (cv settings) can be made, which lack a class, and the
-    grouping's shape."""
+def _fold_coverage(table, groups, refused: str | None, n_splits: int, seed: int) -> list[tuple]:
+    """Whether the folds train.py would make (cv settings; `groups`: fold_groups, or `refused`: why the
+    near-duplicate grouping refused) can be made, which lack a class, and the grouping's shape."""
     what = f"classes missing from some of the {n_splits} folds (cv.n_splits)"
     if not (table["y"] >= 0).any():
         return [(what, "-", "no labelled image")]
     try:
-        folds = make_folds(table, n_splits, seed, sig, threshold or 0.8) if sig is not None else \
-            make_folds(table, n_splits, seed)
+        if refused:
+            raise FoldError(refused)
+        folds = make_folds(table, n_splits, seed, groups=groups)
     except FoldError as e:
         return [(what, "cannot fold", str(e))]
     lacking = missing_classes(folds, n_splits)
-    sizes = "/".join(map(str, folds["fold"].value_counts().sort_index().tolist()))
+    shape = grouping_shape(folds)
     return [(what, len(lacking), _examples([f"{c}: folds {f}" for c, f in lacking.items()])),
-            (f"grouping the folds are built from (images per fold: {sizes})", grouping_shape(folds)["groups"],
-             describe_shape(grouping_shape(folds)))]
+            ("grouping the folds are built from", shape["groups"], describe_shape(shape))]
 
 
 def _counts(root, table, names) -> Table:

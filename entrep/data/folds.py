@@ -172,15 +172,16 @@ def grouping_shape(folds: pd.DataFrame) -> dict:
     multi = sizes[sizes > 1]
     labelled = folds[folds["label"] != ""]
     spanning = labelled.groupby("fold_group")["label"].nunique()
-    return {"groups": int(len(multi)), "images_grouped": int(multi.sum()), "images": int(len(folds)),
+    return {"images_per_fold": folds["fold"].value_counts().sort_index().tolist(), "groups": int(len(multi)),
+            "images_grouped": int(multi.sum()), "images": int(len(folds)),
             "largest_group": int(sizes.max()) if len(sizes) else 0, "cap": group_cap(len(folds)),
             "groups_spanning_classes": int((spanning > 1).sum())}
 
 
 def describe_shape(shape: dict) -> str:
-    return (f"{shape['groups']} groups of alike images hold {shape['images_grouped']} of {shape['images']} images; "
-            f"largest {shape['largest_group']} (near-duplicate cap {shape['cap']}); "
-            f"{shape['groups_spanning_classes']} span two classes")
+    return (f"folds of {'/'.join(map(str, shape['images_per_fold']))} images; {shape['groups']} groups of alike "
+            f"images hold {shape['images_grouped']} of {shape['images']}; largest {shape['largest_group']} "
+            f"(near-duplicate cap {shape['cap']}); {shape['groups_spanning_classes']} span two classes")
 
 
 def make_folds(df: pd.DataFrame, n_splits: int, seed: int, signatures=None,
