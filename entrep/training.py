@@ -11,6 +11,7 @@ fold (build -> fit -> OOF embedding -> save, metrics.json last) and the report o
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -271,6 +272,11 @@ class RunData:
     def groups(self) -> np.ndarray:
         return self.folds["group"].to_numpy()
 
+    @functools.cached_property
+    def signatures(self):
+        """The release's near-duplicate signatures, made on first use and kept for every fold of the call."""
+        return file_signatures(self.table["path"].tolist())
+
 
 def load_run_data(cfg, accelerator, timer: StageTimer | None = None) -> RunData:
     """The release, decoded once into the shared image cache, and the run's frozen folds (made and
@@ -405,18 +411,19 @@ class PseudoLabels:
     left_out: dict  # test image -> the training image it copies (never pseudo-labelled)
 
 
-def training_copies(cfg, test, table) -> dict[str, str]:
+def training_copies(cfg, test, table, signatures=None) -> dict[str, str]:
     """Test image -> why it is no pseudo-label: the same file as a training image (by content), or a
-    near-duplicate of one (cv.near_dup's pass, test against training). Such an image would hand a fold
-    a copy of a training image, held-out images included, under a label a model gave it."""
+    near-duplicate of one (cv.near_dup's pass, test against training; `signatures`: the release's,
+    when already made). Such an image would hand a fold a copy of a training image, held-out images
+    included, under a label a model gave it."""
     by_sha = dict(zip(table["sha1"], table["image"]))
     names = sorted(test.images)
     out = {n: f"the same file as {by_sha[h]}" for n in names if (h := file_sha1(test.images[n])) in by_sha}
     rest = [n for n in names if n not in out]
     if cfg.cv.near_dup and rest:
         test_sig = file_signatures([str(test.images[n]) for n in rest], desc="test image signatures")
-        for i, j, score in near_duplicate_pairs(test_sig, file_signatures(table["path"].tolist()),
-                                                threshold=cfg.cv.near_dup_threshold):
+        train_sig = signatures if signatures is not None else file_signatures(table["path"].tolist())
+        for i, j, score in near_duplicate_pairs(test_sig, train_sig, threshold=cfg.cv.near_dup_threshold):
             out.setdefault(rest[i], f"a near-duplicate of {table['image'].iloc[j]} ({score:.3f})")
     return out
 
@@ -462,7 +469,7 @@ def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
     source_cfg = load_config(source / rundir.CONFIG)
     settings = source_fold_settings(source, k, source_cfg.infer.tta_flip)
     test = load_test(cfg.train.pseudo_data)
-    left_out = training_copies(cfg, test, data.table)
+    left_out = training_copies(cfg, test, data.table, data.signatures if cfg.cv.near_dup else None)
     if left_out:
         log.warning("fold %s: %d test images copy a training image and are left out of the pseudo-labels: %s", k,
                     len(left_out), "; ".join(f"{n} ({why})" for n, why in sorted(left_out.items())[:5])
