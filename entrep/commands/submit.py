@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -15,10 +16,21 @@ from entrep.io import kit_file, read_json
 from entrep.submission import TRACK_TITLES, SubmissionError, rankings_to_submission, validate, write_submission
 
 
-def read_meta(pred: Path) -> tuple:
-    """(meta, topk, queries, labels, test_dir, galleries per track, gallery images that are training
-    images, tracks not predicted) of a predictions folder's meta.json; a field of another type is one
-    line naming the file."""
+@dataclass(frozen=True)
+class PredictionsMeta:
+    """What submit.py reads of a predictions folder's meta.json."""
+    raw: dict
+    topk: int
+    queries: dict
+    labels: list
+    test_dir: str
+    galleries: dict  # track -> set of gallery images
+    leak_names: list  # gallery images that are training images
+    not_predicted: dict  # track -> why
+
+
+def read_meta(pred: Path) -> PredictionsMeta:
+    """A predictions folder's meta.json; a field of another type is one line naming the file."""
     meta_file = pred / rundir.PRED_META
     meta = read_json(meta_file)
     with kit_file(meta_file):
@@ -27,9 +39,10 @@ def read_meta(pred: Path) -> tuple:
         galleries = {t: set(meta["galleries"][t] if "galleries" in meta else meta["gallery"])
                      for t in ("i2i", "t2i") if queries.get(t)}
         leak = meta.get("test_images_in_training", {})
-        return (meta, int(meta["topk"]), queries, meta["labels"], meta["test_dir"], galleries,
-                sorted(set(leak.get("by_name", [])) | set(leak.get("by_content", []))),
-                dict(meta.get("not_predicted", {})))
+        return PredictionsMeta(raw=meta, topk=int(meta["topk"]), queries=queries, labels=meta["labels"],
+                               test_dir=meta["test_dir"], galleries=galleries,
+                               leak_names=sorted(set(leak.get("by_name", [])) | set(leak.get("by_content", []))),
+                               not_predicted=dict(meta.get("not_predicted", {})))
 
 
 def main(argv=None) -> int:
@@ -45,34 +58,34 @@ def main(argv=None) -> int:
     if not (pred / rundir.PRED_META).is_file():
         raise SubmissionError(f"{pred}: no predictions; run infer.py --run {args.run or 'RUN'} --data TEST_DIR"
                               f"{' --out ' + str(pred) if args.predictions else ''} first")
-    meta, topk, queries, labels, test_dir, galleries, leak_names, not_predicted = read_meta(pred)
-    if args.topk > topk:
-        raise SubmissionError(f"--topk {args.topk}, but {pred} holds top-{topk} rankings; re-run infer.py "
-                              f"--run {args.run or 'RUN'} --data {test_dir} infer.topk={args.topk}, or lower --topk")
+    meta = read_meta(pred)
+    if args.topk > meta.topk:
+        raise SubmissionError(f"--topk {args.topk}, but {pred} holds top-{meta.topk} rankings; re-run infer.py "
+                              f"--run {args.run or 'RUN'} --data {meta.test_dir} infer.topk={args.topk}, or lower --topk")
     out = Path(args.out) if args.out else Path(args.run) / rundir.SUBMISSION
     if out.exists() and not out.is_dir():
         raise SubmissionError(f"--out {out} is a file; give a folder (it will hold cls|i2i|t2i .json and .zip)")
-    if leak_names:
-        console.print(f"warning: {len(leak_names)} gallery images are also training images (e.g. "
-                      f"{leak_names[:3]}); answers may point at them (predictions/meta.json lists them)")
-    for track, why in not_predicted.items():
+    if meta.leak_names:
+        console.print(f"warning: {len(meta.leak_names)} gallery images are also training images (e.g. "
+                      f"{meta.leak_names[:3]}); answers may point at them (predictions/meta.json lists them)")
+    for track, why in meta.not_predicted.items():
         console.print(f"no {track} submission: {why}")
     subs = {}
-    if queries.get("cls"):
+    if meta.queries.get("cls"):
         with kit_file(pred / rundir.PRED_CLASSES):
             df = pd.read_csv(pred / rundir.PRED_CLASSES, keep_default_na=False).set_index("image")
-            sub = {q: int(df.loc[meta["on_disk"][q], "pred_idx"]) for q in queries["cls"]}
-        validate("cls", sub, queries["cls"], n_classes=len(labels))
+            sub = {q: int(df.loc[meta.raw["on_disk"][q], "pred_idx"]) for q in meta.queries["cls"]}
+        validate("cls", sub, meta.queries["cls"], n_classes=len(meta.labels))
         subs["cls"] = sub
     for track in ("i2i", "t2i"):
-        if queries.get(track):
+        if meta.queries.get(track):
             rankings = read_json(pred / rundir.PRED_RANKINGS[track])
             with kit_file(pred / rundir.PRED_RANKINGS[track]):
                 sub = rankings_to_submission(rankings, args.topk)
-            validate(track, sub, queries[track], galleries[track])
+            validate(track, sub, meta.queries[track], meta.galleries[track])
             subs[track] = sub
     if not subs:
-        raise SubmissionError(f"{test_dir} had no query lists (cls.csv, i2i.csv, t2i.csv)")
+        raise SubmissionError(f"{meta.test_dir} had no query lists (cls.csv, i2i.csv, t2i.csv)")
     before = {p.name for p in out.iterdir()} if out.is_dir() else set()
     written = write_submission(subs, out)  # one unit: the folder holds this set, no other set's files
     if stale := sorted(before - {p.name for ps in written.values() for p in ps}):
