@@ -208,15 +208,20 @@ def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict
 def pooled_retrieval(views: dict, table, track: str, rerank: dict | None = None, rule: str | None = None) -> dict:
     """One track's retrieval metrics over the given folds' views, queries pooled (t2i: a caption per
     fold is one group, weighed once)."""
+    pooled = pooled_metrics({k: track_rankings(v, table, track, rerank, rule) for k, v in views.items()})
+    return pooled if pooled is not None else {"n_queries": 0, "mrr": 0.0}
+
+
+def pooled_metrics(per_fold: dict) -> dict | None:
+    """Retrieval metrics of several folds' (rankings, relevant sets, group keys or None), queries pooled:
+    a group (a t2i caption) is a fold's own, weighed once; None when no fold has a query."""
     rankings, relevant, groups = [], [], []
-    for k, v in views.items():
-        r, s, g = track_rankings(v, table, track, rerank, rule)
+    for k, (r, s, g) in per_fold.items():
         rankings += r
         relevant += s
         groups += [(k, x) for x in g] if g is not None else [(k, "query", j) for j in range(len(r))]
-    grouped = track == "t2i" and rule in (None, "t2i")
-    return (retrieval_metrics(rankings, relevant, groups=groups if grouped else None) if rankings
-            else {"n_queries": 0, "mrr": 0.0})
+    grouped = any(g is not None for _, _, g in per_fold.values())
+    return retrieval_metrics(rankings, relevant, groups=groups if grouped else None) if rankings else None
 
 
 def pooled_labels(views: dict, table) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@ import pandas as pd
 from entrep import rundir
 from entrep.io import FileSet, atomic_files
 from entrep.metrics import retrieval_metrics
-from entrep.oof import RELEVANCE, RETRIEVAL_TRACKS, FoldOOF, FoldView, pooled_classification, track_rankings
+from entrep.oof import (RELEVANCE, RETRIEVAL_TRACKS, FoldOOF, FoldView, pooled_classification, pooled_metrics,
+                        track_rankings)
 from entrep.tuning import Scored, crossfit, tune
 
 HOW = {
@@ -40,7 +41,7 @@ def score_folds(scored: dict[int, Scored], table, names) -> dict:
     caption; t2i_pairs (every pair once) and t2i_any (the easier any-carrier rule) stand beside it."""
     figures = {"classification": pooled_classification({k: s.view for k, s in scored.items()}, table, names)}
     parts = (*RETRIEVAL_TRACKS, "t2i_pairs", "t2i_any")
-    pooled = {t: ([], [], []) for t in parts}
+    per_fold: dict[str, dict] = {t: {} for t in parts}
     rows = []
     for k, s in sorted(scored.items()):
         row = {"fold": k, "n_images": len(s.view.images), "settings": s.settings}
@@ -51,17 +52,12 @@ def score_folds(scored: dict[int, Scored], table, names) -> dict:
         for part in parts:
             track = "i2i" if part == "i2i" else "t2i"
             rankings, relevant, groups = track_rankings(s.view, table, track, s.rerank[track], rule=part)
+            per_fold[part][k] = (rankings, relevant, groups)
             if rankings:
                 row[part] = retrieval_metrics(rankings, relevant, groups=groups)
-            pooled[part][0].extend(rankings)
-            pooled[part][1].extend(relevant)
-            pooled[part][2].extend([(k, g) for g in groups] if groups is not None else [None] * len(rankings))
         rows.append(row)
     for part in parts:
-        rankings, relevant, groups = pooled[part]
-        grouped = part == "t2i"
-        figures[part] = ((retrieval_metrics(rankings, relevant, groups=groups if grouped else None) if rankings
-                          else {"n_queries": 0}) | {"relevance": RELEVANCE[part]})
+        figures[part] = (pooled_metrics(per_fold[part]) or {"n_queries": 0}) | {"relevance": RELEVANCE[part]}
     figures["folds"] = rows
     return figures
 
