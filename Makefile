@@ -21,7 +21,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	touch $@
 
 # data -> k-fold training of two runs (real `accelerate launch`, another seed for the second) -> their
-# blend, out of fold -> inference -> submission -> local score, for each run and the blend.
+# blend, out of fold -> inference -> submission -> local score, for each run and the blend -> the runs table.
 # DEMO_GEN / DEMO_TRAIN shrink it for the test that runs this target (tests/test_readme.py).
 DEMO_GEN ?=
 DEMO_TRAIN ?=
@@ -43,6 +43,8 @@ demo: venv
 				--truth $(DEMO_DATA)/truth/$${t#*:}.json || exit 1; \
 		done || exit 1; \
 	done
+	$(PY) -m entrep.runs $(RUNS)
+	@echo "each run's report.html: $(RUNS)/demo/report.html, $(RUNS)/demo_seed1/report.html, $(RUNS)/demo_blend/report.html"
 
 # Tests spread over 2 worker processes (pytest-xdist). --dist loadgroup keeps the tests marked
 # xdist_group("ddp") (real 2-process launches) on one worker, so no two of them share the cores at once.

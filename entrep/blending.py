@@ -40,7 +40,8 @@ from entrep.oof import (
     pooled_f1_macro,
     pooled_retrieval,
 )
-from entrep.report import score_folds, write_scored
+from entrep.figures import image_paths, score_folds, write_scored
+from entrep.page import write_page_into
 from entrep.settings import Settings, fold_settings, read_blend_tuned, read_tuned
 from entrep.tuning import Scored, tune_rerank
 
@@ -282,12 +283,13 @@ def blend(members: list[Member], folds_df: pd.DataFrame, out: Path, table, names
 
 def write_blend(out: Path, folds_df, report: dict, tuned: dict, scored: dict[int, Scored], table, names,
                 spec: dict) -> None:
-    """A blend directory's files as one unit (io.atomic_files): folds.csv, the report set and
-    blend.json, which is renamed in last; a failed write leaves the earlier blend whole."""
+    """A blend directory's files as one unit (io.atomic_files): folds.csv, the report set, the page
+    that shows them and blend.json, which is renamed in last; a failed write leaves the earlier blend whole."""
     with atomic_files(out) as files:
         files.write_csv(rundir.FOLDS, folds_df)  # infer.py reads it to name test images that are training images
         write_scored(files, report, tuned, scored, table, names)
-        files.write_json(rundir.BLEND, spec)
+        write_page_into(files, image_paths(table), blend=spec)
+        files.write_json(rundir.BLEND, spec)  # renamed in last: it marks the blend complete
 
 
 @dataclass

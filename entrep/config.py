@@ -615,6 +615,32 @@ def run_defining_diff(on_disk: Config, now: Config) -> list[str]:
                   and a.get(k) != b.get(k))
 
 
+def recipe_switches(cfg: Config) -> dict[str, str]:
+    """The method's components and the recipe's switches (docs/method.md, docs/recipe.md), each on or off
+    with its value: what start-up logs, the report page shows and the runs table compares."""
+    m, t, i = cfg.model, cfg.train, cfg.infer
+    lora = f"rank {m.lora.rank}" if m.lora.enabled else (f"off: last {m.lora.train_last_blocks} blocks"
+                                                          if m.lora.train_last_blocks else "off")
+    mixing = (f"mixup {t.mixup_alpha:g}, cutmix {t.cutmix_alpha:g}, p {t.mix_prob:g}"
+              if t.mixup_alpha or t.cutmix_alpha else "off")
+    return {
+        "model": m.name, "lora": lora, "fusion": "on" if m.fusion.enabled else "off",
+        "prompts": "on" if m.prompts else "off",
+        "slerp": ", ".join(w for w, on in (("train", m.slerp.train), ("retrieval", m.slerp.infer)) if on) or "off",
+        "loss": f"ce {cfg.loss.ce:g}, prompt {cfg.loss.prompt:g}, text {cfg.loss.text:g}, image {cfg.loss.image:g}",
+        "flip_tta": "on" if i.tta_flip else "off",
+        "rerank": ", ".join(cfg.rerank.methods) or "off",
+        "ema": f"{t.ema_decay:g} ({t.ema_warmup})" if t.ema_decay else "off",
+        "mixup_cutmix": mixing,
+        "layer_decay": f"{t.layer_decay:g}" if t.layer_decay != 1 else "off",
+        "image_size": f"{m.image_size} px" if m.image_size else "the model's own",
+        "wise_ft": f"{i.wise_grid}" if list(i.wise_grid) != [1.0] else "off",
+        "memory": f"{i.memory_weight}" if list(i.memory_weight) != [0.0] else "off",
+        "pseudo_labels": f"from {t.pseudo_from} (>= {t.pseudo_threshold:g})" if t.pseudo_from else "off",
+        "epochs": str(t.epochs), "seed": str(t.seed),
+    }
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

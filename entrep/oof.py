@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -171,9 +172,17 @@ def _rank(queries: np.ndarray, gallery: np.ndarray, names: list[str], rerank: di
 T2I_RULES = ("t2i", "t2i_pairs", "t2i_any")
 
 
+class Ranked(NamedTuple):
+    """One held-out fold's queries for one track, ranked: what scoring and the report's failures read."""
+    rankings: list          # each query's ranked gallery names (OOF_TOPK)
+    relevant: list          # each query's set of right answers
+    groups: list | None     # t2i: the caption each query weighs under (None: every query once)
+    queries: list           # each query as the page shows it: an image name (i2i) or a caption (t2i)
+
+
 def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict | None = None,
-                   rule: str | None = None) -> tuple[list, list, list | None]:
-    """(rankings, relevant sets, group keys or None) of one held-out fold's queries for one track.
+                   rule: str | None = None) -> Ranked:
+    """One held-out fold's queries for one track, ranked (`Ranked`).
     t2i's rules (RELEVANCE): "t2i" (the default) one target per (caption, image) pair, grouped by
     caption so that `retrieval_metrics` weighs each caption once; "t2i_pairs" the same queries
     ungrouped; "t2i_any" one query per caption, any carrier relevant, for comparison."""
@@ -185,10 +194,10 @@ def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict
     if track == "i2i":
         q = [i for i, p in enumerate(info["partners"]) if any(x in pos for x in p)]
         rel = [{x for x in info["partners"].iloc[i] if x in pos} for i in q]
-        return (_rank(ret[q], ret, images, rerank or {}, exclude=q, query_probs=gallery_probs[q],
-                      gallery_probs=gallery_probs) if q else []), rel, None
+        return Ranked(_rank(ret[q], ret, images, rerank or {}, exclude=q, query_probs=gallery_probs[q],
+                            gallery_probs=gallery_probs) if q else [], rel, None, [images[i] for i in q])
     if not view.text:  # no text tower: no caption is answered (a blend takes t2i from its other members)
-        return [], [], None
+        return Ranked([], [], None, [])
     carriers: dict = {}
     for n, caps in zip(images, info["captions"]):
         for c in caps:
@@ -198,11 +207,12 @@ def track_rankings(view: FoldView, table: pd.DataFrame, track: str, rerank: dict
     ranked = (_rank(view.caption_emb[keep], ret, images, rerank or {}, query_probs=query_probs,
                     gallery_probs=gallery_probs) if keep else [])
     if rule == "t2i_any":
-        return ranked, [set(carriers[view.captions[i]]) for i in keep], None
+        return Ranked(ranked, [set(carriers[view.captions[i]]) for i in keep], None, [view.captions[i] for i in keep])
     # identical caption text ranks the same list once; each of its carriers is its own query
     pairs = [(r, n, view.captions[i]) for r, i in zip(ranked, keep) for n in carriers[view.captions[i]]]
-    return [r for r, _, _ in pairs], [{n} for _, n, _ in pairs], (None if rule == "t2i_pairs" else
-                                                                   [c for _, _, c in pairs])
+    captions = [c for _, _, c in pairs]
+    return Ranked([r for r, _, _ in pairs], [{n} for _, n, _ in pairs], None if rule == "t2i_pairs" else captions,
+                  captions)
 
 
 def pooled_retrieval(views: dict, table, track: str, rerank: dict | None = None, rule: str | None = None) -> dict:
@@ -213,14 +223,14 @@ def pooled_retrieval(views: dict, table, track: str, rerank: dict | None = None,
 
 
 def pooled_metrics(per_fold: dict) -> dict | None:
-    """Retrieval metrics of several folds' (rankings, relevant sets, group keys or None), queries pooled:
-    a group (a t2i caption) is a fold's own, weighed once; None when no fold has a query."""
+    """Retrieval metrics of several folds' `Ranked` queries, pooled: a group (a t2i caption) is a fold's
+    own, weighed once; None when no fold has a query."""
     rankings, relevant, groups = [], [], []
-    for k, (r, s, g) in per_fold.items():
-        rankings += r
-        relevant += s
-        groups += [(k, x) for x in g] if g is not None else [(k, "query", j) for j in range(len(r))]
-    grouped = any(g is not None for _, _, g in per_fold.values())
+    for k, f in per_fold.items():
+        rankings += f.rankings
+        relevant += f.relevant
+        groups += [(k, x) for x in f.groups] if f.groups is not None else [(k, "query", j) for j in range(len(f.rankings))]
+    grouped = any(f.groups is not None for f in per_fold.values())
     return retrieval_metrics(rankings, relevant, groups=groups if grouped else None) if rankings else None
 
 

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 
 from entrep import rundir
 from entrep.cli import raise_if_interrupted
-from entrep.config import flat_dict, load_config, run_defining_diff, save_config, to_dict
+from entrep.config import flat_dict, load_config, recipe_switches, run_defining_diff, save_config, to_dict
 from entrep.data.folds import (describe_shape, file_signatures, grouping_shape, load_or_make_folds, missing_classes,
                                  read_folds)
 from entrep.data.near_dup import near_duplicate_pairs
@@ -52,7 +52,7 @@ from entrep.model.checkpoint import (
 )
 from entrep.model.entrep_clip import build_model
 from entrep.oof import OOF_FILE, FoldOOF, save_fold_oof
-from entrep.report import write_report
+from entrep.figures import write_report
 from entrep.settings import Settings, fold_settings
 from entrep.timing import StageTimer
 from entrep.wise import embed_fold_outputs, load_run_oof
@@ -527,6 +527,9 @@ def train_run(cfg, accelerator, console=None, started: float | None = None,
     with timer.stage("identity"):
         agree_across_processes(accelerator, cfg)
     data = load_run_data(cfg, accelerator, timer)  # decodes beside another call; folds and claim under run_files
+    switches = recipe_switches(cfg)
+    log.info("recipe: %s", "; ".join(f"{k} {v}" for k, v in switches.items() if v != "off"))
+    log.info("recipe, off: %s", ", ".join(k for k, v in switches.items() if v == "off") or "nothing")
     results, folds = [], {}
     todo = cfg.train.folds or list(range(cfg.cv.n_splits))
     if share is not None:

@@ -475,14 +475,14 @@ def test_blend_members_are_logged_relative_to_the_current_folder(tmp_path, monke
 def test_a_report_without_plots_leaves_no_earlier_plot_beside_it(tmp_path):
     """The report set is one unit: a report with no classification figures removes the earlier plots."""
     from entrep.io import atomic_files
-    from entrep.report import PLOTS, write_scored
+    from entrep.figures import PLOTS, write_scored
 
     (tmp_path / PLOTS[0]).write_bytes(b"old plot")
     (tmp_path / PLOTS[1]).write_bytes(b"old plot")
     with atomic_files(tmp_path) as files:
         write_scored(files, {"classification": {}}, {"head_weight": 1.0}, {}, pd.DataFrame({"image": [], "label": []}),
                      [])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["oof.csv", "report.json", "tuned.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failures.json", "oof.csv", "report.json", "tuned.json"]
 
 
 def test_hand_edited_kit_files_are_one_line(tmp_path, capsys):

@@ -11,7 +11,7 @@ from entrep.blending import BlendError, Member, check_same_folds, choose, crossf
 from entrep.config import load_config
 from entrep.data.folds import FoldError, load_or_make_folds
 from entrep.oof import RETRIEVAL_TRACKS
-from entrep.report import crossfit_figures
+from entrep.figures import crossfit_figures
 from entrep.settings import Settings
 from entrep.tuning import tune
 

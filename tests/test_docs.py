@@ -24,10 +24,13 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 # The programs a README command may start with (longest first where one is a prefix of another).
 PROGRAMS = ("make demo", "make test-fast", "make test", "accelerate launch train.py", "python train.py",
             "python infer.py", "python submit.py", "python -m entrep.data check", "python -m entrep.preflight",
-            "python -m entrep.score", "python -m entrep.blend", "python -m entrep.ablate", "python -m entrep.demo")
+            "python -m entrep.score", "python -m entrep.blend", "python -m entrep.ablate", "python -m entrep.demo",
+            "python -m entrep.runs", "python -m entrep.report")
 
 DEMO = "tests/test_readme.py::test_make_demo_runs_end_to_end"  # runs `make demo`: the Makefile's demo recipe
 E2E = "tests/test_e2e.py::test_train_infer_submit_on_demo"
+RUNS = "tests/test_page.py::test_the_runs_table_lists_every_run_and_blend_with_fold_spreads_sorts_and_diffs"
+PAGE = "tests/test_page.py::test_python_m_entrep_report_rebuilds_the_page_from_the_run_and_its_release"
 MAKE_TESTS = "tests/test_docs.py::test_the_make_test_targets_run_pytest_as_the_readme_says"
 
 # (program, option or override key; "" = the program itself) -> (test that runs it, text that shows it there:
@@ -68,6 +71,11 @@ COVERED = {
     ("python -m entrep.ablate", ""): ("tests/test_ablate.py::test_ladder_runs_and_each_rung_flips_exactly_its_switch",
                                       "from entrep.commands.ablate import"),
     ("python -m entrep.demo", ""): (DEMO, "-m entrep.demo"),
+    ("python -m entrep.runs", ""): (DEMO, "-m entrep.runs $(RUNS)"),
+    ("python -m entrep.runs", "--sort"): (RUNS, '"--sort"'),
+    ("python -m entrep.runs", "--diff"): (RUNS, '"--diff"'),
+    ("python -m entrep.report", ""): (PAGE, '"-m", "entrep.report"'),
+    ("python -m entrep.report", "--data"): (PAGE, '"--data"'),
     ("entrep.predict", ""): ("tests/test_entry_points.py::test_entrep_predict_is_a_library_call_that_matches_infer_py",
                              "entrep.predict("),
     ("entrep.train_fold", ""): ("tests/test_entry_points.py::test_entrep_train_fold_trains_a_fold_as_train_py_does",
@@ -199,7 +207,7 @@ def _field_type(key: str):
 
 
 # ------------------------------------------------------------------------------ layering
-SHIMS = {"score", "blend", "preflight", "ablate", "demo", "data.__main__"}
+SHIMS = {"score", "blend", "preflight", "ablate", "demo", "report", "runs", "data.__main__"}
 
 
 def readme_layers() -> dict[str, int]:

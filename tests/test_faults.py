@@ -190,7 +190,7 @@ def test_report_set(tmp_path, faults, capsys):
     """tuned.json, oof.csv, report.json and the plots: one unit beside the run's other files."""
     from entrep.config import load_config
     from entrep.io import atomic_files
-    from entrep.report import crossfit_figures, write_scored
+    from entrep.figures import crossfit_figures, write_scored
     from entrep.tuning import tune
     from test_report import NAMES, synthetic_oof
 
@@ -291,7 +291,7 @@ def test_submission_folder_through_submit_py(tmp_path, faults, capsys):
 def test_blend_outputs(tmp_path, faults, capsys):
     from entrep.blending import write_blend
     from entrep.config import load_config
-    from entrep.report import crossfit_figures
+    from entrep.figures import crossfit_figures
     from entrep.tuning import tune
     from test_report import NAMES, synthetic_oof
 

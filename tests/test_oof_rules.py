@@ -35,7 +35,7 @@ def test_t2i_has_one_target_per_caption_like_the_leaderboard():
 
 
 def test_the_report_scores_t2i_by_the_challenge_rule_and_shows_the_easy_one_beside_it():
-    from entrep.report import score_folds
+    from entrep.figures import score_folds
     from entrep.tuning import Scored
 
     fold, table = _carriers_fold(k=4)

@@ -32,3 +32,12 @@ def test_make_demo_runs_end_to_end(tmp_path):
         for track in ("cls", "i2i", "t2i"):
             assert (runs / run / "submission" / f"{track}.zip").is_file(), (run, track)
     assert log.count("accuracy") >= 3 and log.count("mrr") >= 6  # every run and the blend scored on every track
+    from browser import open_page
+
+    for run in ("demo", "demo_seed1", "demo_blend"):  # each report's page, as a browser shows it
+        seen = open_page(runs / run / "report.html")
+        assert seen["problems"] == [] and seen["broken"] == 0 and seen["images"] > 20, (run, seen["problems"])
+        assert "Worst-classified images" in seen["text"] and "Worst i2i queries" in seen["text"]
+    assert "Members" in open_page(runs / "demo_blend/report.html")["text"]
+    table = log.split("runs under", 1)[1]  # python -m entrep.runs: the three, with their fold spreads
+    assert all(f"{run} " in table for run in ("demo", "demo_seed1", "demo_blend")) and table.count("±") >= 12

@@ -8,7 +8,7 @@ import torch
 from entrep.config import load_config
 from entrep.embedding import Embedded
 from entrep.oof import RETRIEVAL_TRACKS, FoldOOF, pooled_classification, pooled_retrieval, track_rankings
-from entrep.report import crossfit_figures
+from entrep.figures import crossfit_figures
 from entrep.tuning import RERANK_OFFERED, tune
 
 NAMES = ["a", "b", "c"]
@@ -68,7 +68,7 @@ def test_each_fold_is_scored_with_settings_tuned_on_the_other_folds(cfg):
     rk, rel = [], []
     for k, fold in oof.items():
         view = fold.view(others[k]["head_weight"], False, others[k]["i2i"]["alpha"])
-        r, s, _ = track_rankings(view, table, "i2i", others[k]["i2i"]["rerank"]["kept"])
+        r, s, *_ = track_rankings(view, table, "i2i", others[k]["i2i"]["rerank"]["kept"])
         rk += r
         rel += s
     mrr = np.mean([1 / (r.index(next(iter(s))) + 1) if next(iter(s)) in r else 0 for r, s in zip(rk, rel)])

@@ -278,7 +278,7 @@ def test_the_memory_out_of_fold_holds_only_the_other_folds_pairs():
     from dataclasses import replace
 
     from entrep.metrics import retrieval_metrics
-    from entrep.report import crossfit_figures
+    from entrep.figures import crossfit_figures
     from test_report import NAMES
 
     oof, table = leaky_case()
@@ -288,7 +288,7 @@ def test_the_memory_out_of_fold_holds_only_the_other_folds_pairs():
     def r1(folds, weight):
         rk, rel = [], []
         for f in folds.values():
-            r, s, _ = track_rankings(f.view(1.0, False, 0.0, memory_weight=weight), table, "t2i")
+            r, s, *_ = track_rankings(f.view(1.0, False, 0.0, memory_weight=weight), table, "t2i")
             rk, rel = rk + r, rel + s
         return retrieval_metrics(rk, rel)["recall@1"]
 
@@ -306,7 +306,7 @@ def test_a_blend_member_applies_its_own_scales_and_memory():
     from pathlib import Path
 
     from entrep.blending import Member
-    from entrep.report import crossfit_figures
+    from entrep.figures import crossfit_figures
     from entrep.settings import Settings
     from entrep.tuning import tune
     from test_report import NAMES, synthetic_oof, with_scales_and_memory
