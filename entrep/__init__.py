@@ -8,8 +8,10 @@ The two library calls (each imports torch only when called):
 
 def predict(run, test_dir, overrides=(), **kw):
     """A run's folds (or a blend's runs) ensembled on a test folder, as data (entrep/inference.py)."""
+    from entrep.cli import setup_logging
     from entrep.inference import predict as _predict
 
+    setup_logging(library=True)  # as train_fold: the kit's INFO lines in a fresh process, the caller's logging kept
     return _predict(run, test_dir, overrides, **kw)
 
 
@@ -33,5 +35,5 @@ def train_fold(run, k: int, overrides=(), *, config=None, data=None, **kw):
     argv = ["--name", run.name, f"output_dir={run.parent}", f"train.folds=[{int(k)}]", "train.resume=false", *overrides]
     argv += (["--config", str(config)] if config else []) + (["--data", str(data)] if data else [])
     argv += [override_item(key.replace("__", "."), value) for key, value in kw.items()]
-    (result,) = run_in_process(argv)
+    (result,) = run_in_process(argv, library=True)
     return result

@@ -3,6 +3,7 @@ the console, progress bars, and `run_main`, which turns the kit's errors into on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -41,8 +42,14 @@ def parser(prog: str, description: str, *, config: str | None = "YAML config", r
     return ap
 
 
-def setup_logging(main_process: bool = True) -> None:
-    """The kit's loggers at INFO on the main process; libraries (open_clip logs on the root) at WARNING."""
+def setup_logging(main_process: bool = True, library: bool = False) -> None:
+    """The kit's loggers at INFO on the main process; libraries (open_clip logs on the root) at WARNING.
+    `library` (entrep.predict, entrep.train_fold): the same in a fresh process, but logging the caller
+    set up (handlers on the root logger) is kept, with only the kit's level set."""
+    root = logging.getLogger()
+    if library and root.handlers and not any(isinstance(h, RichHandler) for h in root.handlers):
+        logging.getLogger("entrep").setLevel(logging.INFO if main_process else logging.WARNING)
+        return
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     logging.getLogger("entrep").setLevel(logging.INFO if main_process else logging.WARNING)
@@ -136,6 +143,30 @@ def run_main(main, argv=None) -> int:
         _received.clear()
 
 
+@contextlib.contextmanager
+def progress(description: str, total: int | None, enabled: bool = True):
+    """A transient rich bar with an ETA around a loop that can run for minutes; yields `advance(n=1)`.
+    `enabled` False (a process other than the main one) or a console that shows no live display
+    (rich before 14.1 nests none inside another): a no-op."""
+    from rich.errors import LiveError
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True) if enabled else None
+    try:
+        if bars is not None:
+            bars.start()
+    except LiveError:
+        bars = None
+    task = bars.add_task(description, total=total) if bars is not None else None
+    try:
+        yield (lambda n=1: bars.advance(task, n)) if bars is not None else (lambda n=1: None)
+    finally:
+        if bars is not None:
+            bars.stop()
+
+
 class EpochBars:
     """rich progress bars (epochs, and steps of the current epoch) on the main process (`enabled`);
     elsewhere every call does nothing. console None: rich's default console."""
@@ -143,10 +174,12 @@ class EpochBars:
     def __init__(self, console, epochs: int, enabled: bool = True):
         self.bars = None
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
 
             self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=True)
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                                 transient=True)
             self.epochs = self.bars.add_task("epochs", total=epochs)
 
     def __enter__(self):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from entrep.cli import raise_if_interrupted
+from entrep.cli import progress, raise_if_interrupted
 from entrep.data.dataset import EvalDataset, collate, eval_transform
 from entrep.labels import LabelSet
 from entrep.model.slerp import slerp
@@ -60,28 +60,35 @@ def embed_images(model, images, accelerator, labels: LabelSet, stats, *, batch_s
     tf = eval_transform(stats.size, stats.mean, stats.std)
     loader = images if isinstance(images, DataLoader) else eval_loader(images, accelerator, batch_size)
     results = []
-    for flip in [False, True] if tta_flip else [False]:
-        idx, head, prompt, emb = [], [], [], []
-        for batch in loader:
-            raise_if_interrupted()
-            x = tf(batch["image"].flip(-1) if flip else batch["image"])  # batched, on the device
-            with accelerator.autocast():
-                out = model(x)
-            g = accelerator.gather_for_metrics({"index": batch["index"], "head": out["head_logits"].float(),
-                                                "prompt": out.get("prompt_logits", out["head_logits"]).float(),
-                                                "emb": out["emb"].float()})
-            idx.append(g["index"].cpu()); head.append(g["head"].cpu())
-            prompt.append(g["prompt"].cpu()); emb.append(g["emb"].cpu())
-        order = torch.cat(idx).argsort()
-        results.append({"head": torch.cat(head)[order].softmax(-1).numpy(),
-                        "prompt": torch.cat(prompt)[order].softmax(-1).numpy(),
-                        "emb": torch.cat(emb)[order].numpy()})
+    views = [False, True] if tta_flip else [False]
+    with progress("embedding", len(loader) * len(views), accelerator.is_main_process) as advance:
+        for flip in views:
+            results.append(_embed_view(model, loader, tf, accelerator, flip, advance))
     flip = [lambda p: p, labels.flip_probs]
     has_prompts = unwrapped.uses_prompts
     class_emb = unwrapped.class_embeddings().float().cpu().numpy() if has_prompts else None
     return Embedded([f(r["head"]) for f, r in zip(flip, results)],
                     [f(r["prompt"]) for f, r in zip(flip, results)] if has_prompts else None,
                     results[0]["emb"], class_emb)
+
+
+def _embed_view(model, loader, tf, accelerator, flip: bool, advance) -> dict:
+    """One view (as is, or flipped) of every image: softmaxed head and prompt logits and embeddings, in order."""
+    idx, head, prompt, emb = [], [], [], []
+    for batch in loader:
+        raise_if_interrupted()
+        x = tf(batch["image"].flip(-1) if flip else batch["image"])  # batched, on the device
+        with accelerator.autocast():
+            out = model(x)
+        g = accelerator.gather_for_metrics({"index": batch["index"], "head": out["head_logits"].float(),
+                                            "prompt": out.get("prompt_logits", out["head_logits"]).float(),
+                                            "emb": out["emb"].float()})
+        idx.append(g["index"].cpu()); head.append(g["head"].cpu())
+        prompt.append(g["prompt"].cpu()); emb.append(g["emb"].cpu())
+        advance()
+    order = torch.cat(idx).argsort()
+    return {"head": torch.cat(head)[order].softmax(-1).numpy(), "prompt": torch.cat(prompt)[order].softmax(-1).numpy(),
+            "emb": torch.cat(emb)[order].numpy()}
 
 
 @torch.inference_mode()

@@ -31,6 +31,18 @@ def test_preflight_on_the_demo_config(demo, tmp_path):
                    "│ batch ", "fits", "eval embedding", "3 folds x 10 epochs x 2 steps of 32"):
         assert needle in out, (needle, out)
     assert "No pretrained weights loaded" not in r.stdout + r.stderr  # asked-for random init is not a warning
+    # it says what it is doing while it works, and flags loader workers the cores cannot carry
+    assert "building entrep-tiny ..." in out and "timing 1 + 2 train steps at batch 32" in out
+    cores = len(os.sched_getaffinity(0))
+    r = preflight("--config", "configs/demo.yaml", f"output_dir={tmp_path}", "--steps", "1", f"data.num_workers={cores}")
+    assert r.returncode == 0 and f"{cores} loader workers on {cores} cores" in r.stdout
+    assert f"data.num_workers={cores - 1}" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["--steps", "-1"], ["--steps", "0"], ["--images", "0"], ["--images", "-5"]])
+def test_preflight_refuses_counts_below_one_before_any_work(args):
+    r = preflight("--config", "configs/demo.yaml", *args)
+    assert r.returncode == 2 and "each is a count of at least 1" in r.stderr and "building" not in r.stdout
 
 
 def test_preflight_missing_weights_file_is_one_line(tmp_path):

@@ -92,7 +92,8 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
         rungs = rungs | recipe_rungs(str(root), pseudo_data, side)
     extra = [f"output_dir={root}"] + ([f"data.root={data}"] if data else [])
     rows, cumulative, previous = [], [], None
-    for rung, switch in rungs.items():
+    for i, (rung, switch) in enumerate(rungs.items(), 1):
+        console.rule(f"rung {i}/{len(rungs)}: {rung} ({' '.join(switch) or 'everything off'})")
         cumulative += switch
         argv = ["--config", config] if config else []
         argv += ["--name", rung, *overrides, *base, *cumulative, *extra]

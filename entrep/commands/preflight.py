@@ -124,12 +124,14 @@ def main(argv=None) -> int:
     ap = parser("python -m entrep.preflight", " ".join(__doc__.split("\n\n")[0].split()), config="YAML config")
     ap.add_argument("--data", help="training release folder to read and count (optional)")
     ap.add_argument("--steps", type=int, default=3, help="timed train steps after one warm-up (default 3)")
-    ap.add_argument("--images", type=int, default=0,
+    ap.add_argument("--images", type=int, default=None,
                     help=f"images assumed by the time estimate without --data (default {ENTREP_TRAIN_IMAGES}, ENTRep)")
     ap.add_argument("--json", help="also write the checks and the measured figures to this file")
     args = ap.parse_intermixed_args(argv)
     if not args.config:
         ap.error("--config is required")
+    if args.steps < 1 or (args.images is not None and args.images < 1):
+        ap.error(f"--steps {args.steps} --images {args.images}: each is a count of at least 1")
     cfg = load_config(args.config, list(args.overrides) + ([f"data.root={args.data}"] if args.data else []))
     set_offline(cfg.model.offline)
     setup_logging()
@@ -139,10 +141,16 @@ def main(argv=None) -> int:
     labels = LabelSet.from_config(cfg.labels)
     n_images = args.images or ENTREP_TRAIN_IMAGES
     if args.data:
-        n_images, summary = _data_summary(cfg, labels)
+        with console.status("reading the release"):
+            n_images, summary = _data_summary(cfg, labels)
         rows += summary
     else:
         rows.append(("data", f"not read (no --data); the estimate assumes {n_images:,} images"))
+    if (cores := len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) and \
+            cfg.data.num_workers >= cores:
+        rows.append(("data.num_workers", f"{cfg.data.num_workers} loader workers on {cores} cores: they and the main "
+                                         f"process share the cores and steps slow down; try "
+                                         f"data.num_workers={max(0, cores - 1)}"))
     figures = _measure(cfg, labels, args.steps, n_images, rows)
     table = Table(title=f"preflight: {args.config}", show_header=False)
     table.add_column("check", style="bold")
@@ -160,6 +168,7 @@ def _measure(cfg, labels, steps: int, n_images: int, rows: list) -> dict:
     """Build the model, time evaluation and the train steps (and smaller batches where the batch does
     not fit), estimate the run; appends the table's rows and returns the figures for --json."""
     tb = time.perf_counter()
+    console.print(f"[dim]building {cfg.model.name} ...[/dim]")
     model = build_model(cfg, labels)
     build_s = time.perf_counter() - tb
     n_all = sum(p.numel() for p in model.parameters())
@@ -254,6 +263,8 @@ def _synthetic_dataset(cfg, labels, n: int, work: int):
 
 def _timed_steps(cfg, labels, accelerator, bs: int, ckpt: bool, steps: int, stats) -> Trial:
     """One warm-up and `steps` timed optimizer steps of the trainer's own TrainStep at batch `bs`."""
+    console.print(f"[dim]timing 1 + {steps} train steps at batch {bs}{', grad checkpointing' if ckpt else ''} "
+                  f"...[/dim]")
     c = copy.deepcopy(cfg)
     c.train.batch_size, c.train.grad_checkpointing, c.train.grad_accum = bs, ckpt, 1
     work = c.data.working_side(stats.size)
@@ -289,6 +300,7 @@ def _timed_steps(cfg, labels, accelerator, bs: int, ckpt: bool, steps: int, stat
 
 
 def _eval_rate(cfg, labels, accelerator, stats, model) -> float:
+    console.print(f"[dim]timing evaluation at batch {cfg.train.eval_batch_size} ...[/dim]")
     work = cfg.data.working_side(stats.size)
     model = accelerator.prepare(model)
     n = cfg.train.eval_batch_size

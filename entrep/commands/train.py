@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from entrep import rundir
@@ -56,8 +57,8 @@ def refuse_run_dir(cfg) -> None:
                           f"output_dir=runs")
 
 
-def run_in_process(argv) -> list:
-    """train.py's work in this process (what `entrep.train_fold` calls too): the folds it trained."""
+def run_in_process(argv, library: bool = False) -> list:
+    """train.py's work in this process (what `entrep.train_fold` calls too, `library`): the folds it trained."""
     cfg = parse(argv)
     refuse_run_dir(cfg)
     from entrep.model.backbone import set_offline
@@ -68,12 +69,12 @@ def run_in_process(argv) -> list:
     # run-level files and each fold are held by one call at a time (entrep/training.py run_files, fold_held)
     share, picked = training.fold_share(cfg)  # train.parallel=folds: before any Accelerator, out of the launch's group
     accelerator = training.run_accelerator(cfg)
-    setup_logging(accelerator.is_main_process)
+    setup_logging(accelerator.is_main_process, library)
     if picked:
         training.log.info(picked)
     training.check_launch(accelerator)
     training.start_trackers(accelerator, cfg)
-    results, report = training.train_run(cfg, accelerator, console, started=process_started(), share=share)
+    results, report = training.train_run(cfg, accelerator, console, started=call_started(), share=share)
     if report is not None:
         figures = {"oof/accuracy": report["classification"].get("accuracy"),
                    "oof/f1_macro": report["classification"].get("f1_macro"),
@@ -89,11 +90,16 @@ def run_in_process(argv) -> list:
     return results
 
 
-def process_started() -> float:
-    """When this process started (its interpreter and imports count as the run's start-up)."""
+_calls = [0]  # train.py calls made in this process so far (the ablation ladder and entrep.train_fold make several)
+
+
+def call_started() -> float:
+    """When this call's start-up began: the process's start for its first call (the interpreter and
+    imports count), now for a later one (an ablation rung counts itself, not the rungs before it)."""
     import psutil
 
-    return psutil.Process().create_time()
+    _calls[0] += 1
+    return psutil.Process().create_time() if _calls[0] == 1 else time.time()
 
 
 def print_report(rep: dict, run_dir) -> None:
