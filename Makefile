@@ -3,22 +3,38 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA ?= demo_data
+# The pinned versions (constraints.txt: what docs/recipe.md was measured with, and CI's); CONSTRAINTS=
+# installs requirements.txt's lower bounds as pip resolves them today.
+CONSTRAINTS ?= constraints.txt
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu on a machine without a GPU: torch's CPU wheels
+# (a few hundred MB instead of about 3 GB of CUDA libraries); a GPU box leaves it empty.
+TORCH_INDEX ?=
+PIP_INSTALL := $(PY) -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: demo test test-fast venv venv-dev clean
+.PHONY: demo test test-fast venv venv-dev lock clean
 
 venv: $(VENV)/.installed
 venv-dev: $(VENV)/.installed-dev
 
-$(VENV)/.installed: requirements.txt
+# pip's own progress shows: the first install downloads several GB and takes minutes
+$(VENV)/.installed: requirements.txt $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PIP_INSTALL) --progress-bar on -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .   # `python -m entrep.*` from any folder
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PIP_INSTALL) --progress-bar on -r requirements-dev.txt
 	touch $@
+
+# constraints.txt again from a fresh venv of today's resolution (after a deliberate upgrade; re-measure
+# docs/recipe.md's tables with it)
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet -r requirements-dev.txt
+	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable | sed 's/ @ .*//'; } \
+		> constraints.txt.tmp && mv constraints.txt.tmp constraints.txt && rm -rf .lock-venv
 
 # data -> k-fold training of two runs (real `accelerate launch`, another seed for the second) -> their
 # blend, out of fold -> inference -> submission -> local score, for each run and the blend -> the runs table.
