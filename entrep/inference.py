@@ -186,7 +186,8 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
                            **{f"p_{c}": view.probs[:, j] for j, c in enumerate(labels)}})
     meta = {
         "test_dir": str(test_dir.resolve()), "folds": folds, **settings, "topk": cfg.infer.topk,
-        "galleries": galleries, "gallery_folders": {t: str(test.folders[t]) for t in galleries}, "labels": list(labels),
+        "galleries": {t: [test.spelling(t).get(n, n) for n in g] for t, g in galleries.items()},  # as answers spell them
+        "gallery_folders": {t: str(test.folders[t]) for t in galleries}, "labels": list(labels),
         "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": None if "t2i" in not_predicted else test.t2i},
         "not_predicted": not_predicted, "on_disk": test.on_disk, "test_images_in_training": in_training}
     return Predictions(cls_df, i2i, t2i, meta)
@@ -307,11 +308,12 @@ def rank_test(view, test, galleries: dict[str, list[str]], rerank: dict[str, dic
 
     def rank(track, queries, exclude=None, query_probs=None):
         gallery = galleries[track]
+        spelled = test.spelling(track)  # answers spelled as the query lists spell them, keys too
         g_idx = [pos[n] for n in gallery]
         s, i = rank_gallery(queries, torch.from_numpy(view.ret[track][g_idx]), cfg.infer.topk, rerank[track],
                             exclude=exclude, query_probs=query_probs, gallery_probs=probs[g_idx],
                             max_bytes=cfg.infer.max_sim_bytes, search=cfg.infer.search, nprobe=cfg.infer.faiss_nprobe)
-        return [[{"image": gallery[j], "score": round(float(x), 6)} for x, j in zip(sr, ir)]
+        return [[{"image": spelled.get(gallery[j], gallery[j]), "score": round(float(x), 6)} for x, j in zip(sr, ir)]
                 for sr, ir in zip(s.tolist(), i.tolist())]
 
     i2i, t2i = {}, {}

@@ -156,7 +156,7 @@ class ImageFolder:
     are kept by name in `others`, so a query naming one can be told why it is not an image; the same
     file (same bytes) under one name in two sub-folders is one image, its places in `copies`."""
 
-    def __init__(self, folder: Path, recursive: bool = False):
+    def __init__(self, folder: Path, recursive: bool = False, clash: str = "rename one"):
         self.folder = folder
         files = folder.rglob("*") if recursive else folder.glob("*")
         self.files: dict[str, Path] = {}
@@ -176,7 +176,7 @@ class ImageFolder:
             if p.name in self.files:
                 first = self.files[p.name]
                 if first.stat().st_size != p.stat().st_size or first.read_bytes() != p.read_bytes():
-                    raise DataError(f"two different images named {p.name}: {first} and {p}; rename one")
+                    raise DataError(f"two different images named {p.name}: {first} and {p}; {clash}")
                 self.copies.setdefault(p.name, [first]).append(p)
                 continue
             self.files[p.name] = p
@@ -414,6 +414,8 @@ def load_release(root: str | Path, label_names, check_images: bool = True) -> tu
 # ---------------------------------------------------------------- test folders
 
 QUERY_FILES = ("cls.csv", "i2i.csv", "t2i.csv")
+# a t2i.csv's first line that is a column name, not a caption (cls.csv and i2i.csv refuse one as a missing image)
+HEADER_WORDS = re.compile(r"(?i)(captions?|texts?|quer(y|ies)|descriptions?|prompts?|sentences?|t2i)")
 
 
 @dataclass
@@ -429,6 +431,17 @@ class TestSet:
     galleries: dict[str, list[str]] = field(default_factory=dict)  # track -> the images its queries rank
     folders: dict[str, Path] = field(default_factory=dict)        # track -> the folder its gallery is
     skipped: list[str] = field(default_factory=list)              # macOS metadata files skipped
+
+    def spelling(self, track: str) -> dict[str, str]:
+        """Name on disk -> the name as the query lists spell it, for every answer written for `track`: a
+        submission's keys and answers must spell one image one way (cls.csv's `x.png` for `x.PNG` on
+        disk), and the scorer compares names as written. The track's own list first, then the others."""
+        out: dict[str, str] = {}
+        for t in (track, *(t for t in ("cls", "i2i") if t != track)):
+            for listed in getattr(self, t, None) or []:
+                if listed in self.on_disk:
+                    out.setdefault(self.on_disk[listed], listed)
+        return out
 
 
 def _track_folder(csv: Path, root: Path, folder: ImageFolder) -> tuple[Path, list[str]]:
@@ -448,7 +461,9 @@ def load_test(root: str | Path) -> TestSet:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"test folder not found: {root}")
-    folder = ImageFolder(root, recursive=True)
+    folder = ImageFolder(root, recursive=True, clash=(
+        "one infer.py call reads a test folder as one set of names, and renaming either would change the "
+        "submission's keys: run infer.py and submit.py once per track folder (--data on each, --out apart)"))
     if not folder.files:
         raise DataError(f"{root}: no image files under it" + (f" (extensions found: {sorted({p.suffix for p in folder.others.values()})}; "
                                                              f"the kit reads {', '.join(sorted(COMMON_EXTS))} and "
@@ -470,6 +485,9 @@ def load_test(root: str | Path) -> TestSet:
             seen.add(line)
         lines = list(dict.fromkeys(lines))
         if fname == "t2i.csv":
+            if lines and HEADER_WORDS.fullmatch(lines[0]):
+                raise DataError(f"{hits[0]} line 1: {lines[0]!r} reads as a column header, not a caption; the "
+                                f"challenge's t2i.csv is one caption per line with no header: remove that line")
             ts.t2i = lines
             continue
         for n, line in enumerate(lines, 1):
