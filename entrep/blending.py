@@ -29,7 +29,7 @@ from entrep.config import load_config
 from entrep.data.identity import data_identity, describe_data_change
 from entrep.data.folds import read_folds
 from entrep.errors import EntrepError
-from entrep.io import atomic_files, kit_file, read_json, shown
+from entrep.io import atomic_files, changed_since, fingerprint, kit_file, read_json, shown
 from entrep.model.checkpoint import fold_dir
 from entrep.oof import (
     OOF_FILE,
@@ -255,6 +255,19 @@ def member_refs(runs: list[str | Path], out: Path) -> list[str]:
     return [os.path.relpath(Path(r).resolve(), out.resolve()) for r in runs]
 
 
+def member_sources(members: list[Member], out: Path) -> dict[str, str | None]:
+    """What a blend is made from, fingerprinted in blend.json (named as `member_refs` names the runs):
+    each member's config, tuned.json, folds and every fold's OOF outputs and metrics. A member retrained,
+    re-scored or replaced under the same path changes one of them, and read_blend refuses the blend."""
+    out_fp = {}
+    for m, ref in zip(members, member_refs([m.run for m in members], out)):
+        files = [rundir.CONFIG, rundir.TUNED, rundir.FOLDS]
+        files += [f"{fold_dir(Path(), k)}/{name}" for k in sorted(m.oof) for name in (rundir.OOF_FILE,
+                                                                                     rundir.METRICS_FILE)]
+        out_fp |= {f"{ref}/{f}": fingerprint(m.run / f) for f in files}
+    return out_fp
+
+
 def load_members(runs: list[str | Path]) -> tuple[list[Member], pd.DataFrame]:
     """The finished runs and their common folds.csv; refuses what cannot be blended."""
     members = [Member.load(r) for r in runs]
@@ -277,7 +290,7 @@ def blend(members: list[Member], folds_df: pd.DataFrame, out: Path, table, names
     report, tuned, scored = crossfit_blend(members, table, names, rounds)
     write_blend(out, folds_df, report, tuned, scored, table, names,
                 {"members": member_refs([m.run for m in members], out), "rounds": rounds,
-                 "rerank_config_from": str(members[0].run)})
+                 "rerank_config_from": str(members[0].run), "made_from": member_sources(members, out)})
     return report
 
 
@@ -318,4 +331,12 @@ def read_blend(path: Path) -> Blend:
     weights, rerank = read_blend_tuned(path, PARTS, len(members))
     if missing := [m for m, p in zip(refs, members) if not (p / rundir.CONFIG).is_file()]:
         raise BlendError(f"{path}: member runs not found: {missing} (blend.json names them relative to the blend)")
+    with kit_file(path / rundir.BLEND):
+        made_from = spec.get("made_from", {})  # a blend of an older kit recorded nothing to compare
+        if not isinstance(made_from, dict):
+            raise TypeError(f"'made_from' is {made_from!r}, not an object")
+    if changed := changed_since(path, made_from):
+        raise BlendError(f"{path}: its weights were chosen on member runs that have changed since ({changed[0]}: "
+                         f"retrained, re-scored or replaced); re-blend: python -m entrep.blend --runs "
+                         f"{' '.join(str(m) for m in members)} --name {path.name} --output-dir {path.parent}")
     return Blend(members, weights, rerank)

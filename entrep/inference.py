@@ -21,10 +21,10 @@ from entrep.embedding import eval_loader
 from entrep.engine import make_accelerator
 from entrep.errors import EntrepError
 from entrep.data.folds import read_folds
-from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, shown
+from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, fingerprints, shown
 from entrep.labels import LabelSet
 from entrep.memory import MEMORY_FILE, Memory, load_memory
-from entrep.model.backbone import image_stats, set_offline
+from entrep.model.backbone import base_weights_file, image_stats, set_offline
 from entrep.model.checkpoint import check_compatible, fold_dir, fold_finished, load_fold_weights, verify_fold
 from entrep.model.entrep_clip import build_model
 from entrep.oof import RETRIEVAL_TRACKS, FoldOOF, FoldView
@@ -56,6 +56,23 @@ def fold_dirs(run: Path, cfg, partial: str) -> list[Path]:
     if missing:
         log.warning("ensembling %d finished folds only; unfinished: %s", len(done), missing)
     return done
+
+
+def prediction_sources(run: Path, blend, members: list[Path], cfgs) -> list[Path]:
+    """The files predictions are made from, fingerprinted in their meta.json and compared by submit.py:
+    a blend's blend.json and tuned.json; each member's config, tuned.json (recorded even when missing:
+    one written later makes the predictions stale), the weights and meta of every fold it ensembles,
+    and its base weights file."""
+    files = [run / rundir.BLEND, run / rundir.TUNED] if blend else []
+    for m, c in zip(members, cfgs):
+        files += [m / rundir.CONFIG, m / rundir.TUNED]
+        for d in fold_dirs(m, c, c.infer.partial):
+            adapter = d / rundir.ADAPTER_DIR
+            files += [d / rundir.META_FILE, d / rundir.KIT_FILE] + ([adapter / rundir.ADAPTER_WEIGHTS]
+                                                                   if adapter.is_dir() else [])
+        if (base := base_weights_file(c.model.pretrained)) is not None:
+            files.append(base)
+    return files
 
 
 def read_gallery(path: str, images: dict) -> list[str]:
@@ -189,7 +206,8 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         "galleries": {t: [test.spelling(t).get(n, n) for n in g] for t, g in galleries.items()},  # as answers spell them
         "gallery_folders": {t: str(test.folders[t]) for t in galleries}, "labels": list(labels),
         "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": None if "t2i" in not_predicted else test.t2i},
-        "not_predicted": not_predicted, "on_disk": test.on_disk, "test_images_in_training": in_training}
+        "not_predicted": not_predicted, "on_disk": test.on_disk, "test_images_in_training": in_training,
+        "made_from": {"run": str(run.absolute()), "files": fingerprints(run, prediction_sources(run, blend, members, cfgs))}}
     return Predictions(cls_df, i2i, t2i, meta)
 
 

@@ -233,6 +233,74 @@ def load_json_text(path: str | Path, encoding: str = "utf-8"):
         raise ValueError(f"not {encoding} text ({e})") from None
 
 
+WHOLE_FILE = 64 << 20  # bytes up to which a fingerprint hashes the whole file
+ENDS = 4 << 20         # above it: the size and the first and last ENDS bytes
+
+
+def fingerprint(path: str | Path) -> str | None:
+    """What a derived file records of a file it was made from (issue 31.2): the sha1 of its bytes, or
+    for a file over WHOLE_FILE (base weights of GBs) of its size and its first and last ENDS bytes, so
+    inference does not hash gigabytes; None for a missing file."""
+    import hashlib
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            if size <= WHOLE_FILE:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(str(size).encode())
+                h.update(f.read(ENDS))
+                f.seek(size - ENDS)
+                h.update(f.read(ENDS))
+    except FileNotFoundError:
+        return None
+    return h.hexdigest()
+
+
+def fingerprints(root: str | Path, paths) -> dict[str, str | None]:
+    """{path: fingerprint} of the files a derived file was made from; a path under `root` (the run or
+    blend) relative to it, so a moved runs/ folder still compares, others absolute."""
+    root = Path(root).absolute()
+    out = {}
+    for p in map(Path, paths):
+        p = p.absolute()
+        out[str(p.relative_to(root)) if p.is_relative_to(root) else str(p)] = fingerprint(p)
+    return out
+
+
+def changed_since(root: str | Path, recorded: dict[str, str | None]) -> list[str]:
+    """The recorded files (`fingerprints`) whose content is not what it was, or that are gone."""
+    return [p for p, fp in recorded.items() if fingerprint(Path(root) / p) != fp]
+
+
+@contextlib.contextmanager
+def folder_snapshot(folder: str | Path):
+    """Read the files of a folder written as one unit (atomic_dir) as one unit: each is opened relative
+    to the folder as it was when this opened, so a writer that swaps a new folder in meanwhile cannot
+    mix its set with this one (a file of the old set removed under us is a FileNotFoundError, never a
+    file of the new set). Yields `path(name)`: where to read `name` from (a /proc/self/fd path on Linux)."""
+    folder = Path(folder)
+    flags = getattr(os, "O_DIRECTORY", None)
+    proc = Path("/proc/self/fd")
+    if flags is None or not proc.is_dir():  # no directory handles: plain paths (the race stays open there)
+        yield lambda name: folder / name
+        return
+    fd = os.open(folder, os.O_RDONLY | flags)
+    handle = str(proc / str(fd))
+    try:
+        yield lambda name: Path(handle) / name
+    except EntrepError as e:  # a one-line error names the folder, not the handle it was read through
+        if handle not in str(e):
+            raise
+        raise type(e)(str(e).replace(handle, str(folder))) from None
+    finally:
+        os.close(fd)
+
+
 def read_json(path: str | Path, expect: type | None = dict):
     """A JSON file the kit wrote (tuned.json, report.json, blend.json, meta.json, ...); a missing,
     truncated or hand-broken one, or one whose top level is not `expect`, is one line naming it."""

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 
 from entrep import rundir
 from entrep.cli import raise_if_interrupted
-from entrep.config import flat_dict, load_config, recipe_switches, run_defining_diff, save_config, to_dict
+from entrep.config import Config, flat_dict, load_config, recipe_switches, run_defining_diff, save_config, to_dict
 from entrep.data.folds import (describe_shape, file_signatures, grouping_shape, load_or_make_folds, missing_classes,
                                  read_folds)
 from entrep.data.near_dup import near_duplicate_pairs
@@ -37,17 +37,20 @@ from entrep.data.release import DataError, file_sha1, load_release
 from entrep.embedding import eval_loader
 from entrep.engine import FoldTrainer, make_accelerator
 from entrep.errors import EntrepError
-from entrep.io import atomic_dir, atomic_write_csv, atomic_write_json, exclusive, exclusive_run, read_json
+from entrep.io import (atomic_dir, atomic_write_csv, atomic_write_json, exclusive, exclusive_run, fingerprint,
+                       read_json)
 from entrep.labels import LabelSet
 from entrep.memory import MEMORY_FILE, Memory, save_memory
-from entrep.model.backbone import image_stats, input_size
+from entrep.model.backbone import base_weights_file, image_stats, input_size
 from entrep.model.checkpoint import (
     FOLD_FILES,
     METRICS_FILE,
+    check_compatible,
     fold_dir,
     fold_finished,
     load_fold_weights,
     mark_finished,
+    verify_fold,
     write_weights,
 )
 from entrep.model.entrep_clip import build_model
@@ -368,7 +371,9 @@ def train_fold(cfg, accelerator, data: RunData, k: int, console=None, timer: Sta
         metrics["pseudo_left_out"] = sorted(pseudo.left_out)
     with timer.stage("save"):
         if accelerator.is_main_process:
+            base = base_weights_file(cfg.model.pretrained)
             meta = {"fold": k, "model_name": cfg.model.name, "pretrained": cfg.model.pretrained,
+                    **({"base_fingerprint": fingerprint(base)} if base is not None else {}),
                     "labels": list(labels.names), "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
                     "written_by": {"process_index": accelerator.process_index,
                                    "num_processes": accelerator.num_processes,
@@ -442,16 +447,9 @@ def source_fold_settings(source: Path, k: int, tta_flip: bool) -> Settings:
     return settings
 
 
-def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
-    """train.pseudo_from's fold-k model labels train.pseudo_data's images; those at train.pseudo_threshold
-    or above join fold k's training data. Fold k's model never saw fold k's images, so its labels carry
-    nothing of fold k's truth into fold k's training; an ensemble of the run's folds would (through the
-    test images), and fold k's OOF figure would flatter. Hence the run must share this run's folds, the
-    head weight and WiSE scale are those that scored fold k (`source_fold_settings`), and test images
-    that copy a training image are left out (`training_copies`)."""
-    from entrep.data.release import load_test
-    from entrep.wise import embed_at, has_lora, start_state
-
+def pseudo_source(cfg, data: RunData, k: int) -> tuple[Path, Path, Config]:
+    """(train.pseudo_from, its fold-k folder, its config), refused in one line where its fold k could
+    carry this run's fold-k truth (other folds), is unfinished, or labels in another class order."""
     source = Path(cfg.train.pseudo_from)
     if not (source / rundir.CONFIG).is_file() or not (source / rundir.FOLDS).is_file():
         raise EntrepError(f"train.pseudo_from={source}: not a run directory (config.yaml, folds.csv)")
@@ -467,6 +465,25 @@ def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
     if not fold_finished(k_dir):
         raise EntrepError(f"train.pseudo_from={source}: {k_dir.name} is not finished; train it first")
     source_cfg = load_config(source / rundir.CONFIG)
+    if list(source_cfg.labels.names) != list(data.labels.names):
+        raise EntrepError(f"train.pseudo_from={source} was trained with the labels {list(source_cfg.labels.names)}, "
+                          f"this run has {list(data.labels.names)}: its class indices would label this run's images "
+                          f"as other classes; use a run with this run's labels.names, in this order")
+    check_compatible(verify_fold(k_dir, source_cfg.model.lora.enabled), source_cfg, k_dir)
+    return source, k_dir, source_cfg
+
+
+def pseudo_labels(cfg, accelerator, data: RunData, k: int) -> PseudoLabels:
+    """train.pseudo_from's fold-k model labels train.pseudo_data's images; those at train.pseudo_threshold
+    or above join fold k's training data. Fold k's model never saw fold k's images, so its labels carry
+    nothing of fold k's truth into fold k's training; an ensemble of the run's folds would (through the
+    test images), and fold k's OOF figure would flatter. Hence the run must share this run's folds, the
+    head weight and WiSE scale are those that scored fold k (`source_fold_settings`), and test images
+    that copy a training image are left out (`training_copies`)."""
+    from entrep.data.release import load_test
+    from entrep.wise import embed_at, has_lora, start_state
+
+    source, k_dir, source_cfg = pseudo_source(cfg, data, k)
     settings = source_fold_settings(source, k, source_cfg.infer.tta_flip)
     test = load_test(cfg.train.pseudo_data)
     left_out = training_copies(cfg, test, data.table, data.signatures if cfg.cv.near_dup else None)

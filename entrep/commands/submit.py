@@ -12,7 +12,7 @@ import pandas as pd
 
 from entrep import rundir
 from entrep.cli import console
-from entrep.io import kit_file, read_json
+from entrep.io import changed_since, folder_snapshot, kit_file, read_json
 from entrep.submission import TRACK_TITLES, SubmissionError, rankings_to_submission, validate, write_submission
 
 
@@ -29,10 +29,11 @@ class PredictionsMeta:
     not_predicted: dict  # track -> why
 
 
-def read_meta(pred: Path) -> PredictionsMeta:
-    """A predictions folder's meta.json; a field of another type is one line naming the file."""
+def read_meta(pred: Path, at=None) -> PredictionsMeta:
+    """A predictions folder's meta.json (`at(name)`: where to read it, io.folder_snapshot); a field of
+    another type is one line naming the file."""
     meta_file = pred / rundir.PRED_META
-    meta = read_json(meta_file)
+    meta = read_json(at(rundir.PRED_META) if at else meta_file)
     with kit_file(meta_file):
         queries = meta["queries"]
         # per-track galleries; predictions of an older kit hold one gallery for both tracks
@@ -58,7 +59,47 @@ def main(argv=None) -> int:
     if not (pred / rundir.PRED_META).is_file():
         raise SubmissionError(f"{pred}: no predictions; run infer.py --run {args.run or 'RUN'} --data TEST_DIR"
                               f"{' --out ' + str(pred) if args.predictions else ''} first")
-    meta = read_meta(pred)
+    with folder_snapshot(pred) as at:  # the set infer.py wrote as one unit, read as one (infer may be replacing it)
+        meta = read_meta(pred, at)
+        check_current(meta, pred, args.run)
+        subs = read_submissions(pred, at, meta, args)
+    if not subs:
+        raise SubmissionError(f"{meta.test_dir} had no query lists (cls.csv, i2i.csv, t2i.csv)")
+    out = Path(args.out) if args.out else Path(args.run) / rundir.SUBMISSION
+    before = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    written = write_submission(subs, out)  # one unit: the folder holds this set, no other set's files
+    if stale := sorted(before - {p.name for ps in written.values() for p in ps}):
+        console.print(f"removed {len(stale)} files of an earlier predictions set: {', '.join(stale)}")
+    from rich.table import Table
+
+    t = Table(title=f"submission files (top-{args.topk})")
+    for col in ("track", "queries", "json", "zip"):
+        t.add_column(col)
+    for track, (js, zp) in written.items():
+        t.add_row(TRACK_TITLES[track], str(len(subs[track])), str(js), str(zp))
+    console.print(t)
+    return 0
+
+
+def check_current(meta: PredictionsMeta, pred: Path, run: str | None) -> None:
+    """Predictions are answers of the run as it was: a file they were made from that has changed since
+    (tuned.json re-tuned by a re-score or a re-blend, a fold retrained, a member replaced, the base
+    weights swapped) makes them stale, refused in one line with the command that renews them."""
+    with kit_file(pred / rundir.PRED_META):
+        made_from = meta.raw.get("made_from")
+        if made_from is None:  # predictions of an older kit recorded nothing to compare
+            return
+        root, files = Path(run or made_from["run"]), made_from["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'made_from.files' is {files!r}, not an object")
+    if changed := changed_since(root, files):
+        raise SubmissionError(f"{pred} is stale: {len(changed)} of the files it was made from changed since "
+                              f"(e.g. {root / changed[0]}); renew it: python infer.py --run {root} --data "
+                              f"{meta.test_dir}{' --out ' + str(pred) if pred.name != rundir.PREDICTIONS else ''}")
+
+
+def read_submissions(pred: Path, at, meta: PredictionsMeta, args) -> dict:
+    """Each predicted track's submission at --topk, validated, from the predictions set (`at`)."""
     if args.topk > meta.topk:
         raise SubmissionError(f"--topk {args.topk}, but {pred} holds top-{meta.topk} rankings; re-run infer.py "
                               f"--run {args.run or 'RUN'} --data {meta.test_dir} infer.topk={args.topk}, or lower --topk")
@@ -73,29 +114,15 @@ def main(argv=None) -> int:
     subs = {}
     if meta.queries.get("cls"):
         with kit_file(pred / rundir.PRED_CLASSES):
-            df = pd.read_csv(pred / rundir.PRED_CLASSES, keep_default_na=False).set_index("image")
+            df = pd.read_csv(at(rundir.PRED_CLASSES), keep_default_na=False).set_index("image")
             sub = {q: int(df.loc[meta.raw["on_disk"][q], "pred_idx"]) for q in meta.queries["cls"]}
         validate("cls", sub, meta.queries["cls"], n_classes=len(meta.labels))
         subs["cls"] = sub
     for track in ("i2i", "t2i"):
         if meta.queries.get(track):
-            rankings = read_json(pred / rundir.PRED_RANKINGS[track])
+            rankings = read_json(at(rundir.PRED_RANKINGS[track]))
             with kit_file(pred / rundir.PRED_RANKINGS[track]):
                 sub = rankings_to_submission(rankings, args.topk)
             validate(track, sub, meta.queries[track], meta.galleries[track])
             subs[track] = sub
-    if not subs:
-        raise SubmissionError(f"{meta.test_dir} had no query lists (cls.csv, i2i.csv, t2i.csv)")
-    before = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    written = write_submission(subs, out)  # one unit: the folder holds this set, no other set's files
-    if stale := sorted(before - {p.name for ps in written.values() for p in ps}):
-        console.print(f"removed {len(stale)} files of an earlier predictions set: {', '.join(stale)}")
-    from rich.table import Table
-
-    t = Table(title=f"submission files (top-{args.topk})")
-    for col in ("track", "queries", "json", "zip"):
-        t.add_column(col)
-    for track, (js, zp) in written.items():
-        t.add_row(TRACK_TITLES[track], str(len(subs[track])), str(js), str(zp))
-    console.print(t)
-    return 0
+    return subs

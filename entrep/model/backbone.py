@@ -115,6 +115,19 @@ def check_weights_file(path: Path) -> int:
     return len(keys)
 
 
+def base_weights_file(pretrained: str) -> Path | None:
+    """The local file `model.pretrained` loads (a file, or a `local-dir:` folder's weights), which a fold's
+    adapters are tied to; None for random weights and hub tags (the hub cache is content-addressed)."""
+    if not pretrained:
+        return None
+    if pretrained.startswith("local-dir:"):
+        folder = Path(pretrained[len("local-dir:"):])
+        files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+        return next((p for p in files if p.name.startswith("open_clip_")), files[0] if files else None)
+    path = Path(pretrained)
+    return path if path.suffix in WEIGHT_SUFFIXES or path.is_file() else None
+
+
 def resolve_weights(name: str, pretrained: str, offline: bool = False, timeout: float = 10.0) -> str:
     """Where `model.pretrained` will come from, checked without building the model (preflight).
 

@@ -143,6 +143,17 @@ def verify_fold(fold_dir: Path, lora_enabled: bool) -> dict:
 
 
 def check_compatible(meta: dict, cfg, fold_dir: Path) -> None:
+    """The fold was trained as the config says: the same base model, labels in the same order, and the
+    same base weights file (its fingerprint at training, where the fold's meta.json has one)."""
+    from entrep.io import fingerprint
+    from entrep.model.backbone import base_weights_file
+
+    if "base_fingerprint" in meta and (base := base_weights_file(cfg.model.pretrained)) is not None:
+        if fingerprint(base) != meta["base_fingerprint"]:
+            raise CheckpointError(f"{fold_dir}: trained on the base weights {base} as they were then; that file has "
+                                  f"changed since, and the fold's adapters and head are tied to the old one: put "
+                                  f"it back, or retrain (train.py --name {fold_dir.parent.name} "
+                                  f"output_dir={fold_dir.parent.parent})")
     if meta.get("model_name") != cfg.model.name:
         raise CheckpointError(f"{fold_dir}: adapters were trained on base '{meta.get('model_name')}', "
                               f"but the run config names '{cfg.model.name}'")

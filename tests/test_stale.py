@@ -1,0 +1,155 @@
+"""Derived files that outlive their inputs (issue 31, class 2): predictions, blends and fold weights
+record fingerprints of what they were made from, and every reader refuses a mismatch in one line with
+the command that brings it up to date; a set written as one unit is read as one."""
+import json
+import shutil
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from conftest import one_line
+from entrep.errors import EntrepError
+from entrep.io import atomic_dir, changed_since, fingerprint, fingerprints, folder_snapshot
+from test_submission import _predictions
+
+
+@pytest.mark.parametrize("size", [10, 5 << 20, (64 << 20) + 10])
+def test_a_fingerprint_changes_with_any_byte_a_reader_would_see(tmp_path, size):
+    """Whole-file sha1 up to 64 MiB; above it the size and both ends (base weights): a changed head,
+    tail or length is seen."""
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"\0" * size)
+    before = fingerprint(f)
+    for where in (0, size - 1):
+        data = bytearray(f.read_bytes())
+        data[where] ^= 1
+        f.write_bytes(bytes(data))
+        assert fingerprint(f) != before
+        data[where] ^= 1
+        f.write_bytes(bytes(data))
+        assert fingerprint(f) == before
+    f.write_bytes(b"\0" * (size + 1))
+    assert fingerprint(f) != before
+    assert fingerprint(tmp_path / "gone") is None
+
+
+def test_recorded_fingerprints_follow_a_moved_run_and_name_what_changed(tmp_path):
+    run = tmp_path / "runs/a"
+    run.mkdir(parents=True)
+    (run / "tuned.json").write_text("{}")
+    outside = tmp_path / "base.bin"
+    outside.write_bytes(b"w")
+    rec = fingerprints(run, [run / "tuned.json", run / "missing.json", outside])
+    assert set(rec) == {"tuned.json", "missing.json", str(outside)}
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    assert changed_since(tmp_path / "moved/a", rec) == []
+    (tmp_path / "moved/a/missing.json").write_text("{}")  # a file written since: the record said none
+    outside.write_bytes(b"x")
+    assert changed_since(tmp_path / "moved/a", rec) == ["missing.json", str(outside)]
+
+
+def test_a_set_written_as_one_unit_is_read_as_one_while_a_writer_replaces_it(tmp_path):
+    """submit.py reads predictions through a handle on the folder as it was: infer.py swapping a new set
+    in between two reads gives the old set whole, never one file of each."""
+    folder = tmp_path / "predictions"
+    with atomic_dir(folder, {"a", "b"}) as tmp:
+        (tmp / "a").write_text("old a")
+        (tmp / "b").write_text("old b")
+    with folder_snapshot(folder) as at:
+        first = at("a").read_text()
+        with atomic_dir(folder, {"a", "b"}) as tmp:  # the writer lands between the two reads
+            (tmp / "a").write_text("new a")
+            (tmp / "b").write_text("new b")
+        second = at("b").read_text() if at("b").exists() else None
+    assert (first, second) in {("old a", "old b"), ("old a", None)}
+    assert (folder / "b").read_text() == "new b"
+    with pytest.raises(EntrepError) as e, folder_snapshot(folder) as at:
+        raise EntrepError(f"{at('x')}: missing")
+    assert str(e.value) == f"{folder / 'x'}: missing"  # errors name the folder, not the handle
+
+
+def test_submit_refuses_predictions_whose_sources_changed_and_names_the_renewal(tmp_path, capsys):
+    from entrep.commands.submit import main
+
+    _predictions(tmp_path, {"i2i": ["q.png"]})
+    (tmp_path / "tuned.json").write_text('{"head_weight": 0.5}')
+    meta = json.loads((tmp_path / "predictions/meta.json").read_text())
+    meta["made_from"] = {"run": str(tmp_path), "files": fingerprints(tmp_path, [tmp_path / "tuned.json"])}
+    (tmp_path / "predictions/meta.json").write_text(json.dumps(meta))
+    assert main(["--run", str(tmp_path)]) == 0
+    (tmp_path / "tuned.json").write_text('{"head_weight": 0.7}')  # re-scored or re-blended since
+    line = one_line(capsys, main, ["--run", tmp_path])
+    assert "predictions is stale" in line and f"{tmp_path / 'tuned.json'}" in line
+    assert f"python infer.py --run {tmp_path} --data TEST" in line
+
+
+def test_check_compatible_refuses_a_fold_whose_base_weights_file_was_swapped(tmp_path):
+    from entrep.config import load_config
+    from entrep.model.checkpoint import CheckpointError, check_compatible
+
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"weights v1")
+    cfg = load_config(None, [f"model.pretrained={base}"])
+    meta = {"model_name": cfg.model.name, "labels": list(cfg.labels.names), "base_fingerprint": fingerprint(base)}
+    check_compatible(meta, cfg, tmp_path / "run/fold0")
+    base.write_bytes(b"weights v2")
+    with pytest.raises(CheckpointError, match=r"trained on the base weights .*base.safetensors as they were then"):
+        check_compatible(meta, cfg, tmp_path / "run/fold0")
+    check_compatible({k: v for k, v in meta.items() if k != "base_fingerprint"}, cfg, tmp_path / "run/fold0")
+
+
+def test_pseudo_labels_from_a_run_with_another_label_order_are_refused(tmp_path):
+    from entrep.config import load_config, save_config
+    from entrep.labels import LabelSet
+    from entrep.training import pseudo_labels
+
+    ours = load_config(None, [f"train.pseudo_from={tmp_path / 'src'}", f"train.pseudo_data={tmp_path}"])
+    names = list(ours.labels.names)
+    theirs = load_config(None, [f"labels.names=[{', '.join([names[1], names[0], *names[2:]])}]"])
+    src = tmp_path / "src"
+    (src / "fold0").mkdir(parents=True)
+    save_config(theirs, src / "config.yaml")
+    folds = pd.DataFrame({"image": ["a.png"], "label": [names[0]], "group": [0], "fold_group": [0], "fold": [0],
+                          "sha1": ["0" * 40]})
+    folds.to_csv(src / "folds.csv", index=False)
+    (src / "fold0/metrics.json").write_text("{}")
+    data = SimpleNamespace(folds=folds, labels=LabelSet.from_config(ours.labels))
+    with pytest.raises(EntrepError, match="would label this run's images as other classes"):
+        pseudo_labels(ours, None, data, 0)
+
+
+@pytest.mark.slow
+def test_infer_then_a_rescore_a_retrained_fold_or_a_changed_member_make_earlier_outputs_stale(
+        trained_demo_run, demo, tmp_path, capsys):
+    """The real chain: infer -> submit works; a re-tuned tuned.json or a retrained fold's weights make
+    the predictions stale for submit; a member changed under a blend makes the blend refuse."""
+    from entrep.blending import BlendError, read_blend
+    from entrep.commands.blend import main as blend_main
+    from entrep.commands.infer import main as infer_main
+    from entrep.commands.submit import main as submit_main
+
+    run = tmp_path / "runs/a"
+    shutil.copytree(trained_demo_run, run, ignore=shutil.ignore_patterns(".lock*", "predictions", "submission"))
+    assert infer_main(["--run", str(run), "--data", str(demo / "test")]) == 0
+    assert submit_main(["--run", str(run)]) == 0
+    original = (run / "tuned.json").read_bytes()
+    tuned = json.loads(original)
+    (run / "tuned.json").write_text(json.dumps(tuned | {"head_weight": 1 - tuned.get("head_weight", 0.5)}))
+    assert "tuned.json" in one_line(capsys, submit_main, ["--run", run])
+    (run / "tuned.json").write_bytes(original)
+    assert submit_main(["--run", str(run)]) == 0  # back as it was: current again
+    kit = run / "fold1/kit.safetensors"
+    kit.write_bytes(kit.read_bytes())  # same bytes: not a change
+    assert submit_main(["--run", str(run)]) == 0
+    shutil.copy(run / "fold0/kit.safetensors", kit)  # a retrained fold
+    assert "fold1/kit.safetensors" in one_line(capsys, submit_main, ["--run", run])
+
+    b = tmp_path / "runs/b"
+    shutil.copytree(trained_demo_run, b, ignore=shutil.ignore_patterns(".lock*", "predictions", "submission"))
+    shutil.copy(trained_demo_run / "fold1/kit.safetensors", kit)
+    assert blend_main(["--runs", str(run), str(b), "--name", "ab", "--data", str(demo)]) == 0
+    read_blend(tmp_path / "runs/ab")
+    (b / "tuned.json").write_text(json.dumps(tuned | {"head_weight": 0.123}))  # member b re-scored
+    with pytest.raises(BlendError, match=r"changed since \(\.\./b/tuned.json.*re-blend: python -m entrep.blend"):
+        read_blend(tmp_path / "runs/ab")
