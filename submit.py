@@ -2,7 +2,6 @@
 import sys
 
 from entrep.cli import run_main
-from entrep.commands.submit import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_main("entrep.commands.submit"))  # imported inside: Ctrl-C during imports is exit 130

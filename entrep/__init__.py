@@ -35,5 +35,8 @@ def train_fold(run, k: int, overrides=(), *, config=None, data=None, **kw):
     argv = ["--name", run.name, f"output_dir={run.parent}", f"train.folds=[{int(k)}]", "train.resume=false", *overrides]
     argv += (["--config", str(config)] if config else []) + (["--data", str(data)] if data else [])
     argv += [override_item(key.replace("__", "."), value) for key, value in kw.items()]
-    (result,) = run_in_process(argv, library=True)
-    return result
+    results = run_in_process(argv, library=True)
+    if not results:  # train__resume=True on a finished fold: train.py skips it, and so nothing was trained
+        raise ConfigError(f"train_fold: fold {int(k)} of {run} finished earlier and train.resume=true skips it; "
+                          f"nothing was trained (leave train__resume out to train it again)")
+    return results[0]

@@ -2,7 +2,6 @@
 import sys
 
 from entrep.cli import run_main
-from entrep.commands.blend import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_main("entrep.commands.blend"))  # imported inside: Ctrl-C during imports is exit 130

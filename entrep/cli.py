@@ -106,8 +106,10 @@ def _report_interrupt(sigterm: bool) -> int:
 
 
 def run_main(main, argv=None) -> int:
-    """Run an entry point; a known user error prints one clear line (no traceback) and exits 2, Ctrl-C
-    exits 130 and SIGTERM 143, each with the resume hint."""
+    """Run an entry point (`main(argv)`, or the dotted name of a module whose `main` it is: imported
+    here, after the handlers are in place, so a Ctrl-C during pandas' or torch's import is the same
+    exit 130 as one later); a known user error prints one clear line (no traceback) and exits 2,
+    Ctrl-C exits 130 and SIGTERM 143, each with the resume hint."""
     before, hook = {}, sys.unraisablehook
     _received.clear()
     _reporting[0] = False
@@ -118,6 +120,10 @@ def run_main(main, argv=None) -> int:
                 if signal.getsignal(s) is not signal.SIG_IGN:
                     before[s] = signal.signal(s, _interrupt)
             sys.unraisablehook = _quiet_swallowed(hook)
+        if isinstance(main, str):
+            import importlib
+
+            main = importlib.import_module(main).main
         code = main(argv)
         raise_if_interrupted()
         return code

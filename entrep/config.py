@@ -527,7 +527,9 @@ RANGES = {
     "infer.head_weight": (-1, 1, "-1 (the OOF-tuned value) or a weight in [0, 1]"),
     "infer.max_sim_bytes": (2**20, None, "at least 1 MiB (1048576)"), "infer.faiss_nprobe": (1, None, ">= 1"),
     "rerank.min_gain": (0, None, ">= 0"), "rerank.dba_k": (1, None, ">= 1"), "rerank.qe_k": (1, None, ">= 1"),
-    "rerank.qe_alpha": (0, None, ">= 0"), "rerank.class_beta": (0, None, ">= 0"), "rerank.k1": (1, None, ">= 1"),
+    # similarities are cosines in [-1, 1]: past 100 the exponent or the bonus decides every ranking alone (and
+    # 1e308 overflowed in float32)
+    "rerank.qe_alpha": (0, 100, "in [0, 100]"), "rerank.class_beta": (0, 100, "in [0, 100]"), "rerank.k1": (1, None, ">= 1"),
     "rerank.k2": (1, None, ">= 1"), "rerank.lam": (0, 1, "a weight in [0, 1]"),
 }
 
@@ -550,6 +552,13 @@ def _validate_ranges(cfg: Config) -> None:
         raise ConfigError("config key 'model.slerp.alpha_grid' = []: a non-empty list of alphas in [0, 1] (e.g. [0.0])")
     if any(a < 0 or a > 1 for a in cfg.model.slerp.alpha_grid):
         raise ConfigError(f"model.slerp.alpha_grid {cfg.model.slerp.alpha_grid}: every alpha must lie in [0, 1]")
+    losses = {k: getattr(cfg.loss, k) for k in LOSS_WEIGHTS}
+    if not any(losses.values()):  # a loss of constant zero has no gradient: a traceback at the first step
+        raise ConfigError(f"every loss weight is 0 ({', '.join(f'loss.{k}' for k in losses)}): nothing would train; "
+                          f"give one a weight, e.g. loss.ce=1")
+
+
+LOSS_WEIGHTS = ("ce", "prompt", "text", "image")  # the joint loss's terms (docs/method.md)
 
 
 def validate_run_name(name: str) -> None:

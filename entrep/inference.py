@@ -136,12 +136,15 @@ class Predictions:
     meta: dict                            # folds, settings, gallery, queries, training overlap
 
     def rankings(self, track: str) -> pd.DataFrame:
-        """One row per (query, rank): query, rank (1 = best), image, score."""
+        """One row per (query, rank): query, rank (1 = best), image, score; track "i2i" or "t2i"."""
+        if track not in RETRIEVAL_TRACKS:
+            raise ValueError(f"rankings({track!r}): rankings are of the retrieval tracks {RETRIEVAL_TRACKS}; the "
+                             f"classification track is preds.classes (one row per image: pred, p_<class>)")
         rows = [{"query": q, "rank": r, "image": x["image"], "score": x["score"]}
                 for q, ranked in getattr(self, track).items() for r, x in enumerate(ranked, 1)]
         return pd.DataFrame(rows, columns=["query", "rank", "image", "score"])
 
-    FILES = (rundir.PRED_CLASSES, *rundir.PRED_RANKINGS.values(), rundir.PRED_META)
+    FILES = rundir.PRED_FILES
 
     def write(self, folder: Path) -> None:
         """classes.csv, i2i.json, t2i.json and meta.json, written as one unit: a failed write (a full

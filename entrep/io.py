@@ -69,14 +69,9 @@ def _normal_modes(folder: Path) -> None:
             os.chmod(os.path.join(root, f), FILE_MODE)
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | Path, holds: set[str] | None = None):
-    """A multi-file output written as one unit: yield an empty temp folder beside `path`; on success
-    the old `path` is renamed aside, the new one renamed in and the old one removed; on any error the
-    temp folder is removed and `path` is left as it was (complete old set, never a mix).
-
-    `holds`: the names the output consists of. An existing `path` holding anything else is refused
-    (it is not the kit's alone, and the swap would delete it)."""
+def check_replaceable(path: str | Path, holds: set[str] | None = None) -> None:
+    """What atomic_dir refuses, checked on its own before the work that fills it (infer.py's --out before
+    the embedding, not after): a file, the current folder, or a folder holding files not the output's."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise EntrepError(f"{path} is a file; give a folder")
@@ -88,6 +83,18 @@ def atomic_dir(path: str | Path, holds: set[str] | None = None):
         if foreign := sorted(p.name for p in path.iterdir() if p.name not in holds and not p.name.startswith(".")):
             raise EntrepError(f"{path} holds files that are not this output's ({', '.join(foreign[:5])}); it is "
                               f"replaced as a whole, so give an empty folder or one of its own")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, holds: set[str] | None = None):
+    """A multi-file output written as one unit: yield an empty temp folder beside `path`; on success
+    the old `path` is renamed aside, the new one renamed in and the old one removed; on any error the
+    temp folder is removed and `path` is left as it was (complete old set, never a mix).
+
+    `holds`: the names the output consists of. An existing `path` holding anything else is refused
+    (it is not the kit's alone, and the swap would delete it)."""
+    path = Path(path)
+    check_replaceable(path, holds)
     tmp = old = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ MEMORY_FILE = "memory.npz"     # the t2i known-pair memory (entrep/memory.py)
 # in a predictions folder (infer.py's output, written as one unit)
 PRED_CLASSES = "classes.csv"   # every test image's class probabilities
 PRED_RANKINGS = {"i2i": "i2i.json", "t2i": "t2i.json"}
-PRED_META = "meta.json"        # queries, galleries, settings: what submit.py needs
+PRED_META = "meta.json"        # queries, galleries, settings, what they were made from: what submit.py needs
+PRED_FILES = (PRED_CLASSES, *PRED_RANKINGS.values(), PRED_META)  # the set, written and read as one unit
 
 
 def is_blend(path: str | Path) -> bool:

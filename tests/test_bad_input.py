@@ -618,3 +618,26 @@ def test_a_folder_or_a_missing_file_where_a_query_list_is_expected_is_one_line(t
         read_query_lines(tmp_path / "gallery")
     with pytest.raises(DataError, match="nope.txt: no such file"):
         read_query_lines(tmp_path / "nope.txt")
+
+
+def test_infer_refuses_an_out_folder_holding_other_files_before_any_work(tmp_path, capsys):
+    """It was refused only after every image had been embedded: here the run does not even exist, and the
+    --out folder is what the one line names."""
+    from entrep.commands.infer import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("keep me")
+    line = one_line(capsys, main, ["--run", tmp_path / "no_run", "--data", tmp_path, "--out", tmp_path / "mine"])
+    assert "holds files that are not this output's (notes.txt)" in line
+
+
+def test_a_blend_is_never_written_among_a_runs_own_files(tmp_path, capsys):
+    """--output-dir RUN --name fold0 wrote a blend into the run's fold folder."""
+    from entrep.commands.blend import main
+
+    run = tmp_path / "runs/a"
+    (run / "fold0").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: a\n")
+    line = one_line(capsys, main, ["--runs", run, tmp_path / "runs/b", "--output-dir", run, "--name", "fold0"])
+    assert f"--output-dir {run} is a run (or blend) directory" in line and f"--output-dir {tmp_path / 'runs'}" in line
+    assert sorted(p.name for p in (run / "fold0").iterdir()) == []

@@ -88,6 +88,7 @@ def test_entrep_swap_permutation():
     ("train.warmup_frac=1", "train.warmup_frac"), ("loss.label_smoothing=1.5", "loss.label_smoothing"),
     ("infer.head_weight=-0.5", "infer.head_weight"), ("rerank.lam=2", "rerank.lam"),
     ("infer.max_sim_bytes=10", "infer.max_sim_bytes"), ("cv.near_dup_threshold=1.5", "cv.near_dup_threshold"),
+    ("rerank.class_beta=1e308", "rerank.class_beta"), ("rerank.qe_alpha=1e5", "rerank.qe_alpha"),
 ])
 def test_values_outside_their_range_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'|{key}"):
@@ -236,3 +237,10 @@ def test_every_path_key_expands_home_and_environment_variables(monkeypatch, tmp_
 def test_an_empty_alpha_grid_is_refused_before_any_work():
     with pytest.raises(ConfigError, match="model.slerp.alpha_grid' = \\[\\]: a non-empty list"):
         load_config(None, ["model.slerp.alpha_grid=[]"])
+
+
+def test_a_config_that_would_train_nothing_is_refused_before_any_work():
+    """Every loss weight 0: the first step was 'element 0 of tensors does not require grad'."""
+    with pytest.raises(ConfigError, match=r"every loss weight is 0 \(loss.ce, loss.prompt, loss.text, loss.image\)"):
+        load_config(None, ["loss.ce=0", "loss.prompt=0", "loss.text=0", "loss.image=0"])
+    load_config(None, ["loss.ce=0", "loss.image=0"])  # the text-side losses alone train a CLIP

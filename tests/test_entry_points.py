@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -221,6 +222,23 @@ def test_entrep_train_fold_trains_a_fold_as_train_py_does(trained_demo_run, tmp_
     a, b = (json.loads((r / "report.json").read_text()) for r in (trained_demo_run, run))
     for key in ("classification", "i2i", "t2i", "folds"):
         assert a[key] == b[key], key
+    # resume on the finished fold: one line saying nothing was trained (was a ValueError from unpacking)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with pytest.raises(entrep.config.ConfigError, match="fold 1 of .* finished earlier and train.resume=true "
+                                                            "skips it; nothing was trained"):
+            entrep.train_fold(run, 1, train__resume=True)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_rankings_of_the_classification_track_say_where_it_is():
+    from entrep.inference import Predictions
+
+    preds = Predictions(pd.DataFrame(), {"q": [{"image": "a", "score": 1.0}]}, {}, {})
+    assert list(preds.rankings("i2i")["image"]) == ["a"]
+    with pytest.raises(ValueError, match=r"the classification track is preds.classes"):
+        preds.rankings("cls")
 
 
 @pytest.mark.parametrize("k", [0.5, "1", True, None, float("nan")])

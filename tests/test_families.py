@@ -290,10 +290,20 @@ def test_a_local_tokenizer_larger_than_the_text_vocabulary_is_refused(tmp_path):
 
     save_file(_open_clip().create_model(f"local-dir:{tmp_path / 'm'}").state_dict(),
               str(tmp_path / "m/open_clip_model.safetensors"))
-    with pytest.raises(EntrepError, match=r"model\.tokenizer=.*token ids, but the text tower embeds 100") as e:
+    with pytest.raises(EntrepError, match=r"model\.tokenizer=.*token ids .*, but the text tower embeds 100") as e:
         _model("small-vocab", f"model.pretrained=local-dir:{tmp_path / 'm'}",
                f"model.tokenizer=local-dir:{tmp_path / 'tok'}")
     _one_line(e)
+    # fewer tokens than the tower embeds, but one id past it: the largest id decides, not the count
+    _train_tokenizer(tmp_path / "gap", vocab=60)
+    spec = json.loads((tmp_path / "gap/tokenizer.json").read_text())
+    assert len(spec["model"]["vocab"]) <= 60
+    token = next(t for t, i in spec["model"]["vocab"].items() if i == max(spec["model"]["vocab"].values()))
+    spec["model"]["vocab"][token] = 150
+    (tmp_path / "gap/tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(EntrepError, match=r"token ids \(its largest is 150\), but the text tower embeds 100"):
+        _model("small-vocab", f"model.pretrained=local-dir:{tmp_path / 'm'}",
+               f"model.tokenizer=local-dir:{tmp_path / 'gap'}")
 
 
 HF_TEXT = {  # transformers config -> the text record that adapts it

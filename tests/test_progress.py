@@ -53,3 +53,12 @@ def test_a_later_train_call_in_one_process_starts_its_clock_at_its_own_start(mon
     assert first == pytest.approx(psutil.Process().create_time())
     later = train.call_started()
     assert later == pytest.approx(time.time(), abs=1.0) and later > first
+
+
+def test_a_ctrl_c_while_a_command_imports_is_the_same_clean_exit_as_one_later(tmp_path, monkeypatch, capsys):
+    """The shims name their command module and run_main imports it under its handlers: a Ctrl-C 0.3 s
+    into submit.py (inside pandas' import) was a KeyboardInterrupt traceback."""
+    (tmp_path / "slow_import_cmd.py").write_text("raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.run_main("slow_import_cmd", []) == 130
+    assert "interrupted" in capsys.readouterr().out

@@ -57,6 +57,12 @@ def test_score_cli_top1_and_ranked_lists(tmp_path, capsys):
                 "--json"])
     r = json.loads(capsys.readouterr().out)
     assert r["accuracy"] == 0.5 and r["missing"] == 1
+    # a table of a top-1 submission says why R@5 equals R@1; one of ranked lists does not
+    (tmp_path / "t.json").write_text(json.dumps(truth))
+    for answers, said in (({"q1": "a", "q2": "x", "q3": ["y"]}, True), (sub, False)):
+        (tmp_path / "s.json").write_text(json.dumps(answers))
+        score_main(["--track", "t2i", "--submission", str(tmp_path / "s.json"), "--truth", str(tmp_path / "t.json")])
+        assert ("R@5, R@10 and MRR equal R@1" in " ".join(capsys.readouterr().out.split())) == said
 
 
 def _predictions(run, queries: dict, topk: int = 3):

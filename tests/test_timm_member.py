@@ -125,3 +125,12 @@ def test_a_timm_run_blends_with_a_clip_run_and_the_blend_submits_three_tracks(de
     assert meta["queries"]["t2i"] is None and "no text tower" in meta["not_predicted"]["t2i"]
     t2i = json.loads((runs / "mix/submission/t2i.json").read_text())
     assert len(t2i) == len((demo / "test/t2i.csv").read_text().splitlines())
+
+
+def test_an_image_only_member_with_only_text_side_losses_is_refused_at_build():
+    """loss.ce=0 loss.image=0 on a timm member: its prompt and text losses do not apply, so nothing trains."""
+    from entrep.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no text tower, so loss.prompt and loss.text do not apply"):
+        _model("timm:test_resnet", "loss.ce=0", "loss.image=0")
+    _model("timm:test_resnet", "loss.ce=0")  # its image loss still trains it

@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         raise EntrepError(f"--rounds {args.rounds}: at least 1")
     out = Path(args.output_dir or Path(args.runs[0]).parent) / args.name
+    if (out.parent / rundir.CONFIG).is_file() or rundir.is_blend(out.parent):
+        raise EntrepError(f"--output-dir {out.parent} is a run (or blend) directory: the blend would be written "
+                          f"among its own files ({out}); give the folder that holds the runs, e.g. --output-dir "
+                          f"{out.parent.parent}")
     if (out / rundir.CONFIG).is_file():
         raise EntrepError(f"{out} is a training run; give the blend another --name")
     from entrep.blending import blend, load_members, member_refs  # the model stack, once args are good
@@ -79,5 +83,8 @@ def print_blend(report: dict, out: Path) -> None:
     members = list(report["members"])
     t.caption = (f"{out}. Every figure cross-fitted (report.json 'how'). Weights for infer.py, chosen on all folds: "
                  + "; ".join(f"{part} " + ", ".join(f"{Path(m).name} {x:.2f}" for m, x in zip(members, w[part]))
-                             for part in ("cls", "i2i", "t2i")))
+                             for part in ("cls", "i2i", "t2i"))
+                 + ". A weight is a member's share of the selection's picks, not its importance: a member with "
+                   "near-uniform probabilities can take a large weight and count for little (report.html sets "
+                   "each weight beside the member's own figures)")
     console.print(t)

@@ -70,7 +70,8 @@ def check(root: str, names, test_dir: str | None, console: Console, near_dup_thr
     rows.append((f"near-duplicate groups (aligned correlation >= {near_dup_threshold} and the relative test; "
                  f"one fold each)"
                  if near_dup_threshold else "near-duplicate clusters (cv.near_dup=false: not searched)",
-                 f"{len(clusters)} ({sum(map(len, clusters))} images)", _examples([" ~ ".join(c) for c in clusters])))
+                 f"{len(clusters)} ({sum(map(len, clusters))} images)",
+                 _examples([" ~ ".join(c[:3]) + (f" (+{len(c) - 3} more)" if len(c) > 3 else "") for c in clusters])))
     if ts is not None:
         rows += _test_findings(table, ts, leaks)
     issues = Table(title="findings")

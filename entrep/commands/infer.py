@@ -11,7 +11,7 @@ from pathlib import Path
 
 from entrep import rundir
 from entrep.cli import console, parser, setup_logging
-from entrep.io import check_writable
+from entrep.io import check_replaceable, check_writable
 
 
 def main(argv=None) -> int:
@@ -23,7 +23,10 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)
     setup_logging()
     out = Path(args.out) if args.out else Path(args.run) / rundir.PREDICTIONS
-    check_writable(out)  # a read-only run (a Kaggle input dataset) is refused before the embedding, not after
+    # a read-only run (a Kaggle input dataset), or an --out folder holding other files, is refused before the
+    # embedding, not after it
+    check_replaceable(out, set(rundir.PRED_FILES))
+    check_writable(out)
     from entrep.inference import predict  # torch and the model stack: after the arguments are known good
 
     preds = predict(args.run, args.data, args.overrides)

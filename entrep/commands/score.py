@@ -61,6 +61,9 @@ def main(argv=None) -> int:
         for k, v in result.items():
             if k != "confusion":
                 t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        sub = subs[track][1]
+        if track != "cls" and sub and all(isinstance(a, str) or len(a) == 1 for a in sub.values()):
+            t.caption = "one answer per query (the challenge's top-1 form): R@5, R@10 and MRR equal R@1"
         console.print(t)
         # the paths on a line of their own: in the title (or caption) a long path wrapped mid-word
         console.print(f"{subs[track][0]} against {truths[track][0]}", soft_wrap=True, highlight=False, markup=False)

@@ -241,6 +241,9 @@ def build_model(cfg, labels: LabelSet) -> EntrepCLIP:
         family = detect(clip, cfg.model.name)
         if family.text is None:
             say_text_settings_ignored(cfg)
+            if not (cfg.loss.ce or cfg.loss.image):  # its text-side losses do not apply: nothing left to train
+                raise ConfigError(f"{cfg.model.name} has no text tower, so loss.prompt and loss.text do not apply, "
+                                  f"and loss.ce and loss.image are 0: nothing would train; give loss.ce a weight")
         if cfg.model.tokenizer and tokenizer is not None:
             check_vocabulary(tokenizer, clip, cfg.model.tokenizer)
         if cfg.model.lora.enabled:
@@ -264,11 +267,21 @@ def check_vocabulary(tokenizer, clip: nn.Module, spec: str) -> None:
 
     text = getattr(clip, "text", clip)
     tower = getattr(text, "vocab_size", None)
-    inner = getattr(tokenizer, "tokenizer", None)
-    ids = len(inner) if inner is not None else getattr(tokenizer, "vocab_size", None)
+    ids = id_span(tokenizer)
     if tower and ids and ids > tower:
-        raise TokenizerError(f"model.tokenizer{'=' + spec if spec else ''}: {ids} token ids, but the text tower embeds "
-                             f"{tower}; use the model's own tokenizer or one with at most {tower} tokens")
+        raise TokenizerError(f"model.tokenizer{'=' + spec if spec else ''}: {ids} token ids (its largest is {ids - 1}), "
+                             f"but the text tower embeds {tower}; use the model's own tokenizer or one whose ids "
+                             f"stay below {tower}")
+
+
+def id_span(tokenizer) -> int | None:
+    """1 + the largest id the tokenizer can emit: a vocabulary with gaps (or special tokens numbered past it)
+    emits ids above its length, which the embedding table must hold."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is not None and hasattr(inner, "get_vocab"):
+        ids = [*inner.get_vocab().values(), *(i for i in getattr(inner, "all_special_ids", []) if i is not None)]
+        return max(ids) + 1 if ids else None
+    return len(inner) if inner is not None else getattr(tokenizer, "vocab_size", None)
 
 
 _SAID: set[str] = set()
