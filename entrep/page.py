@@ -19,6 +19,7 @@ import pandas as pd
 
 from entrep import rundir
 from entrep.config import load_config, recipe_switches
+from entrep.data.images import refuse_bomb
 from entrep.io import FileSet, atomic_write_text, read_json
 from entrep.model.checkpoint import fold_dir
 
@@ -104,7 +105,7 @@ class Thumbs:
             return None
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im = refuse_bomb(im).convert("RGB")
                 im.thumbnail((THUMB, THUMB))
                 buf = io.BytesIO()
                 im.save(buf, "JPEG", quality=80)

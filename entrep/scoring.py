@@ -57,6 +57,11 @@ def _is_metadata(name: str) -> bool:
     return "__MACOSX" in Path(name).parts or Path(name).name.startswith("._")
 
 
+# A real submission's JSON is under a few MB (top-10 lists for every query of a track); far above this is a
+# zip bomb or the wrong file, refused before it is unpacked or read.
+MAX_SUBMISSION_BYTES = 64 << 20
+
+
 def read_submission(path: str | Path, track: str | None = None) -> dict[str, tuple[str, dict]]:
     """{track: (where, answers)} of a submission: one JSON (its track from `track` or its name), or the
     challenge's zip, or a folder, of JSONs named by track (cls.json, i2i.json, t2i.json). `track`
@@ -64,12 +69,19 @@ def read_submission(path: str | Path, track: str | None = None) -> dict[str, tup
     import zipfile
 
     path = Path(path)
+    for f in (sorted(path.glob("*.json")) if path.is_dir() else [path] if path.is_file() else []):
+        if f.suffix.lower() == ".json" and f.stat().st_size > MAX_SUBMISSION_BYTES:
+            raise ScoreError(f"{f}: {f.stat().st_size:,} bytes, far more than any submission "
+                             f"(limit {MAX_SUBMISSION_BYTES:,}); not read")
     if path.is_dir():
         entries = [(str(p), p.name, p.read_bytes) for p in sorted(path.glob("*.json")) if not _is_metadata(p.name)]
     elif zipfile.is_zipfile(path):
         try:
             z = zipfile.ZipFile(path)
             names = [n for n in z.namelist() if n.lower().endswith(".json") and not _is_metadata(n)]
+            if big := [i for i in z.infolist() if i.filename in names and i.file_size > MAX_SUBMISSION_BYTES]:
+                raise ScoreError(f"{path}:{big[0].filename} unpacks to {big[0].file_size:,} bytes, far more than any "
+                                 f"submission (limit {MAX_SUBMISSION_BYTES:,}); not read")
             entries = [(f"{path}:{n}", n, lambda n=n: z.read(n)) for n in names]
         except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:  # RuntimeError: encrypted
             raise ScoreError(f"{path}: not a readable zip ({type(e).__name__}: {e})") from None

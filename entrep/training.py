@@ -447,6 +447,22 @@ def source_fold_settings(source: Path, k: int, tta_flip: bool) -> Settings:
     return settings
 
 
+def check_pseudo_inputs(cfg) -> None:
+    """train.pseudo_from and train.pseudo_data, as far as they can be checked before the run's data is read:
+    the source is a run directory and the test folder reads as one."""
+    if not cfg.train.pseudo_from:
+        return
+    from entrep.data.release import load_test
+
+    source = Path(cfg.train.pseudo_from)
+    if not (source / rundir.CONFIG).is_file() or not (source / rundir.FOLDS).is_file():
+        raise EntrepError(f"train.pseudo_from={source}: not a run directory (config.yaml, folds.csv)")
+    try:
+        load_test(cfg.train.pseudo_data)
+    except EntrepError as e:
+        raise EntrepError(f"train.pseudo_data={cfg.train.pseudo_data}: {e}") from None
+
+
 def pseudo_source(cfg, data: RunData, k: int) -> tuple[Path, Path, Config]:
     """(train.pseudo_from, its fold-k folder, its config), refused in one line where its fold k could
     carry this run's fold-k truth (other folds), is unfinished, or labels in another class order."""
@@ -543,6 +559,7 @@ def train_run(cfg, accelerator, console=None, started: float | None = None,
         timer.add("start_up", max(0.0, time.time() - started))
     with timer.stage("identity"):
         agree_across_processes(accelerator, cfg)
+    check_pseudo_inputs(cfg)  # before config.yaml is claimed: a typo there must not pin a run that never trained
     data = load_run_data(cfg, accelerator, timer)  # decodes beside another call; folds and claim under run_files
     switches = recipe_switches(cfg)
     log.info("recipe: %s", "; ".join(f"{k} {v}" for k, v in switches.items() if v != "off"))

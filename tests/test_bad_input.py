@@ -641,3 +641,19 @@ def test_a_blend_is_never_written_among_a_runs_own_files(tmp_path, capsys):
     line = one_line(capsys, main, ["--runs", run, tmp_path / "runs/b", "--output-dir", run, "--name", "fold0"])
     assert f"--output-dir {run} is a run (or blend) directory" in line and f"--output-dir {tmp_path / 'runs'}" in line
     assert sorted(p.name for p in (run / "fold0").iterdir()) == []
+
+
+def test_a_typo_in_pseudo_data_leaves_no_config_that_would_refuse_the_fixed_retry(tmp_path, demo, capsys):
+    """The first call failed in fold 0's pseudo-labels after config.yaml was claimed: the retry with the fix
+    was refused as 'trained with other values'. Now nothing of the run is written before the check."""
+    from entrep.commands.train import main
+
+    src = tmp_path / "runs/src"
+    src.mkdir(parents=True)
+    (src / "config.yaml").write_text("name: src\n")
+    (src / "folds.csv").write_text("image,fold\n")
+    line = one_line(capsys, main, ["--config", "configs/demo.yaml", "--data", demo, "--name", "p",
+                                   f"output_dir={tmp_path / 'runs'}", f"train.pseudo_from={src}",
+                                   f"train.pseudo_data={tmp_path / 'tset'}"])
+    assert f"train.pseudo_data={tmp_path / 'tset'}: test folder not found" in line
+    assert not (tmp_path / "runs/p/config.yaml").exists()

@@ -87,3 +87,44 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
 
         save_file({"x": torch.zeros(2)}, str(tmp))
     assert (tmp_path / "kit.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_zip_bomb_submission_is_refused_before_it_is_unpacked(tmp_path):
+    """A member that unpacks far beyond any real submission: refused from the zip's directory, in bounded
+    memory (the 200 MB member is never read)."""
+    import tracemalloc
+    import zipfile
+
+    from entrep.scoring import MAX_SUBMISSION_BYTES, ScoreError, read_submission
+
+    bomb = tmp_path / "cls.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("cls.json", "w", force_zip64=True) as f:
+            for _ in range(200):
+                f.write(b" " * (1 << 20))
+    assert bomb.stat().st_size < 1 << 20 and 200 << 20 > MAX_SUBMISSION_BYTES
+    tracemalloc.start()
+    with pytest.raises(ScoreError, match="unpacks to 209,715,200 bytes, far more than any submission"):
+        read_submission(bomb)
+    assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    tracemalloc.stop()
+    big = tmp_path / "t2i.json"
+    with open(big, "wb") as f:
+        f.truncate(MAX_SUBMISSION_BYTES + 1)
+    with pytest.raises(ScoreError, match="far more than any submission"):
+        read_submission(big)
+
+
+def test_an_image_claiming_more_pixels_than_pils_limit_is_refused_before_decoding(tmp_path):
+    """PIL only warns between its limit and twice it, and decodes; the kit refuses from the header."""
+    from PIL import Image
+
+    from entrep.data.images import ImageDecodeError, decode_image
+    from entrep.data.release import check_image
+
+    path = tmp_path / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(path)  # 100 M pixels: over the 89 M limit, under twice it
+    assert path.stat().st_size < 1 << 20
+    assert "decompression bomb" in check_image(path)
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        decode_image(path, 32)

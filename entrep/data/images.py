@@ -42,12 +42,22 @@ def open_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def refuse_bomb(im: Image.Image) -> Image.Image:
+    """An opened image whose header claims more pixels than PIL's limit (Image.MAX_IMAGE_PIXELS, 89 M) is
+    refused before it is decoded: PIL only warns up to twice that, and decodes gigabytes. Checked on the
+    header, so it holds in the decoding threads, where a warnings filter would not."""
+    if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, more than {Image.MAX_IMAGE_PIXELS:,}: "
+                                           f"a decompression bomb, or no endoscopy frame")
+    return im
+
+
 def decode_image(path: str | Path, size: int, data: bytes | None = None) -> np.ndarray:
     """(size, size, 3) uint8 RGB of the file at `path` (or of its bytes `data`, already read).
     Grayscale, palette, RGBA and 16-bit files are converted."""
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
-            im = open_rgb(im).resize((size, size), Image.Resampling.BICUBIC)
+            im = open_rgb(refuse_bomb(im)).resize((size, size), Image.Resampling.BICUBIC)
             return np.array(im, dtype=np.uint8)  # writable: torch.from_numpy needs it
     except Exception as e:  # PIL raises many types for bad files
         raise ImageDecodeError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from entrep.data.images import refuse_bomb
 from entrep.errors import EntrepError
 
 log = logging.getLogger("entrep.data")
@@ -214,7 +215,7 @@ def check_image(path: Path) -> str | None:
         if path.stat().st_size == 0:
             return "zero-byte file"
         with Image.open(path) as im:
-            im.verify()  # checks PNG chunk CRCs without a full decode
+            refuse_bomb(im).verify()  # checks PNG chunk CRCs without a full decode
         with Image.open(path) as im:
             im.load()
     except Exception as e:  # PIL raises many types for bad files
