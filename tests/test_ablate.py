@@ -91,3 +91,39 @@ def test_the_photo_release_is_a_release_the_kit_reads(tmp_path):
     assert table["captions"].map(bool).any() and not report.missing
     assert load_test(out / "test").t2i
     assert load_config(Path(__file__).parents[1] / "bench/photos.yaml").labels.names == CLASSES
+
+
+def test_over_seeds_gives_each_rung_its_mean_and_spread():
+    from entrep.commands.ablate import FIGURES, over_seeds
+
+    def ladder(shift):
+        return pd.DataFrame({"rung": ["1_a", "2_b"], **{f: [0.5 + shift, 0.6 + shift] for f in FIGURES},
+                             "trainable_params": [10, 20], "wall_s": [1.0, 2.0], "reused_folds_of": ["", "1_a"]})
+
+    t = over_seeds([ladder(0.0), ladder(0.1)]).set_index("rung")
+    assert list(t.index) == ["1_a", "2_b"] and (t["seeds"] == 2).all()
+    assert t.loc["2_b", "f1_macro"] == pytest.approx(0.65) and t.loc["2_b", "f1_macro_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert t.loc["1_a", "wall_s"] == 2.0 and t.loc["2_b", "trainable_params"] == 20
+
+
+@pytest.mark.slow
+def test_the_ladder_over_seeds_trains_each_seed_on_the_same_folds_and_reports_the_spread(demo, tmp_path):
+    cfg = tmp_path / "ladder.yaml"
+    cfg.write_text("ablation:\n  base: [infer.tta_flip=false]\n  rungs:\n    1_base: []\n    2_flip: [infer.tta_flip=true]\n")
+    args = ["--config", str(cfg), "--data", str(demo), "--name", "s", f"output_dir={tmp_path}", "--seeds", "2",
+            "cv.n_splits=2", "train.epochs=1", "model.name=entrep-tiny", "model.pretrained=", "model.image_size=0"]
+    assert main(args) == 0
+    root = tmp_path / "s_ablation"
+    table = pd.read_csv(root / "ablation.csv")
+    assert table["rung"].tolist() == ["1_base", "2_flip"] and (table["seeds"] == 2).all()
+    assert {"f1_macro", "f1_macro_std", "i2i_MRR_std"} <= set(table.columns) and table["f1_macro_std"].notna().all()
+    for s in (0, 1):
+        assert (root / f"seed{s}/1_base/folds.csv").read_bytes() == (root / "seed0/1_base/folds.csv").read_bytes()
+    assert "seed: 43" in (root / "seed1/1_base/config.yaml").read_text()
+    assert json_of(root / "seed1/2_flip/rung.json")["reused_folds_of"] == "1_base"
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())

@@ -1,6 +1,6 @@
 """The ablation ladder, measured out of fold on the same frozen folds.
 
-    python -m entrep.ablate --config C.yaml [--data DIR] [--name NAME] [key=value ...]
+    python -m entrep.ablate --config C.yaml [--data DIR] [--name NAME] [--seeds N] [key=value ...]
 
 Each rung switches one more component on and writes its own run directory under
 runs/<name>_ablation/<rung>/. Rungs that change only scoring settings (slerp retrieval, flip TTA,
@@ -8,6 +8,8 @@ re-ranking, WiSE-FT scales, the known-pair memory) reuse the previous rung's tra
 re-scored from its OOF files (what those lack, extra WiSE scales or the memory, is embedded from the
 saved fold weights; nothing is retrained). Finished rungs are reused on a re-run while their resolved
 config is unchanged, and run again otherwise. The table goes to ablation.md / ablation.csv / ablation.png.
+--seeds N climbs the ladder once per training seed (under seed<i>/, the same frozen folds) and reports
+each rung's mean and standard deviation over the seeds: a rung's gain inside that band is noise.
 """
 from __future__ import annotations
 
@@ -80,17 +82,48 @@ def inference_only(overrides: list[str]) -> bool:
 
 
 def run_ladder(config: str | None, overrides: list[str], data: str | None, name: str | None,
-               recipe: bool = False, pseudo_data: str | None = None) -> pd.DataFrame:
+               recipe: bool = False, pseudo_data: str | None = None, seeds: int = 1) -> pd.DataFrame:
+    """The ladder under OUTPUT_DIR/NAME_ablation/, its table returned and written beside the rungs. With
+    `seeds` > 1 the whole ladder runs once per training seed (train.seed, +1, ...; the same frozen folds)
+    under seed<i>/, and the table gives each rung's mean over seeds and its standard deviation: the noise
+    band a rung's gain must beat."""
     user = load_config(config, overrides)
     base, rungs = (user.ablation.base, user.ablation.rungs) if user.ablation.rungs else default_ladder(user)
-    name = name or user.name
-    root = Path(user.output_dir) / f"{name}_ablation"
+    root = Path(user.output_dir) / f"{name or user.name}_ablation"
+    side = None
     if recipe:
         from entrep.model.backbone import input_size
 
         side = input_size(user.model.name, user.model.pretrained, user.model.image_size)
-        rungs = rungs | recipe_rungs(str(root), pseudo_data, side)
-    extra = [f"output_dir={root}"] + ([f"data.root={data}"] if data else [])
+    tables = []
+    for i in range(seeds):
+        here = root if seeds == 1 else root / f"seed{i}"
+        if seeds > 1:
+            console.rule(f"seed {i + 1}/{seeds}: train.seed={user.train.seed + i}")
+        ladder = rungs | (recipe_rungs(str(here), pseudo_data, side) if recipe else {})
+        seed = [f"train.seed={user.train.seed + i}"] if seeds > 1 else []
+        extra = [f"output_dir={here}"] + ([f"data.root={data}"] if data else [])
+        tables.append(climb(here, ladder, config, [*overrides, *seed], base, extra))
+    table = tables[0] if seeds == 1 else over_seeds(tables)
+    write_table(root, table)
+    return table
+
+
+def over_seeds(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Each rung's figures as the mean over the seeds' ladders, with `<figure>_std` (ddof=1) beside each."""
+    both = pd.concat(tables)
+    out = both.groupby("rung", sort=False)[list(FIGURES)].agg(["mean", "std"])
+    out.columns = [c if stat == "mean" else f"{c}_std" for c, stat in out.columns]
+    out = out[[c for f in FIGURES for c in (f, f"{f}_std")]].reset_index()
+    rest = both.groupby("rung", sort=False).agg(trainable_params=("trainable_params", "first"),
+                                                wall_s=("wall_s", "sum")).reset_index()
+    return out.merge(rest, on="rung").assign(seeds=len(tables))
+
+
+def climb(root: Path, rungs: dict[str, list[str]], config: str | None, overrides: list[str], base: list[str],
+          extra: list[str]) -> pd.DataFrame:
+    """One pass up the ladder under `root`: each rung trained (or re-scored from the previous rung's folds
+    where it only changes scoring), reused while its resolved config is unchanged."""
     rows, cumulative, previous = [], [], None
     for i, (rung, switch) in enumerate(rungs.items(), 1):
         console.rule(f"rung {i}/{len(rungs)}: {rung} ({' '.join(switch) or 'everything off'})")
@@ -117,9 +150,10 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
                                                   else None, "wall_s": time.time() - t0, "config": resolved})
         rows.append(row_for(rung, run))
         previous = run
-    table = pd.DataFrame(rows)
-    write_table(root, table)
-    return table
+    return pd.DataFrame(rows)
+
+
+FIGURES = ("accuracy", "f1_macro", "i2i_R@1", "i2i_MRR", "t2i_R@1", "t2i_MRR")
 
 
 def row_for(rung: str, run: Path) -> dict:
@@ -142,7 +176,7 @@ def row_for(rung: str, run: Path) -> dict:
 def write_table(root: Path, table: pd.DataFrame) -> None:
     """ablation.csv, .md and .png as one unit (io.atomic_files)."""
     fmt = table.copy()
-    for col in ("accuracy", "f1_macro", "i2i_R@1", "i2i_MRR", "t2i_R@1", "t2i_MRR"):
+    for col in [c for f in FIGURES for c in (f, f"{f}_std") if c in fmt]:
         fmt[col] = fmt[col].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.3f}")
     header = "| " + " | ".join(fmt.columns) + " |\n|" + "---|" * len(fmt.columns) + "\n"
     body = "".join("| " + " | ".join(str(v) for v in r) + " |\n" for r in fmt.itertuples(index=False))
@@ -155,7 +189,9 @@ def write_table(root: Path, table: pd.DataFrame) -> None:
     cols = ["f1_macro", "i2i_MRR", "t2i_MRR"]
     width = 0.8 / len(cols)
     for j, col in enumerate(cols):
-        ax.bar([i + j * width for i in range(len(table))], table[col].astype(float), width, label=col)
+        err = table[f"{col}_std"].astype(float) if f"{col}_std" in table else None  # the spread over seeds
+        ax.bar([i + j * width for i in range(len(table))], table[col].astype(float), width, label=col, yerr=err,
+               capsize=2)
     ax.set_xticks([i + width for i in range(len(table))], table["rung"], rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("out of fold")
@@ -178,9 +214,14 @@ def main(argv=None) -> int:
                     help="add the recipe's rungs on top: EMA, mixup+cutmix, layer decay, input size, WiSE-FT, "
                          "known-pair memory (and pseudo-labels with --pseudo-data)")
     ap.add_argument("--pseudo-data", help="with --recipe: an unlabelled test folder for the pseudo-label rung")
+    ap.add_argument("--seeds", type=int, default=1, help="run the ladder once per training seed and report each "
+                                                          "rung's mean and standard deviation (default 1)")
     args = ap.parse_intermixed_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds {args.seeds}: at least 1")
     setup_logging()
-    table = run_ladder(args.config, list(args.overrides), args.data, args.name, args.recipe, args.pseudo_data)
+    table = run_ladder(args.config, list(args.overrides), args.data, args.name, args.recipe, args.pseudo_data,
+                       args.seeds)
     t = Table(title="ablation (out of fold)")
     for col in table.columns:
         t.add_column(col, justify="left" if col == "rung" else "right")
