@@ -601,8 +601,22 @@ SCORING_KEYS = ("infer.", "rerank.", "model.slerp.infer", "model.slerp.alpha", "
 # Keys that steer one invocation (or only inference, or where the files are) and may differ between
 # the train.py calls of one run; every other key defines the run and must stay as first written.
 INVOCATION_KEYS = ("name", "output_dir", "data.root", "data.num_workers", "data.cache_dir", "data.check_images",
-                   "train.folds", "train.resume", "train.parallel", "train.grad_accum", "train.eval_batch_size", "train.monitor_metric", "train.monitor_every", "train.log_with",
-                   "speed.", "ablation.", *SCORING_KEYS)
+                   "train.folds", "train.resume", "train.parallel", "train.grad_accum", "train.eval_batch_size",
+                   "train.monitor_metric", "train.monitor_every", "train.log_with", "speed.", "ablation.",
+                   *SCORING_KEYS)
+# Keys that may differ between the processes of one launch: where each machine keeps its files.
+PER_MACHINE_KEYS = ("output_dir", "data.root", "data.cache_dir", "data.num_workers")
+
+
+def in_keys(key: str, patterns) -> bool:
+    """The one rule every key list above is read by: a pattern ending in "." is a section (every key
+    under it), any other names one key exactly ("model.slerp.alpha" is not "model.slerp.alpha_grid")."""
+    return any(key.startswith(p) if p.endswith(".") else key == p for p in patterns)
+
+
+def shown_keys(patterns) -> str:
+    """A key list as a message names it: sections as `infer.*`."""
+    return ", ".join(f"{p}*" if p.endswith(".") else p for p in patterns)
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:
@@ -619,9 +633,7 @@ def flat_dict(d: dict, prefix: str = "") -> dict:
 def run_defining_diff(on_disk: Config, now: Config) -> list[str]:
     """The run-defining keys whose values differ."""
     a, b = flat_dict(to_dict(on_disk)), flat_dict(to_dict(now))
-    return sorted(k for k in a.keys() | b.keys()
-                  if not (k in INVOCATION_KEYS or k.startswith(tuple(p for p in INVOCATION_KEYS if p.endswith("."))))
-                  and a.get(k) != b.get(k))
+    return sorted(k for k in a.keys() | b.keys() if not in_keys(k, INVOCATION_KEYS) and a.get(k) != b.get(k))
 
 
 def recipe_switches(cfg: Config) -> dict[str, str]:

@@ -14,7 +14,8 @@ import torch
 
 from entrep import rundir
 from entrep.blending import mix, read_blend
-from entrep.config import ConfigError, load_config, override_item, parse_override, run_defining_diff
+from entrep.config import (SCORING_KEYS, ConfigError, load_config, override_item, parse_override, run_defining_diff,
+                           shown_keys)
 from entrep.data.images import ImageCache
 from entrep.data.release import file_sha1, load_test
 from entrep.embedding import eval_loader
@@ -111,9 +112,9 @@ def check_run_keys(run: Path, cfg) -> None:
     if diff := run_defining_diff(load_config(run / rundir.CONFIG), cfg):
         raise RunError(f"{run}: {', '.join(diff)} {'defines' if len(diff) == 1 else 'define'} the run (its config.yaml) "
                        f"and cannot be changed at inference; "
-                       f"drop {'that override' if len(diff) == 1 else 'those overrides'} (inference takes infer.*, "
-                       f"rerank.*, model.slerp.infer, model.slerp.alpha and the keys of one invocation), or train "
-                       f"a run with them under another --name")
+                       f"drop {'that override' if len(diff) == 1 else 'those overrides'} (inference takes "
+                       f"{shown_keys(SCORING_KEYS)} and the keys of one invocation), or train a run with them under "
+                       f"another --name")
 
 
 def training_overlap(run: Path, names: list[str], hashes: list[str]) -> dict:

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 
 from entrep import rundir
 from entrep.cli import raise_if_interrupted
-from entrep.config import Config, flat_dict, load_config, recipe_switches, run_defining_diff, save_config, to_dict
+from entrep.config import PER_MACHINE_KEYS, Config, flat_dict, in_keys, load_config, recipe_switches, run_defining_diff, save_config, to_dict
 from entrep.data.folds import (describe_shape, file_signatures, grouping_shape, load_or_make_folds, missing_classes,
                                  read_folds)
 from entrep.data.near_dup import near_duplicate_pairs
@@ -169,17 +169,13 @@ def on_main_first(accelerator, fn, others=None):
     return result
 
 
-# keys that may differ between the processes of one launch: where each machine keeps its files
-PER_MACHINE_KEYS = ("output_dir", "data.root", "data.cache_dir", "data.num_workers")
-
-
 def agree_across_processes(accelerator, cfg) -> None:
     """Every process of a launch must train the same run: processes started with other arguments (a
     second machine given another command line) would hang at the first collective after an epoch, so
     they stop at start-up, each naming the keys that differ."""
     if accelerator.num_processes == 1:
         return
-    mine = {k: v for k, v in flat_dict(to_dict(cfg)).items() if k not in PER_MACHINE_KEYS}
+    mine = {k: v for k, v in flat_dict(to_dict(cfg)).items() if not in_keys(k, PER_MACHINE_KEYS)}
     every = gather_object([json.dumps(mine, sort_keys=True, default=str)])
     if len(set(every)) == 1:
         return

@@ -244,3 +244,21 @@ def test_a_config_that_would_train_nothing_is_refused_before_any_work():
     with pytest.raises(ConfigError, match=r"every loss weight is 0 \(loss.ce, loss.prompt, loss.text, loss.image\)"):
         load_config(None, ["loss.ce=0", "loss.prompt=0", "loss.text=0", "loss.image=0"])
     load_config(None, ["loss.ce=0", "loss.image=0"])  # the text-side losses alone train a CLIP
+
+
+def test_every_key_the_config_contract_names_is_a_real_key():
+    """The key lists (ranges, scoring, invocation, per-machine, path keys) name keys by string: a renamed
+    field left behind in one of them would silently stop applying there."""
+    from entrep.config import (INVOCATION_KEYS, PATH_KEYS, PER_MACHINE_KEYS, RANGES, REMOVED, SCORING_KEYS, Config,
+                               flat_dict, in_keys, to_dict)
+
+    real = set(flat_dict(to_dict(Config())))
+    for name, patterns in (("RANGES", list(RANGES)), ("SCORING_KEYS", SCORING_KEYS), ("INVOCATION_KEYS", INVOCATION_KEYS),
+                           ("PER_MACHINE_KEYS", PER_MACHINE_KEYS), ("PATH_KEYS", PATH_KEYS)):
+        for p in patterns:
+            assert any(in_keys(k, [p]) for k in real), f"{name} names {p!r}, which is no config key"
+    assert not set(REMOVED) & real, "a key marked removed is still a field"
+    # one prefix rule for all of them: a key named exactly is not a prefix of its neighbours
+    assert in_keys("model.slerp.alpha", SCORING_KEYS) and in_keys("infer.topk", SCORING_KEYS)
+    assert not in_keys("model.slerp.alpha_gridx", ["model.slerp.alpha"])
+    assert not in_keys("model.slerp.train", SCORING_KEYS) and in_keys("speed.compile", INVOCATION_KEYS)

@@ -25,7 +25,7 @@ from entrep import rundir
 from entrep.cli import console, parser, setup_logging
 from entrep.commands.train import main as train_main
 from entrep.commands.train import parse
-from entrep.config import SCORING_KEYS, Config, load_config, parse_override, to_dict
+from entrep.config import SCORING_KEYS, Config, in_keys, load_config, parse_override, to_dict
 from entrep.io import atomic_files, atomic_write_json, kit_file, read_json
 
 
@@ -78,7 +78,7 @@ def rung_config(argv: list[str]) -> dict:
 
 
 def inference_only(overrides: list[str]) -> bool:
-    return bool(overrides) and all(parse_override(o)[0].startswith(SCORING_KEYS) for o in overrides)
+    return bool(overrides) and all(in_keys(parse_override(o)[0], SCORING_KEYS) for o in overrides)
 
 
 def run_ladder(config: str | None, overrides: list[str], data: str | None, name: str | None,
