@@ -5,7 +5,7 @@ shift 3-10% of the frame (camera motion: the content moves, a field-of-view mask
 up to 5 degrees, scale 0.9-1.1, brightness x0.8-1.2, JPEG quality 60 (the `jitter` source adds
 colour jitter and a harder re-encoding). `make(source, n, seed)` -> `Source`.
 
-- `demo`: entrep.demo's ENT-like renders, 7 classes (cases of one class share their anatomy);
+- `demo`: entrep.demo's ENT-like renders, 7 classes (each case its own vessels and mucosal folds);
 - `photos`: scikit-image's bundled photographs, each seen as an endoscopy frame (a window of the
   photo inside a circular field of view); the class is the photo, the bases of one photo are views
   at least half a frame apart;

@@ -68,27 +68,29 @@ def _render_right(label: str, p: dict, size: int) -> np.ndarray:
     d = ImageDraw.Draw(im)
     cx, cy = s * (0.5 + p["dx"]), s * (0.5 + p["dy"])
     a = p["angle"]
+    k = s * p.get("scale", 1.0)  # the case's own anatomy: its structures' size
     if label == "ear-right":
-        r = s * 0.28
+        r = k * 0.28
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(196, 188, 178))
         hx, hy = cx + r * 0.8 * np.cos(np.radians(55 + a)), cy - r * 0.8 * np.sin(np.radians(55 + a))
         d.line([cx, cy, hx, hy], fill=(245, 235, 205), width=max(2, s // 28))
         d.polygon([(cx, cy + 2), (cx + r * 0.55, cy + r * 0.6), (cx + r * 0.25, cy + r * 0.75)], fill=(250, 250, 240))
     elif label == "nose-right":
-        sx = cx - s * 0.22
-        d.polygon([(sx - s * 0.05, 0), (sx + s * 0.07, 0), (sx + s * 0.11 + a / 4, s), (sx - s * 0.02, s)], fill=(222, 150, 150))
-        d.ellipse([cx + s * 0.02, cy - s * 0.18, cx + s * 0.42, cy + s * 0.30], fill=(190, 95, 95))
-        d.ellipse([cx - s * 0.08, cy - s * 0.05, cx + s * 0.06, cy + s * 0.35], fill=(40, 15, 15))
+        sx = cx - k * 0.22
+        d.polygon([(sx - k * 0.05, 0), (sx + k * 0.07, 0), (sx + k * 0.11 + a / 4, s), (sx - k * 0.02, s)], fill=(222, 150, 150))
+        d.ellipse([cx + k * 0.02, cy - k * 0.18, cx + k * 0.42, cy + k * 0.30], fill=(190, 95, 95))
+        d.ellipse([cx - k * 0.08, cy - k * 0.05, cx + k * 0.06, cy + k * 0.35], fill=(40, 15, 15))
     elif label in ("vc-open", "vc-closed"):
         spread = (0.24 if label == "vc-open" else 0.025) * s
-        top, bot = (cx, cy - s * 0.3), cy + s * 0.3
+        top, bot = (cx, cy - k * 0.3), cy + k * 0.3
         d.polygon([top, (cx - spread, bot), (cx + spread, bot)], fill=(25, 10, 10))
         for side in (-1, 1):
-            d.line([top, (cx + side * (spread + s * 0.04), bot)], fill=(240, 235, 225), width=max(3, s // 16))
+            d.line([top, (cx + side * (spread + k * 0.04), bot)], fill=(240, 235, 225), width=max(3, s // 16))
     elif label == "throat":
-        r = s * 0.34
+        r = k * 0.34
         d.pieslice([cx - r, cy - r * 0.6, cx + r, cy + r * 1.4], 180, 360, fill=(70, 20, 25))
-        d.ellipse([cx - s * 0.05, cy - r * 0.55, cx + s * 0.05, cy - r * 0.1], fill=(215, 120, 120))
+        d.ellipse([cx - k * 0.05, cy - r * 0.55, cx + k * 0.05, cy - r * 0.1], fill=(215, 120, 120))
+    _vessels(d, p, s, cx, cy)  # over the structures too: a drum, a fold or a cord shows its own vessels
     for f in p["findings"]:
         fx, fy = s * f["x"], s * f["y"]
         if f["kind"] == "erythema":
@@ -100,18 +102,44 @@ def _render_right(label: str, p: dict, size: int) -> np.ndarray:
         elif f["kind"] == "polyp":
             r = s * 0.09
             d.ellipse([fx - r, fy - r, fx + r, fy + r * 1.3], fill=(235, 215, 160), outline=(180, 150, 110))
-        elif f["kind"] == "discharge":
+        elif f["kind"] == "discharge":  # the case's own drops, in every shot of it
+            drops = np.random.default_rng(p["anatomy"] + 2) if "anatomy" in p else rng
             for _ in range(6):
-                ox, oy = rng.normal(0, s * 0.07, 2)
+                ox, oy = drops.normal(0, s * 0.07, 2)
                 r = s * 0.025
                 d.ellipse([fx + ox - r, fy + oy - r, fx + ox + r, fy + oy + r], fill=(252, 252, 250))
         elif f["kind"] == "clot":
             r = s * 0.07
             d.ellipse([fx - r, fy - r * 0.8, fx + r, fy + r * 0.8], fill=(70, 0, 5))
-    arr = np.asarray(im).astype(np.float32) * p["gain"]
+    arr = np.asarray(im).astype(np.float32) * p["gain"] * _folds(p, xx, yy)[..., None]
     fov = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2) <= 0.47 ** 2  # circular field of view on black
     arr[~fov] = 0
     return arr.clip(0, 255).astype(np.uint8)
+
+
+def _folds(p: dict, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """The case's own mucosal folds and lighting: soft brighter and darker patches, fixed for the case and
+    moving with the view (1 everywhere for a case without an `anatomy` seed)."""
+    if "anatomy" not in p:
+        return np.ones_like(xx)
+    rng = np.random.default_rng(p["anatomy"] + 1)
+    out = np.ones_like(xx)
+    for _ in range(int(rng.integers(6, 10))):
+        (u, v), r, amp = rng.uniform(-0.4, 0.4, 2), rng.uniform(0.04, 0.1), rng.choice([-1, 1]) * rng.uniform(0.15, 0.3)
+        out += amp * np.exp(-((xx - 0.5 - p["dx"] - u) ** 2 + (yy - 0.5 - p["dy"] - v) ** 2) / (2 * r * r))
+    return out
+
+
+def _vessels(d: ImageDraw.ImageDraw, p: dict, s: int, cx: float, cy: float) -> None:
+    """The case's own vessel pattern on the mucosa, fixed for the case (its `anatomy` seed) and moving with
+    the view: what tells two patients' frames of one site apart, as it does in real endoscopy."""
+    if "anatomy" not in p:
+        return
+    rng = np.random.default_rng(p["anatomy"])
+    colour = tuple(int(v * 0.8) for v in p["tone"])
+    for _ in range(int(rng.integers(3, 6))):
+        pts = [(cx + s * u, cy + s * v) for u, v in rng.uniform(-0.45, 0.45, (3, 2))]
+        d.line(pts, fill=colour, width=max(1, s // 45), joint="curve")
 
 
 def _case(rng: np.random.Generator, label: str) -> dict:
@@ -123,6 +151,7 @@ def _case(rng: np.random.Generator, label: str) -> dict:
         "tone": [float(v) for v in rng.normal([200, 110, 105], [12, 10, 10])],
         "dx": float(rng.uniform(-0.05, 0.05)), "dy": float(rng.uniform(-0.05, 0.05)),
         "angle": float(rng.uniform(-10, 10)), "gain": float(rng.uniform(0.85, 1.1)),
+        "anatomy": int(rng.integers(1 << 31)), "scale": float(rng.uniform(0.85, 1.15)),
         "findings": [{"kind": str(k), "x": float(rng.uniform(0.3, 0.7)), "y": float(rng.uniform(0.3, 0.7))}
                      for k in kinds],
     }
