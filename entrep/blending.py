@@ -331,11 +331,8 @@ def read_blend(path: Path) -> Blend:
     weights, rerank = read_blend_tuned(path, PARTS, len(members))
     if missing := [m for m, p in zip(refs, members) if not (p / rundir.CONFIG).is_file()]:
         raise BlendError(f"{path}: member runs not found: {missing} (blend.json names them relative to the blend)")
-    with kit_file(path / rundir.BLEND):
-        made_from = spec.get("made_from", {})  # a blend of an older kit recorded nothing to compare
-        if not isinstance(made_from, dict):
-            raise TypeError(f"'made_from' is {made_from!r}, not an object")
-    if changed := changed_since(path, made_from):
+    # a blend of an older kit recorded nothing to compare
+    if changed := changed_since(path, spec.get("made_from", {}), path / rundir.BLEND):
         raise BlendError(f"{path}: its weights were chosen on member runs that have changed since ({changed[0]}: "
                          f"retrained, re-scored or replaced); re-blend: python -m entrep.blend --runs "
                          f"{' '.join(str(m) for m in members)} --name {path.name} --output-dir {path.parent}")

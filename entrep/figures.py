@@ -94,8 +94,10 @@ def worst_queries(scored: dict[int, Scored], table, n: int = WORST_QUERIES) -> d
                 key, badness = (k, query), OOF_TOPK + 1 if rank is None else rank
                 if key not in cases or badness > cases[key][0]:
                     cases[key] = (badness, case)
-        worst = sorted(cases.values(), key=lambda c: -c[0])[:n]
-        out[track] = [c for _, c in worst]
+        # worst first; among equally bad ones, the folds in turn (not all of fold 0's first)
+        turn = {key: i for k in scored for i, key in enumerate(x for x in cases if x[0] == k)}
+        worst = sorted(cases.items(), key=lambda kv: (-kv[1][0], turn[kv[0]], kv[0][0]))[:n]
+        out[track] = [c for _, (_, c) in worst]
     return out
 
 

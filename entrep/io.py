@@ -279,8 +279,12 @@ def fingerprints(root: str | Path, paths) -> dict[str, str | None]:
     return out
 
 
-def changed_since(root: str | Path, recorded: dict[str, str | None]) -> list[str]:
-    """The recorded files (`fingerprints`) whose content is not what it was, or that are gone."""
+def changed_since(root: str | Path, recorded: dict[str, str | None], kit: str | Path | None = None) -> list[str]:
+    """The recorded files (`fingerprints`, as `kit`, the file holding the record, stores them) whose
+    content is not what it was, or that are gone; a record of another shape is one line naming `kit`."""
+    with kit_file(kit or root):
+        if not isinstance(recorded, dict) or not all(isinstance(p, str) for p in recorded):
+            raise TypeError(f"the record of what it was made from is {recorded!r}, not an object of file names")
     return [p for p, fp in recorded.items() if fingerprint(Path(root) / p) != fp]
 
 

@@ -85,14 +85,12 @@ def check_current(meta: PredictionsMeta, pred: Path, run: str | None) -> None:
     """Predictions are answers of the run as it was: a file they were made from that has changed since
     (tuned.json re-tuned by a re-score or a re-blend, a fold retrained, a member replaced, the base
     weights swapped) makes them stale, refused in one line with the command that renews them."""
+    made_from = meta.raw.get("made_from")
+    if made_from is None:  # predictions of an older kit recorded nothing to compare
+        return
     with kit_file(pred / rundir.PRED_META):
-        made_from = meta.raw.get("made_from")
-        if made_from is None:  # predictions of an older kit recorded nothing to compare
-            return
         root, files = Path(run or made_from["run"]), made_from["files"]
-        if not isinstance(files, dict):
-            raise TypeError(f"'made_from.files' is {files!r}, not an object")
-    if changed := changed_since(root, files):
+    if changed := changed_since(root, files, pred / rundir.PRED_META):
         raise SubmissionError(f"{pred} is stale: {len(changed)} of the files it was made from changed since "
                               f"(e.g. {root / changed[0]}); renew it: python infer.py --run {root} --data "
                               f"{meta.test_dir}{' --out ' + str(pred) if pred.name != rundir.PREDICTIONS else ''}")
