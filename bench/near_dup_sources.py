@@ -101,7 +101,7 @@ def _masked(img: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- sources
 
 def _demo(n: int, seed: int) -> Source:
-    from entrep.data.demo import _cases, render
+    from entrep.data.synthetic import _cases, render
 
     rng = np.random.default_rng(seed)
     cases = _cases(rng, n)

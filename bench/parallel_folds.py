@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--processes", type=int, default=2)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from entrep.data.demo import make_demo
+    from entrep.data.synthetic import make_demo
 
     times: dict[str, list[float]] = {"sequential": [], "folds": [], "ddp": []}
     with tempfile.TemporaryDirectory() as tmp:

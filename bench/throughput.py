@@ -303,7 +303,7 @@ def make_pngs(folder: Path, n: int) -> list[str]:
     import numpy as np
     from PIL import Image
 
-    from entrep.data.demo import _case, render
+    from entrep.data.synthetic import _case, render
     from entrep.labels import ENTREP_CLASSES
 
     rng = np.random.default_rng(0)

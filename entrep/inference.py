@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from entrep import rundir
-from entrep.blending import mix, read_blend
+from entrep.ensemble import mix, read_blend
 from entrep.config import (SCORING_KEYS, ConfigError, load_config, override_item, parse_override, run_defining_diff,
                            shown_keys)
 from entrep.data.images import ImageCache

@@ -56,7 +56,7 @@ def write_real_release(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> Path:
-    from entrep.data.demo import make_demo
+    from entrep.data.synthetic import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo") / "data", seed=0, size=64, cases=60, test_cases=16,
                      public_cases=12)

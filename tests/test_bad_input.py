@@ -455,7 +455,7 @@ def test_adapter_files_get_the_modes_of_the_kits_other_files(tmp_path):
 def test_blend_members_are_logged_relative_to_the_current_folder(tmp_path, monkeypatch, caplog):
     import logging
 
-    from entrep.blending import read_blend
+    from entrep.ensemble import read_blend
     from entrep.config import load_config, save_config
 
     for name in ("a", "b"):

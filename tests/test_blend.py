@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from test_report import NAMES, signal_free, synthetic_oof
 
-from entrep.blending import BlendError, Member, check_same_folds, choose, crossfit_blend, mix, select
+from entrep.ensemble import BlendError, Member, check_same_folds, choose, crossfit_blend, mix, select
 from entrep.config import load_config
 from entrep.data.folds import FoldError, load_or_make_folds
 from entrep.oof import RETRIEVAL_TRACKS
@@ -130,7 +130,7 @@ def test_fold_signatures_do_not_depend_on_the_models_input_size(demo):
 
 
 def test_a_member_never_selected_is_not_embedded_at_inference():
-    from entrep.blending import Blend
+    from entrep.ensemble import Blend
 
     b = Blend([Path("a"), Path("b"), Path("c")], {"cls": [0.5, 0.0, 0.5], "i2i": [1.0, 0.0, 0.0],
                                                   "t2i": [0.2, 0.0, 0.8]}, {"i2i": {}, "t2i": {}})
@@ -157,7 +157,7 @@ def test_weights_chosen_on_the_scored_folds_would_flatter_a_blend_of_noise(cfg):
 def test_a_release_whose_labels_changed_is_refused_not_scored_beside_the_old_figures(cfg, tmp_path):
     """`blend --data` with 15 labels changed would score the blend on new labels beside members scored on
     old ones; the members' run.json says what they were trained on."""
-    from entrep.blending import blend
+    from entrep.ensemble import blend
     from entrep.data.identity import data_identity
     from entrep.io import atomic_write_json
 

@@ -203,7 +203,7 @@ def test_check_names_a_test_image_that_is_a_near_duplicate_of_a_training_one(tmp
     """The train/test leak participants found by hand: a re-encoded training frame in the test set."""
     import json
 
-    from entrep.data.demo import make_demo
+    from entrep.data.synthetic import make_demo
     from test_folds import _copy
 
     root = make_demo(tmp_path / "d", seed=0, size=160, cases=40, test_cases=6, public_cases=0)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 
 from entrep.data.release import load_release, load_test, read_query_lines
-from entrep.data.demo import _case, make_demo, render
+from entrep.data.synthetic import _case, make_demo, render
 from entrep.labels import ENTREP_CLASSES
 
 

@@ -289,7 +289,7 @@ def test_submission_folder_through_submit_py(tmp_path, faults, capsys):
 
 
 def test_blend_outputs(tmp_path, faults, capsys):
-    from entrep.blending import write_blend
+    from entrep.ensemble import write_blend
     from entrep.config import load_config
     from entrep.figures import crossfit_figures
     from entrep.tuning import tune

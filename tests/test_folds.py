@@ -138,7 +138,7 @@ def _copy(src, dst):
 def test_near_duplicate_copy_joins_its_source_group_and_unrelated_images_do_not(tmp_path):
     import json
 
-    from entrep.data.demo import make_demo
+    from entrep.data.synthetic import make_demo
     from entrep.data.folds import fold_groups
     from entrep.data.near_dup import file_signatures
 

@@ -91,7 +91,7 @@ def test_a_launch_whose_processes_do_not_form_one_job_is_refused(demo, tmp_path)
 def test_shipped_vitb16_recipe_trains_two_folds_under_accelerate_launch(tmp_path):
     """configs/entrep_vitb16.yaml as shipped, random weights, on a release small enough for CPU:
     only the weights, the data size (images, folds) and the epochs differ from what users launch."""
-    from entrep.data.demo import make_demo
+    from entrep.data.synthetic import make_demo
 
     data = make_demo(tmp_path / "data", seed=1, size=64, cases=42, test_cases=8, public_cases=0)
     runs = tmp_path / "runs"

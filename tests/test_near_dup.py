@@ -191,7 +191,7 @@ def test_a_demo_cases_second_shots_are_grouped_and_other_cases_are_not():
     """The demo's two frames of one case (moved 2%, another exposure) are one group; two cases of a class
     are not, now that each case has its own anatomy (vessels, mucosal folds): before, a class's cases were
     one drawing under another tone, which no pair test could tell from a moved copy."""
-    from entrep.data.demo import _cases, _view, render
+    from entrep.data.synthetic import _cases, _view, render
     from entrep.data.folds import near_duplicate_groups
 
     rng = np.random.default_rng(7)

@@ -231,7 +231,7 @@ answers = st.dictionaries(st.sampled_from(["a.png", "b.png", "c.png", "q"]) | st
 @budget(100)
 @given(track=st.sampled_from(["cls", "i2i", "t2i"]), sub=answers, truth=answers)
 def test_scoring_and_validation(track, sub, truth):
-    from entrep.scoring import score
+    from entrep.leaderboard import score
     from entrep.submission import validate
 
     got = kit_errors_only(score, track, sub, truth)
@@ -353,7 +353,7 @@ def runs_template(tmp_path_factory) -> Path:
                                                                                    max_size=3)),
                                                "i2i": tuned_values, "t2i": tuned_values})))
 def test_blend_json_and_its_tuned_json(runs_template, blend, tuned):
-    from entrep.blending import read_blend
+    from entrep.ensemble import read_blend
 
     with folder(runs_template) as root:
         (root / "ab/blend.json").write_bytes(blend)

@@ -95,7 +95,7 @@ def test_a_zip_bomb_submission_is_refused_before_it_is_unpacked(tmp_path):
     import tracemalloc
     import zipfile
 
-    from entrep.scoring import MAX_SUBMISSION_BYTES, ScoreError, read_submission
+    from entrep.leaderboard import MAX_SUBMISSION_BYTES, ScoreError, read_submission
 
     bomb = tmp_path / "cls.zip"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:

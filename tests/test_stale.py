@@ -124,7 +124,7 @@ def test_infer_then_a_rescore_a_retrained_fold_or_a_changed_member_make_earlier_
         trained_demo_run, demo, tmp_path, capsys):
     """The real chain: infer -> submit works; a re-tuned tuned.json or a retrained fold's weights make
     the predictions stale for submit; a member changed under a blend makes the blend refuse."""
-    from entrep.blending import BlendError, read_blend
+    from entrep.ensemble import BlendError, read_blend
     from entrep.commands.blend import main as blend_main
     from entrep.commands.infer import main as infer_main
     from entrep.commands.submit import main as submit_main

@@ -305,7 +305,7 @@ def test_the_memory_out_of_fold_holds_only_the_other_folds_pairs():
 def test_a_blend_member_applies_its_own_scales_and_memory():
     from pathlib import Path
 
-    from entrep.blending import Member
+    from entrep.ensemble import Member
     from entrep.figures import crossfit_figures
     from entrep.settings import Settings
     from entrep.tuning import tune

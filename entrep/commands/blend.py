@@ -39,7 +39,7 @@ def main(argv=None) -> int:
                           f"{out.parent.parent}")
     if (out / rundir.CONFIG).is_file():
         raise EntrepError(f"{out} is a training run; give the blend another --name")
-    from entrep.blending import blend, load_members, member_refs  # the model stack, once args are good
+    from entrep.ensemble import blend, load_members, member_refs  # the model stack, once args are good
     from entrep.labels import LabelSet
 
     if (out / rundir.BLEND).is_file():

@@ -1,4 +1,4 @@
-"""Write the procedural demo dataset (entrep/data/demo.py) in the real release layouts.
+"""Write the procedural demo dataset (entrep/data/synthetic.py) in the real release layouts.
 
     python -m entrep.demo OUT_DIR [--seed 0] [--size 80] [--cases 220] [--test-cases 60]
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from entrep.data.demo import make_demo
+from entrep.data.synthetic import make_demo
 from entrep.errors import EntrepError
 from entrep.io import atomic_dir
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.table import Table
 
 from entrep.cli import make_console
-from entrep.scoring import read_submission, read_truth, score
+from entrep.leaderboard import read_submission, read_truth, score
 from entrep.submission import TRACK_TITLES
 
 
