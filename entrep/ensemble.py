@@ -141,7 +141,8 @@ def mix(views: list[FoldView], weights: dict[str, list[float]]) -> FoldView:
         # a caption's class distribution comes from the members with class prompts (the class bonus reads it)
         have = [(x, v.caption_probs) for x, v in zip(weights["t2i"], views) if v.caption_probs is not None and x > 0]
         cp = sum(x * p for x, p in have) / sum(x for x, _ in have) if have else None
-    return FoldView(v0.images, np.asarray(probs, np.float32), ret, v0.captions, cap, cp, bool(texts))
+    return FoldView(images=v0.images, probs=np.asarray(probs, np.float32), ret=ret, captions=v0.captions,
+                    caption_emb=cap, caption_probs=cp, text=bool(texts))
 
 
 def select(score, n: int, rounds: int) -> tuple[list[float], list[dict]]:

@@ -302,11 +302,13 @@ def average_views(views: list[FoldView]) -> FoldView:
     averaged, retrieval and caption embeddings averaged as unit vectors."""
     v0 = views[0]
     texts = [torch.from_numpy(v.caption_emb) for v in views]
-    return FoldView(v0.images, sum(v.probs for v in views) / len(views),
-                    {t: average_embeddings([torch.from_numpy(v.ret[t]) for v in views]).numpy() for t in v0.ret},
-                    v0.captions, average_embeddings(texts).numpy() if v0.captions else np.zeros((0, 1), np.float32),
-                    (sum(v.caption_probs for v in views) / len(views)) if v0.caption_probs is not None else None,
-                    v0.text)
+    return FoldView(
+        images=v0.images, probs=sum(v.probs for v in views) / len(views),
+        ret={t: average_embeddings([torch.from_numpy(v.ret[t]) for v in views]).numpy() for t in v0.ret},
+        captions=v0.captions,
+        caption_emb=average_embeddings(texts).numpy() if v0.captions else np.zeros((0, 1), np.float32),
+        caption_probs=(sum(v.caption_probs for v in views) / len(views)) if v0.caption_probs is not None else None,
+        text=v0.text)
 
 
 def fold_memory(fold: Path, scale: float, weight: float) -> Memory:

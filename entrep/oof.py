@@ -42,7 +42,7 @@ RELEVANCE = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FoldView:
     """One held-out fold (or a test folder) after the inference settings: what ranking and scoring read."""
     images: list[str]
@@ -61,7 +61,7 @@ class MissingOutputs(EntrepError):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FoldOOF:
     """One fold's held-out outputs as train.py saved them (oof.npz, and memory.npz beside it).
 
@@ -85,7 +85,8 @@ class FoldOOF:
         """A fold's outputs on other images (a test folder): `outputs` WiSE scale -> (image outputs,
         caption embeddings), only the scales that are used."""
         first = outputs.get(1.0, (None, None))
-        return cls(images, first[0], captions, first[1], text, {s: o for s, o in outputs.items() if s != 1.0}, memory)
+        return cls(images=images, embedded=first[0], captions=captions, caption_emb=first[1], text=text,
+                   scaled={s: o for s, o in outputs.items() if s != 1.0}, memory=memory)
 
     def at(self, scale: float) -> tuple[Embedded, np.ndarray]:
         """(image outputs, caption embeddings) of the fold model at a WiSE scale."""
@@ -129,7 +130,8 @@ class FoldOOF:
             proto, has = self.memory.prototypes(self.captions, s_t2i, head_weight, tta, alpha.get("t2i", 0.0),
                                                 include_held_out=memory_held_out)
             caption_emb = mix_queries(caption_emb, proto, has, memory_weight)
-        return FoldView(self.images, probs, ret, self.captions, caption_emb, caption_probs, self.text)
+        return FoldView(images=self.images, probs=probs, ret=ret, captions=self.captions, caption_emb=caption_emb,
+                        caption_probs=caption_probs, text=self.text)
 
 
 def save_fold_oof(path: Path, oof: FoldOOF) -> None:
@@ -157,8 +159,9 @@ def load_fold_oof(path: Path) -> FoldOOF:
         e = embedded_from(z, 1.0)
         scales = [float(s) for s in z["wise_scales"]] if "wise_scales" in z else [1.0]
         scaled = {s: (embedded_from(z, s), z[scale_key("caption_emb", s)]) for s in scales if s != 1.0}
-        return FoldOOF(list(z["images"]), e, list(z["captions"]), z["caption_emb"],
-                       bool(z["text"]) if "text" in z else True, scaled, load_memory(path.parent / MEMORY_FILE))
+        return FoldOOF(images=list(z["images"]), embedded=e, captions=list(z["captions"]), caption_emb=z["caption_emb"],
+                       text=bool(z["text"]) if "text" in z else True, scaled=scaled,
+                       memory=load_memory(path.parent / MEMORY_FILE))
 
 
 def _rank(queries: np.ndarray, gallery: np.ndarray, names: list[str], rerank: dict, *, exclude=None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -156,8 +157,8 @@ def embed_fold_outputs(cfg, model, accelerator, labels, table, pixels, fold_of: 
     if not len(val_rows):
         return None, mem
     e, cap = held[1.0]
-    return FoldOOF(table["image"].iloc[val_rows].tolist(), e, captions, cap, unwrapped.has_text,
-                   {s: v for s, v in held.items() if s != 1.0}, mem), mem
+    return FoldOOF(images=table["image"].iloc[val_rows].tolist(), embedded=e, captions=captions, caption_emb=cap,
+                   text=unwrapped.has_text, scaled={s: v for s, v in held.items() if s != 1.0}, memory=mem), mem
 
 
 def load_run_oof(cfg, data, dirs: dict[int, Path]) -> dict[int, FoldOOF]:
@@ -205,13 +206,12 @@ def complete_fold(cfg, data, k: int, d: Path, oof: FoldOOF, lack: list[float], l
         if not np.array_equal(new.embedded.emb, oof.embedded.emb):
             log.info("%s: the reloaded fold embeds its held-out images %.2g off the OOF file (max abs); the file's "
                      "scale-1.0 outputs are kept", d.name, float(np.abs(new.embedded.emb - oof.embedded.emb).max()))
-        merged = FoldOOF(oof.images, oof.embedded, oof.captions, oof.caption_emb, oof.text,
-                         {**new.scaled, **oof.scaled}, new.memory)
+        merged = replace(oof, scaled={**new.scaled, **oof.scaled}, memory=new.memory)
     else:
         scaled = dict(oof.scaled)
         for s in lack:
             scaled[s] = embed_at(model, accelerator, data.labels, stats, val, oof.captions, s, start)
-        merged = FoldOOF(oof.images, oof.embedded, oof.captions, oof.caption_emb, oof.text, scaled, oof.memory)
+        merged = replace(oof, scaled=scaled)
     save_fold_oof(d / OOF_FILE, merged)
     del model, unwrapped
     accelerator.free_memory()

@@ -245,7 +245,8 @@ def synthetic_view(test):
     emb = rng.normal(size=(len(names), 8)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     probs = np.full((len(names), 7), 1 / 7, np.float32)
-    return FoldView(names, probs, {"i2i": emb, "t2i": emb}, test.t2i or [], emb[:len(test.t2i or [])], None)
+    return FoldView(images=names, probs=probs, ret={"i2i": emb, "t2i": emb}, captions=test.t2i or [],
+                    caption_emb=emb[:len(test.t2i or [])], caption_probs=None)
 
 
 def test_each_query_list_ranks_the_images_of_its_own_folder(tmp_path):

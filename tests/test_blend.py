@@ -2,6 +2,8 @@
 check, and shared folds (the end-to-end blend -> infer -> submit is in test_e2e.py)."""
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -35,7 +37,7 @@ def test_the_weighted_concatenation_mixes_cosine_similarities():
         g = rng.normal(size=(len(v.images), d)).astype(np.float32)
         g /= np.linalg.norm(g, axis=1, keepdims=True)
         cap = rng.normal(size=(len(v.captions), d)).astype(np.float32)
-        views.append(type(v)(v.images, v.probs, {"i2i": g, "t2i": g}, v.captions, cap, v.caption_probs))
+        views.append(replace(v, ret={"i2i": g, "t2i": g}, caption_emb=cap))
     w = {"cls": [0.25, 0.75], "i2i": [0.3, 0.7], "t2i": [0.5, 0.5]}
     m = mix(views, w)
     cos = [v.ret["i2i"] @ v.ret["i2i"].T for v in views]

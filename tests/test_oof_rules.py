@@ -21,7 +21,8 @@ def _carriers_fold(k: int = 6, seed: int = 0) -> tuple[FoldOOF, pd.DataFrame]:
     caption = emb.mean(0, keepdims=True)
     caption /= np.linalg.norm(caption)
     e = Embedded([np.full((k, 2), 0.5, np.float32)], None, emb, None)
-    return FoldOOF(names, e, ["superior septal deviation"], caption.astype(np.float32)), table
+    return FoldOOF(images=names, embedded=e, captions=["superior septal deviation"],
+                   caption_emb=caption.astype(np.float32)), table
 
 
 def test_t2i_has_one_target_per_caption_like_the_leaderboard():

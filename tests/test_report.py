@@ -39,7 +39,7 @@ def synthetic_oof(seed=0, folds=3, per_fold=18):
                      class_emb.astype(np.float32))
         cap = np.stack([class_emb[y] + rng.normal(scale=0.8, size=16) for y in range(3)])
         cap = (cap / np.linalg.norm(cap, axis=1, keepdims=True)).astype(np.float32)
-        oof[k] = FoldOOF(images, e, [f"finding {y}" for y in range(3)], cap)
+        oof[k] = FoldOOF(images=images, embedded=e, captions=[f"finding {y}" for y in range(3)], caption_emb=cap)
     return oof, pd.DataFrame(rows)
 
 
@@ -163,8 +163,9 @@ def signal_free(oof, seed=9):
     for k, f in oof.items():
         n, c = f.embedded.emb.shape[0], f.embedded.head[0].shape[1]
         head, prompt = (rng.dirichlet(np.ones(c), size=n).astype(np.float32) for _ in range(2))
-        out[k] = FoldOOF(f.images, Embedded([head], [prompt], unit(rng.normal(size=f.embedded.emb.shape)), f.embedded.class_emb),
-                         f.captions, unit(rng.normal(size=f.caption_emb.shape)))
+        noise = Embedded([head], [prompt], unit(rng.normal(size=f.embedded.emb.shape)), f.embedded.class_emb)
+        out[k] = FoldOOF(images=f.images, embedded=noise, captions=f.captions,
+                         caption_emb=unit(rng.normal(size=f.caption_emb.shape)))
     return out
 
 

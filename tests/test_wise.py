@@ -267,8 +267,8 @@ def leaky_case(per_fold=24, folds=3, seed=0):
                         {1.0: Embedded([np.tile(head, (folds, 1))], None, mem_emb, None)},
                         np.arange(len(images)), [f"finding {i}" for _ in order for i in range(per_fold)])
         caps = unit(rng.normal(size=(per_fold, 256)))
-        oof[k] = FoldOOF([f"f{k}_{j}.png" for j in range(per_fold)], e, [f"finding {j}" for j in range(per_fold)],
-                         caps, memory=memory)
+        oof[k] = FoldOOF(images=[f"f{k}_{j}.png" for j in range(per_fold)], embedded=e,
+                         captions=[f"finding {j}" for j in range(per_fold)], caption_emb=caps, memory=memory)
     return oof, pd.DataFrame(rows)
 
 
