@@ -269,13 +269,15 @@ def fingerprint(path: str | Path) -> str | None:
 
 
 def fingerprints(root: str | Path, paths) -> dict[str, str | None]:
-    """{path: fingerprint} of the files a derived file was made from; a path under `root` (the run or
-    blend) relative to it, so a moved runs/ folder still compares, others absolute."""
+    """{path: fingerprint} of the files a derived file was made from. A path under the folder holding
+    `root` (the run or blend, and a blend's member runs beside it in runs/) is kept relative to `root`
+    (`tuned.json`, `../a/tuned.json`), so a moved runs/ folder still compares; others (base weights
+    elsewhere) absolute."""
     root = Path(root).absolute()
     out = {}
     for p in map(Path, paths):
         p = p.absolute()
-        out[str(p.relative_to(root)) if p.is_relative_to(root) else str(p)] = fingerprint(p)
+        out[os.path.relpath(p, root) if p.is_relative_to(root.parent) else str(p)] = fingerprint(p)
     return out
 
 
@@ -308,6 +310,10 @@ def folder_snapshot(folder: str | Path):
         if handle not in str(e):
             raise
         raise type(e)(str(e).replace(handle, str(folder))) from None
+    except OSError as e:  # a file of the set gone: named in the folder
+        if e.filename and str(e.filename).startswith(handle):
+            e.filename = str(folder) + str(e.filename)[len(handle):]
+        raise
     finally:
         os.close(fd)
 

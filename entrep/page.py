@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from entrep.config import load_config, recipe_switches
 from entrep.data.images import refuse_bomb
 from entrep.io import FileSet, atomic_write_text, read_json
 from entrep.model.checkpoint import fold_dir
+
+log = logging.getLogger(__name__)
 
 THUMB = 96            # px, the longer side of an inlined thumbnail
 WORST_PER_CLASS = 4   # worst-classified images shown per true class
@@ -46,8 +49,11 @@ class PageData:
     tuned: dict = field(default_factory=dict)
 
 
+NAMES = {"image": str, "label": str, "pred": str, "fold_group": str}  # names stay names: class "1", image "1e5"
+
+
 def _csv(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else None
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=NAMES) if path.is_file() else None
 
 
 def _switches(run: Path) -> dict | None:
@@ -109,7 +115,7 @@ class Thumbs:
                 im.thumbnail((THUMB, THUMB))
                 buf = io.BytesIO()
                 im.save(buf, "JPEG", quality=80)
-        except (OSError, UnidentifiedImageError, ValueError):
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
             return None  # the page shows the name instead; the report's figures never depended on it
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -174,8 +180,9 @@ def fold_section(rep: dict) -> str:
     mean, std = fold_spread(values)
     rows.append(["<b>mean &plusmn; std</b>", "", ""] + [f"{_f(m)} &plusmn; {_f(s)}" if not np.isnan(m) else ""
                                                       for m, s in zip(mean, std)])
-    return ("<h2>Per fold</h2><p>Each fold scored by its own model with settings tuned on the other folds; the "
-            "spread over folds is the noise band a change must beat.</p>" + _table(header, rows, "num"))
+    return ("<h2>Per fold</h2><p>Each fold scored by the models that never saw it (a blend: its members' fold "
+            "models, mixed) with settings tuned on the other folds; the spread over folds is the noise band a "
+            "change must beat.</p>" + _table(header, rows, "num"))
 
 
 def curves_section(d: PageData) -> str:
@@ -356,5 +363,11 @@ def write_page(run_dir: Path, image_paths: dict[str, Path] | None) -> Path:
 def write_page_into(files: FileSet, image_paths: dict[str, Path] | None, blend: dict | None = None) -> None:
     """report.html into the set being written (io.atomic_files), from that set's files (`blend`: the
     blend.json written after it): the page and the report it shows are replaced as one unit."""
-    data = read_page_data(files.folder, files.temps, blend)
-    files.write_text(rundir.PAGE, render(data, Thumbs(image_paths)))
+    try:
+        html = render(read_page_data(files.folder, files.temps, blend), Thumbs(image_paths))
+    except Exception as e:  # noqa: BLE001 - the figures it would show are written; folds must not be lost to it
+        log.warning("%s not written (%s: %s); the report is; rebuild the page with: python -m entrep.report %s",
+                    rundir.PAGE, type(e).__name__, e, files.folder)
+        files.remove(rundir.PAGE)  # no page of an earlier report beside this one
+        return
+    files.write_text(rundir.PAGE, html)

@@ -443,6 +443,14 @@ def source_fold_settings(source: Path, k: int, tta_flip: bool) -> Settings:
     return settings
 
 
+def pseudo_run(cfg) -> Path:
+    """train.pseudo_from, refused in one line unless it is a run directory with its folds."""
+    source = Path(cfg.train.pseudo_from)
+    if not (source / rundir.CONFIG).is_file() or not (source / rundir.FOLDS).is_file():
+        raise EntrepError(f"train.pseudo_from={source}: not a run directory (config.yaml, folds.csv)")
+    return source
+
+
 def check_pseudo_inputs(cfg) -> None:
     """train.pseudo_from and train.pseudo_data, as far as they can be checked before the run's data is read:
     the source is a run directory and the test folder reads as one."""
@@ -450,9 +458,7 @@ def check_pseudo_inputs(cfg) -> None:
         return
     from entrep.data.release import load_test
 
-    source = Path(cfg.train.pseudo_from)
-    if not (source / rundir.CONFIG).is_file() or not (source / rundir.FOLDS).is_file():
-        raise EntrepError(f"train.pseudo_from={source}: not a run directory (config.yaml, folds.csv)")
+    pseudo_run(cfg)
     try:
         load_test(cfg.train.pseudo_data)
     except EntrepError as e:
@@ -462,9 +468,7 @@ def check_pseudo_inputs(cfg) -> None:
 def pseudo_source(cfg, data: RunData, k: int) -> tuple[Path, Path, Config]:
     """(train.pseudo_from, its fold-k folder, its config), refused in one line where its fold k could
     carry this run's fold-k truth (other folds), is unfinished, or labels in another class order."""
-    source = Path(cfg.train.pseudo_from)
-    if not (source / rundir.CONFIG).is_file() or not (source / rundir.FOLDS).is_file():
-        raise EntrepError(f"train.pseudo_from={source}: not a run directory (config.yaml, folds.csv)")
+    source = pseudo_run(cfg)
     theirs = read_folds(source / rundir.FOLDS)
     fold_of = dict(zip(theirs["image"], theirs["fold"]))
     differ = [n for n, f in zip(data.folds["image"], data.folds["fold"]) if fold_of.get(n) != f]

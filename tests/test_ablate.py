@@ -104,6 +104,10 @@ def test_over_seeds_gives_each_rung_its_mean_and_spread():
     assert list(t.index) == ["1_a", "2_b"] and (t["seeds"] == 2).all()
     assert t.loc["2_b", "f1_macro"] == pytest.approx(0.65) and t.loc["2_b", "f1_macro_std"] == pytest.approx(0.0707, abs=1e-4)
     assert t.loc["1_a", "wall_s"] == 2.0 and t.loc["2_b", "trainable_params"] == 20
+    gap = ladder(0.1)
+    gap.loc[1, "t2i_MRR"] = float("nan")  # one seed without the figure: no mean over "2 seeds" of one
+    t = over_seeds([ladder(0.0), gap]).set_index("rung")
+    assert pd.isna(t.loc["2_b", "t2i_MRR"]) and t.loc["1_a", "t2i_MRR"] == pytest.approx(0.55)
 
 
 @pytest.mark.slow

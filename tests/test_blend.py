@@ -1,8 +1,7 @@
 """Blending runs out of fold: the similarity mix, ensemble selection, cross-fitted figures, the fold
 check, and shared folds (the end-to-end blend -> infer -> submit is in test_e2e.py)."""
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -222,3 +222,54 @@ def test_the_runs_table_refuses_what_it_cannot_show_in_one_line(tmp_path, capsys
     fixed_run(tmp_path)
     assert "not a column" in one_line(capsys, main, [str(tmp_path), "--sort", "bogus"])
     assert "no report.json" in one_line(capsys, main, ["--diff", str(tmp_path / "run"), str(tmp_path)])
+
+
+def test_the_page_reads_class_and_image_names_as_names_and_never_costs_the_report(tmp_path, monkeypatch, caplog):
+    """Classes named "1", "2" and an image named like a number were read back as numbers (a TypeError
+    after every fold had trained); an image over PIL's pixel limit is a name, not an error; and whatever
+    else fails in the page leaves the report's set written, without a page of an earlier report."""
+    import logging
+
+    from PIL import Image
+
+    from entrep import page
+    from entrep.io import atomic_files
+
+    run, paths = fixed_run(tmp_path)
+    oof = pd.read_csv(run / rundir.OOF_TABLE)
+    mapping = {n: str(i + 1) for i, n in enumerate(NAMES)}
+    oof = oof.rename(columns={f"p_{n}": f"p_{mapping[n]}" for n in NAMES})
+    oof["label"], oof["pred"] = oof["label"].map(mapping), oof["pred"].map(mapping)
+    oof.loc[0, "image"] = "1e5"
+    oof.to_csv(run / rundir.OOF_TABLE, index=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # every 48 x 48 image is now "too large"
+    html = write_page(run, paths).read_text()
+    assert "<h3>1</h3>" in html and 'title="1e5"' in html and "data:image/jpeg" not in html
+    (run / rundir.PAGE).write_text("an earlier report's page")
+    monkeypatch.setattr(page, "render", lambda *a: 1 / 0)
+    caplog.set_level(logging.WARNING, logger="entrep")
+    with atomic_files(run) as files:
+        files.write_text("x.json", "{}")
+        page.write_page_into(files, paths)
+    assert (run / "x.json").is_file() and not (run / rundir.PAGE).exists()
+    assert "report.html not written (ZeroDivisionError" in caplog.text and "python -m entrep.report" in caplog.text
+
+
+def test_the_commands_skip_what_is_gone_or_unreadable_and_show_the_rest(tmp_path):
+    """entrep.report on a blend whose first member is gone takes the next member's release; entrep.runs
+    shows a run it cannot read as a row saying why."""
+    from entrep.commands.report import release_paths
+    from entrep.commands.runs import runs_table
+    from entrep.config import load_config
+
+    run, _ = fixed_run(tmp_path)
+    save_config(load_config(None, [f"data.root={tmp_path / 'data'}"]), run / rundir.CONFIG)
+    blend = tmp_path / "blend"
+    blend.mkdir()
+    (blend / rundir.REPORT).write_text((run / rundir.REPORT).read_text())
+    (blend / rundir.BLEND).write_text(json.dumps({"members": ["../gone", "../run"]}))
+    assert set(release_paths(blend, None)) == {f"img{i:02d}.png" for i in range(12)}
+    (run / rundir.CONFIG).write_text("train:\n  epochs: 1\ntrain:\n  epochs: 2\n")  # hand-broken: a repeated key
+    table = runs_table(tmp_path).set_index("run")
+    assert table.loc["run", "kind"] == "unreadable" and "not valid yaml" in table.loc["run", "recipe"].lower()
+    assert table.loc["blend", "kind"] == "blend"

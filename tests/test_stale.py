@@ -40,8 +40,10 @@ def test_recorded_fingerprints_follow_a_moved_run_and_name_what_changed(tmp_path
     (run / "tuned.json").write_text("{}")
     outside = tmp_path / "base.bin"
     outside.write_bytes(b"w")
-    rec = fingerprints(run, [run / "tuned.json", run / "missing.json", outside])
-    assert set(rec) == {"tuned.json", "missing.json", str(outside)}
+    (tmp_path / "runs/b").mkdir()
+    (tmp_path / "runs/b/tuned.json").write_text("{}")  # a blend's member, beside it in runs/
+    rec = fingerprints(run, [run / "tuned.json", run / "missing.json", tmp_path / "runs/b/tuned.json", outside])
+    assert set(rec) == {"tuned.json", "missing.json", "../b/tuned.json", str(outside)}
     shutil.move(tmp_path / "runs", tmp_path / "moved")
     assert changed_since(tmp_path / "moved/a", rec) == []
     (tmp_path / "moved/a/missing.json").write_text("{}")  # a file written since: the record said none
@@ -67,12 +69,16 @@ def test_a_set_written_as_one_unit_is_read_as_one_while_a_writer_replaces_it(tmp
     with pytest.raises(EntrepError) as e, folder_snapshot(folder) as at:
         raise EntrepError(f"{at('x')}: missing")
     assert str(e.value) == f"{folder / 'x'}: missing"  # errors name the folder, not the handle
+    with pytest.raises(FileNotFoundError) as e, folder_snapshot(folder) as at:
+        at("gone.csv").read_text()
+    assert e.value.filename == str(folder / "gone.csv")
 
 
 def test_submit_refuses_predictions_whose_sources_changed_and_names_the_renewal(tmp_path, capsys):
     from entrep.commands.submit import main
 
     _predictions(tmp_path, {"i2i": ["q.png"]})
+    (tmp_path / "config.yaml").write_text("name: r\n")
     (tmp_path / "tuned.json").write_text('{"head_weight": 0.5}')
     meta = json.loads((tmp_path / "predictions/meta.json").read_text())
     meta["made_from"] = {"run": str(tmp_path), "files": fingerprints(tmp_path, [tmp_path / "tuned.json"])}
@@ -82,6 +88,11 @@ def test_submit_refuses_predictions_whose_sources_changed_and_names_the_renewal(
     line = one_line(capsys, main, ["--run", tmp_path])
     assert "predictions is stale" in line and f"{tmp_path / 'tuned.json'}" in line
     assert f"python infer.py --run {tmp_path} --data TEST" in line
+    (tmp_path / "tuned.json").unlink()
+    assert "1 of the files it was made from are gone" in one_line(capsys, main, ["--run", tmp_path])
+    (tmp_path / "config.yaml").unlink()  # the run is not where the predictions say, nor beside them
+    assert "which is not there now; pass --run RUN" in one_line(capsys, main, ["--predictions", tmp_path / "predictions",
+                                                                              "--out", tmp_path / "o"])
 
 
 def test_check_compatible_refuses_a_fold_whose_base_weights_file_was_swapped(tmp_path):
@@ -150,6 +161,12 @@ def test_infer_then_a_rescore_a_retrained_fold_or_a_changed_member_make_earlier_
     shutil.copy(trained_demo_run / "fold1/kit.safetensors", kit)
     assert blend_main(["--runs", str(run), str(b), "--name", "ab", "--data", str(demo)]) == 0
     read_blend(tmp_path / "runs/ab")
+    # predictions of the blend stay current when the whole runs/ folder moves, with --run or without
+    assert infer_main(["--run", str(tmp_path / "runs/ab"), "--data", str(demo / "test")]) == 0
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    assert submit_main(["--run", str(tmp_path / "moved/ab")]) == 0
+    assert submit_main(["--predictions", str(tmp_path / "moved/ab/predictions"), "--out", str(tmp_path / "o")]) == 0
+    b = tmp_path / "moved/b"
     (b / "tuned.json").write_text(json.dumps(tuned | {"head_weight": 0.123}))  # member b re-scored
     with pytest.raises(BlendError, match=r"changed since \(\.\./b/tuned.json.*re-blend: python -m entrep.blend"):
-        read_blend(tmp_path / "runs/ab")
+        read_blend(tmp_path / "moved/ab")

@@ -14,6 +14,7 @@ each rung's mean and standard deviation over the seeds: a rung's gain inside tha
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -112,7 +113,9 @@ def run_ladder(config: str | None, overrides: list[str], data: str | None, name:
 def over_seeds(tables: list[pd.DataFrame]) -> pd.DataFrame:
     """Each rung's figures as the mean over the seeds' ladders, with `<figure>_std` (ddof=1) beside each."""
     both = pd.concat(tables)
-    out = both.groupby("rung", sort=False)[list(FIGURES)].agg(["mean", "std"])
+    # a figure some seed lacks has no mean over the seeds: NaN (not the mean of the others under "seeds: N")
+    out = both.groupby("rung", sort=False)[list(FIGURES)].agg(
+        [("mean", lambda x: x.mean() if x.notna().all() else math.nan), ("std", "std")])
     out.columns = [c if stat == "mean" else f"{c}_std" for c, stat in out.columns]
     out = out[[c for f in FIGURES for c in (f, f"{f}_std")]].reset_index()
     rest = both.groupby("rung", sort=False).agg(trainable_params=("trainable_params", "first"),

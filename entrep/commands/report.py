@@ -27,10 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def release_paths(run: Path, data: str | None) -> dict[str, Path] | None:
-    """Image name -> file in the release the run was trained on (or `data`); None where it is not found."""
-    source = run
+    """Image name -> file in the release the run was trained on (or `data`); None where it is not found.
+    A blend's release is its first member's that is still there."""
+    sources = [run]
     if rundir.is_blend(run):
-        source = (run / read_json(run / rundir.BLEND)["members"][0]).resolve()
+        sources = [(run / m).resolve() for m in read_json(run / rundir.BLEND)["members"]]
+    source = next((s for s in sources if (s / rundir.CONFIG).is_file()), None)
+    if source is None:
+        log.warning("%s: no config.yaml of the run or of any member is there: the page shows image names", run)
+        return None
     cfg = load_config(source / rundir.CONFIG)
     root = Path(data or cfg.data.root)
     if not root.is_dir():

@@ -6,8 +6,9 @@
 DIR (default runs/) is searched for report.json, ablation rungs included. Each row: the OOF figures
 per track as the mean over folds +- their standard deviation (the noise band a difference must beat;
 the pooled figure is in each report), the backbone, the recipe switches that differ between the listed
-runs, the wall time of the last train.py call, and the report's date. --sort takes any column (the
-figures sort by their mean, best first). --diff lists two runs' config keys and figures that differ.
+runs, the wall time of the last train.py call (a re-score is a call), and the report's date. --sort
+takes any column (the figures sort by their mean, best first). --diff lists the config keys that differ
+between two runs, and both runs' pooled figures side by side.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def describe_run(run: Path, root: Path) -> dict:
            "kind": "blend" if rundir.is_blend(run) else "run", "folds": len(rep.get("folds", []))}
     for (name, _), m, s in zip(FIGURES.items(), mean, std):
         row[name], row[f"{name}_std"] = m, s
-    row["switches"] = {}
+    row["switches"], row["backbone"] = {}, "?"
     if row["kind"] == "blend":
         row["backbone"] = f"{len(read_json(run / rundir.BLEND)['members'])} members"
     elif (run / rundir.CONFIG).is_file():
@@ -57,14 +58,23 @@ def describe_run(run: Path, root: Path) -> dict:
 
 
 def runs_table(root: Path) -> pd.DataFrame:
-    """Every run under `root`, one row each; `recipe` holds the switches that differ between them."""
-    rows = [describe_run(run, root) for run in find_runs(root)]
+    """Every run under `root`, one row each; `recipe` holds the switches that differ between them. A run
+    whose files cannot be read is a row saying why, not the end of the table."""
+    rows = []
+    for run in find_runs(root):
+        try:
+            rows.append(describe_run(run, root))
+        except EntrepError as e:
+            rows.append({"run": str(run.relative_to(root)), "kind": "unreadable", "folds": 0, "backbone": "?",
+                         **{f: math.nan for f in FIGURES}, **{f"{f}_std": math.nan for f in FIGURES},
+                         "switches": {}, "wall_s": math.nan, "date": "", "note": str(e)})
     if not rows:
         return pd.DataFrame()
-    keys = list(dict.fromkeys(k for r in rows for k in r["switches"]))
-    differ = [k for k in keys if len({r["switches"].get(k) for r in rows if r["kind"] == "run"}) > 1]
+    have = [r["switches"] for r in rows if r["switches"]]
+    keys = list(dict.fromkeys(k for s in have for k in s))
+    differ = [k for k in keys if len({s.get(k) for s in have}) > 1]
     for r in rows:
-        r["recipe"] = "; ".join(f"{k} {r['switches'][k]}" for k in differ if k in r["switches"])
+        r["recipe"] = r.pop("note", None) or "; ".join(f"{k} {r['switches'][k]}" for k in differ if k in r["switches"])
         del r["switches"]
     return pd.DataFrame(rows)
 

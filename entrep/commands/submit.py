@@ -81,6 +81,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def is_run_dir(path: Path) -> bool:
+    return (path / rundir.CONFIG).is_file() or rundir.is_blend(path)
+
+
 def check_current(meta: PredictionsMeta, pred: Path, run: str | None) -> None:
     """Predictions are answers of the run as it was: a file they were made from that has changed since
     (tuned.json re-tuned by a re-score or a re-blend, a fold retrained, a member replaced, the base
@@ -89,11 +93,20 @@ def check_current(meta: PredictionsMeta, pred: Path, run: str | None) -> None:
     if made_from is None:  # predictions of an older kit recorded nothing to compare
         return
     with kit_file(pred / rundir.PRED_META):
-        root, files = Path(run or made_from["run"]), made_from["files"]
+        recorded, files = Path(made_from["run"]), made_from["files"]
+    root = Path(run) if run else recorded
+    if not run and not root.is_dir() and is_run_dir(pred.parent):  # the run moved with its predictions/
+        root = pred.parent
+    if not is_run_dir(root):
+        raise SubmissionError(f"{pred} was made from the run {recorded}, which is not there now; pass --run RUN "
+                              f"(where it is) to check the predictions against it")
+    renew = (f"renew it: python infer.py --run {root} --data {meta.test_dir}"
+             f"{' --out ' + str(pred) if pred.resolve() != (root / rundir.PREDICTIONS).resolve() else ''}")
     if changed := changed_since(root, files, pred / rundir.PRED_META):
-        raise SubmissionError(f"{pred} is stale: {len(changed)} of the files it was made from changed since "
-                              f"(e.g. {root / changed[0]}); renew it: python infer.py --run {root} --data "
-                              f"{meta.test_dir}{' --out ' + str(pred) if pred.name != rundir.PREDICTIONS else ''}")
+        gone = [p for p in changed if not (root / p).exists()]
+        what = (f"{len(gone)} of the files it was made from are gone (e.g. {root / gone[0]})" if gone else
+                f"{len(changed)} of the files it was made from changed since (e.g. {root / changed[0]})")
+        raise SubmissionError(f"{pred} is stale: {what}; {renew}")
 
 
 def read_submissions(pred: Path, at, meta: PredictionsMeta, args) -> dict:

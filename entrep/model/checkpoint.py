@@ -149,6 +149,9 @@ def check_compatible(meta: dict, cfg, fold_dir: Path) -> None:
     from entrep.model.backbone import base_weights_file
 
     if "base_fingerprint" in meta and (base := base_weights_file(cfg.model.pretrained)) is not None:
+        if not base.is_file():
+            raise CheckpointError(f"{fold_dir}: its base weights {base} (model.pretrained) are not found; a "
+                                  f"relative path is read from the current folder")
         if fingerprint(base) != meta["base_fingerprint"]:
             raise CheckpointError(f"{fold_dir}: trained on the base weights {base} as they were then; that file has "
                                   f"changed since, and the fold's adapters and head are tied to the old one: put "
