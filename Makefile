@@ -54,7 +54,7 @@ demo: venv
 	for run in demo demo_seed1 demo_blend; do \
 		$(PY) infer.py --run $(RUNS)/$$run --data $(DEMO_DATA)/test && \
 		$(PY) submit.py --run $(RUNS)/$$run && \
-		for t in cls:track1_cls i2i:track2_i2i t2i:track3_t2i t2i:track3_t2i_any; do \
+		for t in cls:track1_cls i2i:track2_i2i t2i:track3_t2i t2i:any_carrier/track3_t2i; do \
 			$(PY) -m entrep.score --track $${t%%:*} --submission $(RUNS)/$$run/submission/$${t%%:*}.json \
 				--truth $(DEMO_DATA)/truth/$${t#*:}.json || exit 1; \
 		done || exit 1; \

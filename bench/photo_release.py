@@ -106,7 +106,8 @@ def make(out: Path, cases: int = 150, test_cases: int = 40, size: int = 96, seed
     pick = np.random.default_rng(seed + 1)  # one target per caption, as the challenge scores Track 3
     (out / "truth/track3_t2i.json").write_text(json.dumps({c: carriers[c][int(pick.integers(len(carriers[c])))]
                                                            for c in sorted(carriers)}))
-    (out / "truth/track3_t2i_any.json").write_text(json.dumps({c: carriers[c] for c in sorted(carriers)}))
+    (out / "truth/any_carrier").mkdir(parents=True, exist_ok=True)
+    (out / "truth/any_carrier/track3_t2i.json").write_text(json.dumps({c: carriers[c] for c in sorted(carriers)}))
     return out
 
 

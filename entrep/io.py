@@ -94,6 +94,8 @@ def atomic_dir(path: str | Path, holds: set[str] | None = None):
     `holds`: the names the output consists of. An existing `path` holding anything else is refused
     (it is not the kit's alone, and the swap would delete it)."""
     path = Path(path)
+    if path.is_symlink():  # a linked output folder (a shared drive): swap the folder it names, keep the link
+        path = path.resolve()
     check_replaceable(path, holds)
     tmp = old = None
     try:
@@ -250,9 +252,14 @@ def fingerprint(path: str | Path) -> str | None:
     inference does not hash gigabytes; None for a missing file."""
     import hashlib
 
+    import stat
+
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a folder, a FIFO, /dev/zero: never read, never equal to a file's
+            return f"not a file: {stat.filemode(st.st_mode)}"
+        size = st.st_size
         h = hashlib.sha1()
         with open(path, "rb") as f:
             if size <= WHOLE_FILE:
@@ -263,7 +270,7 @@ def fingerprint(path: str | Path) -> str | None:
                 h.update(f.read(ENDS))
                 f.seek(size - ENDS)
                 h.update(f.read(ENDS))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in a hand-edited name
         return None
     return h.hexdigest()
 
@@ -273,10 +280,10 @@ def fingerprints(root: str | Path, paths) -> dict[str, str | None]:
     `root` (the run or blend, and a blend's member runs beside it in runs/) is kept relative to `root`
     (`tuned.json`, `../a/tuned.json`), so a moved runs/ folder still compares; others (base weights
     elsewhere) absolute."""
-    root = Path(root).absolute()
+    root = Path(root).resolve()  # a run reached through a symlink and its members resolved: one frame
     out = {}
     for p in map(Path, paths):
-        p = p.absolute()
+        p = p.resolve()
         out[os.path.relpath(p, root) if p.is_relative_to(root.parent) else str(p)] = fingerprint(p)
     return out
 
@@ -287,7 +294,8 @@ def changed_since(root: str | Path, recorded: dict[str, str | None], kit: str | 
     with kit_file(kit or root):
         if not isinstance(recorded, dict) or not all(isinstance(p, str) for p in recorded):
             raise TypeError(f"the record of what it was made from is {recorded!r}, not an object of file names")
-    return [p for p, fp in recorded.items() if fingerprint(Path(root) / p) != fp]
+    root = Path(root).resolve()
+    return [p for p, fp in recorded.items() if fingerprint(root / p) != fp]
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -45,9 +46,13 @@ def test_demo_is_in_the_release_layouts(demo):
     assert ts.cls == list(truth["cls"]) and ts.i2i == list(truth["i2i"]) and ts.t2i == list(truth["t2i"])
     assert read_query_lines(demo / "test/t2i.csv") == ts.t2i
     # Track 3 truth as the challenge has it: one target per caption, one of the carriers listed beside it
-    any_carrier = json.loads((demo / "truth/track3_t2i_any.json").read_text())
+    any_carrier = json.loads((demo / "truth/any_carrier/track3_t2i.json").read_text())
     assert list(any_carrier) == ts.t2i and all(isinstance(v, str) for v in truth["t2i"].values())
     assert all(truth["t2i"][c] in any_carrier[c] for c in ts.t2i) and max(map(len, any_carrier.values())) > 1
+    from entrep.leaderboard import read_truth  # the truth folder gives one file per track to `entrep.score`
+
+    assert {t: Path(w).name for t, (w, _) in read_truth(demo / "truth", ["cls", "i2i", "t2i"]).items()} == {
+        "cls": "track1_cls.json", "i2i": "track2_i2i.json", "t2i": "track3_t2i.json"}
     # findings carry a side: a caption of a left image names the left
     left = df[df["label"] == "nose-left"]
     assert all("left" in c for caps in left["captions"] for c in caps)

@@ -273,3 +273,14 @@ def test_the_commands_skip_what_is_gone_or_unreadable_and_show_the_rest(tmp_path
     table = runs_table(tmp_path).set_index("run")
     assert table.loc["run", "kind"] == "unreadable" and "not valid yaml" in table.loc["run", "recipe"].lower()
     assert table.loc["blend", "kind"] == "blend"
+    (blend / rundir.REPORT).write_text(json.dumps({"folds": "x"}))  # a field of another type
+    assert runs_table(tmp_path).set_index("run").loc["blend", "kind"] == "unreadable"
+
+
+def test_entrep_report_on_hand_edited_files_is_one_line(tmp_path, capsys):
+    from conftest import one_line
+    from entrep.commands.report import main
+
+    run, _ = fixed_run(tmp_path)
+    (run / rundir.FAILURES).write_text(json.dumps({"t2i": [{"fold": 0, "query": "q"}]}))  # no rank, no top
+    assert f"{run}: unexpected content (KeyError" in one_line(capsys, main, [run])

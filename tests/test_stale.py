@@ -170,3 +170,35 @@ def test_infer_then_a_rescore_a_retrained_fold_or_a_changed_member_make_earlier_
     (b / "tuned.json").write_text(json.dumps(tuned | {"head_weight": 0.123}))  # member b re-scored
     with pytest.raises(BlendError, match=r"changed since \(\.\./b/tuned.json.*re-blend: python -m entrep.blend"):
         read_blend(tmp_path / "moved/ab")
+
+
+def test_links_copies_and_hand_edits_never_give_a_false_verdict(tmp_path, capsys):
+    """A run reached through a symlink compares as its target; a copied run's predictions are checked
+    against the copy they sit in (without --run too); a symlinked output folder is swapped where it
+    points; a made_from naming a FIFO-like or NUL-holding path is 'changed', never read or a traceback."""
+    from entrep.commands.submit import main
+
+    runs = tmp_path / "runs"
+    a = runs / "a"
+    _predictions(a, {"i2i": ["q.png"]})
+    (a / "config.yaml").write_text("name: a\n")
+    (runs / "b").mkdir()
+    (runs / "b/tuned.json").write_text("{}")
+    (tmp_path / "link").symlink_to(a)
+    rec = fingerprints(tmp_path / "link", [a / "config.yaml", runs / "b/tuned.json"])
+    assert set(rec) == {"config.yaml", "../b/tuned.json"} and changed_since(tmp_path / "link", rec) == []
+    meta = json.loads((a / "predictions/meta.json").read_text())
+    meta["made_from"] = {"run": str(a), "files": fingerprints(a, [a / "config.yaml"])}
+    (a / "predictions/meta.json").write_text(json.dumps(meta))
+    shutil.copytree(a, runs / "copy")
+    (runs / "copy/config.yaml").write_text("name: copy, changed\n")
+    line = one_line(capsys, main, ["--predictions", runs / "copy/predictions", "--out", tmp_path / "o"])
+    assert f"made from {a}, checked against {runs / 'copy'}" in line
+    assert main(["--predictions", str(a / "predictions"), "--out", str(tmp_path / "o")]) == 0
+    (tmp_path / "shared").mkdir()
+    (a / "submission").symlink_to(tmp_path / "shared")
+    assert main(["--run", str(a)]) == 0
+    assert (a / "submission").is_symlink() and (tmp_path / "shared/i2i.json").is_file()
+    assert not [p for p in a.iterdir() if p.name.startswith(".submission")]
+    assert fingerprint("/dev/null").startswith("not a file") and fingerprint("a\0b") is None
+    assert changed_since(a, {"/dev/zero": None, "x\0y": "0"}) == ["/dev/zero", "x\0y"]

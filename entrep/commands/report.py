@@ -20,7 +20,7 @@ from entrep.config import load_config
 from entrep.data.release import load_release
 from entrep.errors import EntrepError
 from entrep.figures import image_paths
-from entrep.io import read_json
+from entrep.io import kit_file, read_json
 from entrep.page import write_page
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
         if not (run / rundir.REPORT).is_file():
             raise EntrepError(f"{run}: no {rundir.REPORT}; the page shows a finished run's report (train.py writes "
                               f"it when the last fold finishes)")
-        path = write_page(run, release_paths(run, args.data))
+        with kit_file(run):  # its report.json, failures.json or blend.json of another shape
+            path = write_page(run, release_paths(run, args.data))
         console.print(f"{path}", highlight=False)
     return 0

@@ -24,7 +24,7 @@ from entrep import rundir
 from entrep.cli import console
 from entrep.config import flat_dict, load_config, recipe_switches, to_dict
 from entrep.errors import EntrepError
-from entrep.io import atomic_write_csv, read_json
+from entrep.io import atomic_write_csv, kit_file, read_json
 from entrep.page import fold_spread, fold_values
 
 FIGURES = {"accuracy": ("classification", "accuracy"), "f1_macro": ("classification", "f1_macro"),
@@ -63,7 +63,8 @@ def runs_table(root: Path) -> pd.DataFrame:
     rows = []
     for run in find_runs(root):
         try:
-            rows.append(describe_run(run, root))
+            with kit_file(run):  # a field of another type in its files (a hand edit): this row says so
+                rows.append(describe_run(run, root))
         except EntrepError as e:
             rows.append({"run": str(run.relative_to(root)), "kind": "unreadable", "folds": 0, "backbone": "?",
                          **{f: math.nan for f in FIGURES}, **{f"{f}_std": math.nan for f in FIGURES},

@@ -94,9 +94,8 @@ def check_current(meta: PredictionsMeta, pred: Path, run: str | None) -> None:
         return
     with kit_file(pred / rundir.PRED_META):
         recorded, files = Path(made_from["run"]), made_from["files"]
-    root = Path(run) if run else recorded
-    if not run and not root.is_dir() and is_run_dir(pred.parent):  # the run moved with its predictions/
-        root = pred.parent
+    # without --run: the run the predictions sit in (a copy or a moved run is its own), else the recorded one
+    root = Path(run) if run else pred.parent if is_run_dir(pred.parent) else recorded
     if not is_run_dir(root):
         raise SubmissionError(f"{pred} was made from the run {recorded}, which is not there now; pass --run RUN "
                               f"(where it is) to check the predictions against it")
@@ -106,7 +105,8 @@ def check_current(meta: PredictionsMeta, pred: Path, run: str | None) -> None:
         gone = [p for p in changed if not (root / p).exists()]
         what = (f"{len(gone)} of the files it was made from are gone (e.g. {root / gone[0]})" if gone else
                 f"{len(changed)} of the files it was made from changed since (e.g. {root / changed[0]})")
-        raise SubmissionError(f"{pred} is stale: {what}; {renew}")
+        made = "" if root.resolve() == recorded.resolve() else f" (made from {recorded}, checked against {root})"
+        raise SubmissionError(f"{pred} is stale{made}: {what}; {renew}")
 
 
 def read_submissions(pred: Path, at, meta: PredictionsMeta, args) -> dict:

@@ -5,7 +5,8 @@ OUT_DIR/train/{cls,i2i,t2i}.json + imgs/      the training layout (UUID names)
 OUT_DIR/public/data.json + images/            the public-sample layout (`_imageNN` listed, `_ImageNN` on disk)
 OUT_DIR/test/imgs/ + cls.csv, i2i.csv, t2i.csv the test layout (header-less query lists)
 OUT_DIR/truth/track{1,2,3}_*.json             test ground truth, so the demo can score itself (Track 3:
-                                              one target per caption; track3_t2i_any.json: every carrier)
+                                              one target per caption), one file per track
+OUT_DIR/truth/any_carrier/track3_t2i.json     Track 3 with every carrier, for the easier any-carrier figure
 
 Each class has its own structure (ear: membrane + angled handle; nose: asymmetric septum and
 turbinates; vocal cords: an open or closed V; throat: an arch). Every left image is the exact mirror
@@ -246,4 +247,5 @@ def _test_layout(out: Path, rng, size: int, test_cases: int) -> None:
     # every carrier beside it, for the easier any-carrier figure
     atomic_write_json(out / "truth/track3_t2i.json", {c: carriers[c][int(rng.integers(len(carriers[c])))]
                                                       for c in captions})
-    atomic_write_json(out / "truth/track3_t2i_any.json", {c: carriers[c] for c in captions})
+    # in a folder of its own: `entrep.score --truth truth/` takes one truth file per track
+    atomic_write_json(out / "truth/any_carrier/track3_t2i.json", {c: carriers[c] for c in captions})
