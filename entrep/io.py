@@ -251,7 +251,6 @@ def fingerprint(path: str | Path) -> str | None:
     for a file over WHOLE_FILE (base weights of GBs) of its size and its first and last ENDS bytes, so
     inference does not hash gigabytes; None for a missing file."""
     import hashlib
-
     import stat
 
     path = Path(path)
