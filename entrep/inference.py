@@ -59,20 +59,20 @@ def fold_dirs(run: Path, cfg, partial: str) -> list[Path]:
     return done
 
 
-def prediction_sources(run: Path, blend, members: list[Path], cfgs) -> list[Path]:
+def prediction_sources(run: Path, blend, members: list[Path], cfgs, folds: list[Path]) -> list[Path]:
     """The files predictions are made from, fingerprinted in their meta.json and compared by submit.py:
     a blend's blend.json and tuned.json; each member's config, tuned.json (recorded even when missing:
-    one written later makes the predictions stale), the weights and meta of every fold it ensembles,
-    and its base weights file."""
+    one written later makes the predictions stale) and base weights file; the weights and meta of every
+    fold ensembled (`folds`, as embed_members used them)."""
     files = [run / rundir.BLEND, run / rundir.TUNED] if blend else []
     for m, c in zip(members, cfgs):
         files += [m / rundir.CONFIG, m / rundir.TUNED]
-        for d in fold_dirs(m, c, c.infer.partial):
-            adapter = d / rundir.ADAPTER_DIR
-            files += [d / rundir.META_FILE, d / rundir.KIT_FILE] + ([adapter / rundir.ADAPTER_WEIGHTS]
-                                                                   if adapter.is_dir() else [])
         if (base := base_weights_file(c.model.pretrained)) is not None:
             files.append(base)
+    for d in folds:
+        adapter = d / rundir.ADAPTER_DIR
+        files += [d / rundir.META_FILE, d / rundir.KIT_FILE] + ([adapter / rundir.ADAPTER_WEIGHTS]
+                                                               if adapter.is_dir() else [])
     return files
 
 
@@ -195,7 +195,8 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
     in_training = training_overlap(run, names, test_hashes)
     log_galleries(test, in_training, galleries, cfg.infer.gallery)
 
-    view, rerank, settings, folds = embed_members(members, cfgs, blend, weights, test, names, test_hashes, given)
+    view, rerank, settings, used = embed_members(members, cfgs, blend, weights, test, names, test_hashes, given)
+    folds = [f"{d.parent.name}/{d.name}" if blend else d.name for d in used]
     i2i, t2i = rank_test(view, test, galleries, rerank, cfg)
     not_predicted = {}
     if test.t2i and not view.text:
@@ -211,12 +212,13 @@ def predict(run: str | Path, test_dir: str | Path, overrides: list[str] | tuple 
         "gallery_folders": {t: str(test.folders[t]) for t in galleries}, "labels": list(labels),
         "queries": {"cls": test.cls, "i2i": test.i2i, "t2i": None if "t2i" in not_predicted else test.t2i},
         "not_predicted": not_predicted, "on_disk": test.on_disk, "test_images_in_training": in_training,
-        "made_from": {"run": str(run.absolute()), "files": fingerprints(run, prediction_sources(run, blend, members, cfgs))}}
+        "made_from": {"run": str(run.absolute()),
+                      "files": fingerprints(run, prediction_sources(run, blend, members, cfgs, used))}}
     return Predictions(cls_df, i2i, t2i, meta)
 
 
 def embed_members(members, cfgs, blend, weights, test, names, hashes, given) -> tuple[FoldView, dict, dict, list]:
-    """(the test folder's view, the re-ranking per track, the settings used, the folds used) of a run, or
+    """(the test folder's view, the re-ranking per track, the settings used, the fold folders used) of a run, or
     of a blend's members mixed with its weights; a blend re-ranks the mix with its own methods, not a
     member's."""
     views, infos = [], []
@@ -224,15 +226,16 @@ def embed_members(members, cfgs, blend, weights, test, names, hashes, given) -> 
         v, info = embed_run(m, c, test, names, hashes, given)
         views.append(v)
         infos.append(info)
+    used = [Path(i["run"]) / f for i in infos for f in i["folds"]]
     if not blend:
         settings = {k: v for k, v in infos[0].items() if k not in ("run", "folds")}
-        return views[0], {t: settings[t]["rerank"] for t in RETRIEVAL_TRACKS}, settings, infos[0]["folds"]
+        return views[0], {t: settings[t]["rerank"] for t in RETRIEVAL_TRACKS}, settings, used
     rerank = {t: blend.rerank[t] for t in RETRIEVAL_TRACKS}
     if "rerank.methods" in given:
         rerank = {t: offered_methods(cfgs[0].rerank, t) for t in rerank}
     members_used = [{k: ({"alpha": v["alpha"]} if k in rerank else v) for k, v in i.items()} for i in infos]
     settings = {"members": members_used, "weights": weights, **{t: {"rerank": rerank[t]} for t in rerank}}
-    return mix(views, weights), rerank, settings, [f"{Path(i['run']).name}/{f}" for i in infos for f in i["folds"]]
+    return mix(views, weights), rerank, settings, used
 
 
 def log_test_folder(test) -> None:
