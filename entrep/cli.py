@@ -149,17 +149,23 @@ def run_main(main, argv=None) -> int:
         _received.clear()
 
 
+def _bars(on):
+    """The kit's transient progress display on the console `on`: description, bar, done/total, elapsed, ETA."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=on, transient=True)
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int | None, enabled: bool = True):
     """A transient rich bar with an ETA around a loop that can run for minutes; yields `advance(n=1)`.
     `enabled` False (a process other than the main one) or a console that shows no live display
     (rich before 14.1 nests none inside another): a no-op."""
     from rich.errors import LiveError
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
 
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True) if enabled else None
+    bars = _bars(console) if enabled else None
     try:
         if bars is not None:
             bars.start()
@@ -180,12 +186,7 @@ class EpochBars:
     def __init__(self, console, epochs: int, enabled: bool = True):
         self.bars = None
         if enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                                 transient=True)
+            self.bars = _bars(console)
             self.epochs = self.bars.add_task("epochs", total=epochs)
 
     def __enter__(self):

@@ -59,13 +59,13 @@ def main(argv=None) -> int:
     if not (pred / rundir.PRED_META).is_file():
         raise SubmissionError(f"{pred}: no predictions; run infer.py --run {args.run or 'RUN'} --data TEST_DIR"
                               f"{' --out ' + str(pred) if args.predictions else ''} first")
+    out = Path(args.out) if args.out else Path(args.run) / rundir.SUBMISSION
     with folder_snapshot(pred) as at:  # the set infer.py wrote as one unit, read as one (infer may be replacing it)
         meta = read_meta(pred, at)
         check_current(meta, pred, args.run)
-        subs = read_submissions(pred, at, meta, args)
+        subs = read_submissions(pred, at, meta, args, out)
     if not subs:
         raise SubmissionError(f"{meta.test_dir} had no query lists (cls.csv, i2i.csv, t2i.csv)")
-    out = Path(args.out) if args.out else Path(args.run) / rundir.SUBMISSION
     before = {p.name for p in out.iterdir()} if out.is_dir() else set()
     written = write_submission(subs, out)  # one unit: the folder holds this set, no other set's files
     if stale := sorted(before - {p.name for ps in written.values() for p in ps}):
@@ -109,12 +109,12 @@ def check_current(meta: PredictionsMeta, pred: Path, run: str | None) -> None:
         raise SubmissionError(f"{pred} is stale{made}: {what}; {renew}")
 
 
-def read_submissions(pred: Path, at, meta: PredictionsMeta, args) -> dict:
-    """Each predicted track's submission at --topk, validated, from the predictions set (`at`)."""
+def read_submissions(pred: Path, at, meta: PredictionsMeta, args, out: Path) -> dict:
+    """Each predicted track's submission at --topk, validated, from the predictions set (`at`); `out`, where
+    they will go, is refused first if it is a file."""
     if args.topk > meta.topk:
         raise SubmissionError(f"--topk {args.topk}, but {pred} holds top-{meta.topk} rankings; re-run infer.py "
                               f"--run {args.run or 'RUN'} --data {meta.test_dir} infer.topk={args.topk}, or lower --topk")
-    out = Path(args.out) if args.out else Path(args.run) / rundir.SUBMISSION
     if out.exists() and not out.is_dir():
         raise SubmissionError(f"--out {out} is a file; give a folder (it will hold cls|i2i|t2i .json and .zip)")
     if meta.leak_names:
