@@ -146,8 +146,8 @@ def main(argv=None) -> int:
         rows += summary
     else:
         rows.append(("data", f"not read (no --data); the estimate assumes {n_images:,} images"))
-    if (cores := len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) and \
-            cfg.data.num_workers >= cores:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.data.num_workers >= cores:
         rows.append(("data.num_workers", f"{cfg.data.num_workers} loader workers on {cores} cores: they and the main "
                                          f"process share the cores and steps slow down; try "
                                          f"data.num_workers={max(0, cores - 1)}"))
